@@ -1,0 +1,3 @@
+module github.com/ublk-nvmeof/ublk-nvmeof
+
+go 1.26
