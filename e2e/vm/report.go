@@ -1,0 +1,100 @@
+package vm
+
+import (
+	"context"
+	"errors"
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/vm/internal/guestproto"
+)
+
+// EnvRequire, set to 1 (as make test and CI do), turns "this machine cannot
+// boot the VM" from a skip into a failure, so CI never passes by skipping.
+const EnvRequire = "E2E_REQUIRE_VM"
+
+// Require skips t, or fails it when E2E_REQUIRE_VM=1, unless this machine
+// can run the VM tests. -short skips them too.
+func Require(t testing.TB) {
+	t.Helper()
+	err := Available()
+	if err == nil && testing.Short() {
+		err = errors.New("VM tests do not run with -short")
+	}
+	if err == nil {
+		return
+	}
+	if os.Getenv(EnvRequire) == "1" {
+		t.Fatalf("VM tests required (%s=1) but cannot run: %v", EnvRequire, err)
+	}
+	t.Skipf("VM tests skipped: %v", err)
+}
+
+// RunT runs cfg in the VM and reports every guest test as a subtest of t,
+// named package/TestName, so `go test -v` shows each one by name.
+func RunT(t *testing.T, cfg Config) *Result {
+	t.Helper()
+	Require(t)
+	if cfg.Progress == nil && testing.Verbose() {
+		cfg.Progress = os.Stdout
+	}
+	res, err := Run(context.Background(), cfg)
+	if err != nil {
+		t.Fatalf("VM harness: %v", err)
+	}
+	Report(t, res)
+	return res
+}
+
+// Report turns a Result into subtests of t; a VM that crashed, hung or
+// never reported done fails t with the console log.
+func Report(t *testing.T, res *Result) {
+	t.Helper()
+	if strings.Contains(res.Boot, "setup errors") {
+		t.Errorf("guest setup: %s", res.Boot)
+	}
+	byPkg := map[string][]TestResult{}
+	var order []string
+	for _, tr := range res.Tests {
+		if _, ok := byPkg[tr.Package]; !ok {
+			order = append(order, tr.Package)
+		}
+		byPkg[tr.Package] = append(byPkg[tr.Package], tr)
+	}
+	for _, pkg := range order {
+		t.Run(pkg, func(t *testing.T) {
+			for _, tr := range byPkg[pkg] {
+				t.Run(tr.Name, func(t *testing.T) { reportOne(t, tr) })
+			}
+		})
+	}
+	if !res.Done {
+		what := "the VM stopped before /init reported done"
+		if res.TimedOut {
+			what = "the VM was killed at its timeout"
+		}
+		if res.Running != "" {
+			what += " while running " + res.Running
+		}
+		t.Errorf("%s (after %v).\nQEMU: %s\nconsole (last 80 lines):\n%s", what, res.Elapsed, strings.TrimSpace(res.QEMU), res.ConsoleTail(80))
+	}
+}
+
+func reportOne(t *testing.T, tr TestResult) {
+	switch tr.Status {
+	case guestproto.StatusPass:
+		// Its output was streamed as it ran (Config.Progress, under -v).
+	case guestproto.StatusSkip:
+		t.Skipf("skipped in the guest:\n%s", tr.Output)
+	default:
+		msg := "failed in the guest:\n" + tr.Output
+		if len(tr.Complaints) > 0 {
+			msg += "\nthe kernel complained during the test:\n  " + strings.Join(tr.Complaints, "\n  ")
+		}
+		if len(tr.Kernel) > 0 {
+			msg += "\nkernel log during the test:\n  " + strings.Join(tr.Kernel, "\n  ")
+		}
+		t.Error(msg)
+	}
+}

@@ -1,0 +1,62 @@
+// Package selftest holds guest tests that the harness's own tests
+// (e2e/vm/vm_test.go) run in the VM to prove that it reports them right.
+// It lives under testdata so that `go test ./...` never runs it by itself.
+package selftest
+
+import (
+	"os"
+	"testing"
+	"time"
+
+	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/guest"
+)
+
+func TestGuestPasses(t *testing.T) {
+	guest.Require(t)
+	if os.Getuid() != 0 {
+		t.Fatalf("guest tests run as root, got uid %d", os.Getuid())
+	}
+	if _, err := os.Stat("/dev/ublk-control"); err != nil {
+		t.Fatal(err)
+	}
+	t.Log("selftest: passing")
+}
+
+func TestGuestFailsOnPurpose(t *testing.T) {
+	guest.Require(t)
+	t.Fatal("selftest: this guest test fails on purpose")
+}
+
+func TestGuestSkips(t *testing.T) {
+	guest.Require(t)
+	t.Skip("selftest: skipped on purpose")
+}
+
+func TestGuestPanics(t *testing.T) {
+	guest.Require(t)
+	var m map[string]int
+	m["x"] = 1 // a test binary that dies is a failure, not a pass
+}
+
+// TestGuestHangs never returns; the harness must kill the VM at its timeout
+// and name this test.
+func TestGuestHangs(t *testing.T) {
+	guest.Require(t)
+	if os.Getenv("SELFTEST_HANG") != "1" {
+		t.Skip("SELFTEST_HANG not set")
+	}
+	time.Sleep(time.Hour)
+}
+
+// TestGuestCrashesKernel panics the kernel (sysrq c); the harness must fail
+// this test with the console log.
+func TestGuestCrashesKernel(t *testing.T) {
+	guest.Require(t)
+	if os.Getenv("SELFTEST_CRASH") != "1" {
+		t.Skip("SELFTEST_CRASH not set")
+	}
+	if err := os.WriteFile("/proc/sysrq-trigger", []byte("c"), 0); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Minute)
+}

@@ -1,0 +1,532 @@
+// Package vm boots Debian's 6.12 kernel under QEMU and runs this module's
+// guest tests (TestGuest*, see package e2e/guest) inside it as root, with
+// ublk_drv, nvme-tcp, nvmet-tcp, brd and friends loaded.
+//
+// One Run: build each selected package's test binary and the VM's /init
+// (CGO_ENABLED=0), pack them with busybox and the kernel modules into an
+// initramfs, boot QEMU under a deadline, and collect one result per guest
+// test from the VM's second serial port. /init fails a test during which the
+// kernel logged a WARNING, BUG, Oops, hung task or sanitizer report. A VM
+// that crashes or hangs fails the test it was running, with the console log.
+//
+// The kernel comes from prepare-vm.sh (apt-get download into a cache outside
+// the repository); Available says why a Run cannot happen on this machine.
+package vm
+
+import (
+	"bufio"
+	"bytes"
+	"compress/gzip"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/vm/internal/guestproto"
+)
+
+// Config says what to run in the VM.
+type Config struct {
+	// Packages are `go list` patterns, relative to the module root, of the
+	// packages whose guest tests run. Default "./...". Packages without a
+	// TestGuest function are not built.
+	Packages []string
+	// Run selects tests inside those packages (-test.run). Default "^TestGuest".
+	Run string
+	// TestTimeout bounds each guest test. Default 5 minutes.
+	TestTimeout time.Duration
+	// Timeout bounds the whole VM, boot to power-off. Default 20 minutes.
+	Timeout time.Duration
+	// MemoryMiB and CPUs size the VM. Defaults 2048 and 2.
+	MemoryMiB int
+	CPUs      int
+	// Env is extra environment for every guest test.
+	Env []string
+	// Files are extra host files to put into the initramfs: guest path ->
+	// host path. Dynamically linked programs need their libraries too
+	// (see HostProgram).
+	Files map[string]string
+	// Sysctls are written in the guest before the first test (/proc/sys
+	// path -> value), after the harness's own defaults.
+	Sysctls map[string]string
+	// Commands run in the guest before the first test (harness self-tests).
+	Commands [][]string
+	// Progress, when set, receives a line as each phase and guest test
+	// starts and ends, and the tests' output as it comes.
+	Progress io.Writer
+	// WorkDir keeps the initramfs, console log and results. Default: a
+	// temporary directory removed when Run returns.
+	WorkDir string
+}
+
+// Result is what came back from the guest.
+type Result struct {
+	Boot     string       // /init's boot report (kernel release, setup errors)
+	Tests    []TestResult // in the order they ran
+	Done     bool         // /init ran every test and reported done
+	TimedOut bool         // the VM was killed at Config.Timeout
+	Console  string       // the kernel console (ttyS0), whole
+	QEMU     string       // QEMU's own stderr
+	Elapsed  time.Duration
+	// Running is the test that was running when the VM stopped without
+	// reporting done ("" if none).
+	Running string
+}
+
+// TestResult is one guest test.
+type TestResult struct {
+	Package    string // relative to the module root, e.g. "ublk"
+	Name       string
+	Status     string // PASS, FAIL or SKIP
+	Elapsed    time.Duration
+	Output     string   // the test's -test.v output
+	Kernel     []string // kernel log records logged while it ran
+	Complaints []string // those that failed it
+}
+
+// Failed reports whether the VM as a whole failed: it did not reach done, or a
+// test failed.
+func (r *Result) Failed() bool {
+	if !r.Done {
+		return true
+	}
+	for _, t := range r.Tests {
+		if t.Status == guestproto.StatusFail {
+			return true
+		}
+	}
+	return false
+}
+
+// Available returns nil when this machine can boot the VM, else why not.
+func Available() error {
+	if runtime.GOOS != "linux" || runtime.GOARCH != "amd64" {
+		return fmt.Errorf("VM tests need linux/amd64, not %s/%s", runtime.GOOS, runtime.GOARCH)
+	}
+	if _, err := exec.LookPath(qemuBinary); err != nil {
+		return fmt.Errorf("%s not found (apt-get install qemu-system-x86, or make e2e)", qemuBinary)
+	}
+	if _, err := exec.LookPath("go"); err != nil {
+		return errors.New("the go command is needed to build the guest binaries")
+	}
+	_, err := FindKernel()
+	return err
+}
+
+const qemuBinary = "qemu-system-x86_64"
+
+func (c *Config) setDefaults() {
+	if len(c.Packages) == 0 {
+		c.Packages = []string{"./..."}
+	}
+	if c.Run == "" {
+		c.Run = "^TestGuest"
+	}
+	if c.TestTimeout == 0 {
+		c.TestTimeout = 5 * time.Minute
+	}
+	if c.Timeout == 0 {
+		c.Timeout = 20 * time.Minute
+	}
+	if c.MemoryMiB == 0 {
+		c.MemoryMiB = 2048
+	}
+	if c.CPUs == 0 {
+		c.CPUs = 2
+	}
+}
+
+func (c *Config) progressf(format string, args ...any) {
+	if c.Progress != nil {
+		fmt.Fprintf(c.Progress, "[vm] "+format+"\n", args...)
+	}
+}
+
+// Run builds, boots and runs the guest tests. An error means the harness
+// itself could not run (no kernel, a build failure); what happened inside
+// the VM, crash and timeout included, is in the Result.
+func Run(ctx context.Context, cfg Config) (*Result, error) {
+	cfg.setDefaults()
+	k, err := FindKernel()
+	if err != nil {
+		return nil, err
+	}
+	work := cfg.WorkDir
+	if work == "" {
+		work, err = os.MkdirTemp("", "ublk-nvmeof-vm-")
+		if err != nil {
+			return nil, err
+		}
+		defer os.RemoveAll(work)
+	} else if err := os.MkdirAll(work, 0o755); err != nil {
+		return nil, err
+	}
+
+	root, err := moduleRoot()
+	if err != nil {
+		return nil, err
+	}
+	t0 := time.Now()
+	bins, err := buildGuestBinaries(ctx, root, filepath.Join(work, "bin"), cfg.Packages)
+	if err != nil {
+		return nil, err
+	}
+	initBin := filepath.Join(work, "init")
+	if err := goBuild(ctx, root, initBin, "./e2e/vm/internal/vminit"); err != nil {
+		return nil, err
+	}
+	cfg.progressf("built /init and %d guest test binaries in %v", len(bins), time.Since(t0).Round(time.Millisecond))
+
+	initrd := filepath.Join(work, "initrd.gz")
+	if err := writeInitramfs(initrd, initBin, k, bins, &cfg); err != nil {
+		return nil, fmt.Errorf("initramfs: %w", err)
+	}
+	return boot(ctx, &cfg, k, work, initrd)
+}
+
+func moduleRoot() (string, error) {
+	out, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil {
+		return "", fmt.Errorf("go env GOMOD: %w", err)
+	}
+	gomod := strings.TrimSpace(string(out))
+	if gomod == "" || gomod == os.DevNull {
+		return "", errors.New("not inside the ublk-nvmeof module")
+	}
+	return filepath.Dir(gomod), nil
+}
+
+func goBuild(ctx context.Context, root, out string, args ...string) error {
+	cmd := exec.CommandContext(ctx, "go", append([]string{"build", "-o", out}, args...)...)
+	return runGo(cmd, root)
+}
+
+func runGo(cmd *exec.Cmd, root string) error {
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("%s: %v\n%s", strings.Join(cmd.Args, " "), err, stderr.String())
+	}
+	return nil
+}
+
+type guestBinary struct {
+	pkg  string // relative to the module root
+	path string // on the host
+}
+
+var guestTestFunc = regexp.MustCompile(`(?m)^func TestGuest\w*\(`)
+
+// buildGuestBinaries builds `go test -c` for every package among patterns
+// that has a TestGuest function.
+func buildGuestBinaries(ctx context.Context, root, dir string, patterns []string) ([]guestBinary, error) {
+	args := append([]string{"list", "-f", `{{.ImportPath}}|{{.Dir}}|{{join .TestGoFiles ","}},{{join .XTestGoFiles ","}}`}, patterns...)
+	cmd := exec.CommandContext(ctx, "go", args...)
+	cmd.Dir = root
+	out, err := cmd.Output()
+	if err != nil {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			err = fmt.Errorf("%v: %s", err, ee.Stderr)
+		}
+		return nil, fmt.Errorf("go list: %w", err)
+	}
+	modPath, err := exec.Command("go", "list", "-m").Output()
+	if err != nil {
+		return nil, err
+	}
+	mod := strings.TrimSpace(string(modPath))
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	var bins []guestBinary
+	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		f := strings.SplitN(line, "|", 3)
+		if len(f) != 3 || !hasGuestTests(f[1], strings.Split(f[2], ",")) {
+			continue
+		}
+		rel := strings.TrimPrefix(strings.TrimPrefix(f[0], mod), "/")
+		if rel == "" {
+			rel = "."
+		}
+		bin := filepath.Join(dir, strings.ReplaceAll(rel, "/", "_")+".test")
+		build := exec.CommandContext(ctx, "go", "test", "-c", "-o", bin, f[0])
+		if err := runGo(build, root); err != nil {
+			return nil, err
+		}
+		bins = append(bins, guestBinary{pkg: rel, path: bin})
+	}
+	if len(bins) == 0 {
+		return nil, fmt.Errorf("no package among %v has a TestGuest function", patterns)
+	}
+	return bins, nil
+}
+
+func hasGuestTests(dir string, files []string) bool {
+	for _, f := range files {
+		if f == "" {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(dir, f))
+		if err == nil && guestTestFunc.Match(b) {
+			return true
+		}
+	}
+	return false
+}
+
+// defaultSysctls make trouble visible while a test still runs: the hung-task
+// detector reports a task stuck in D state for 30 s instead of 120 s.
+var defaultSysctls = map[string]string{
+	"/proc/sys/kernel/hung_task_timeout_secs": "30",
+	"/proc/sys/kernel/hung_task_warnings":     "-1",
+}
+
+func writeInitramfs(dst, initBin string, k *Kernel, bins []guestBinary, cfg *Config) error {
+	f, err := os.Create(dst)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	zw, err := gzip.NewWriterLevel(f, gzip.BestSpeed)
+	if err != nil {
+		return err
+	}
+	c := newCPIOWriter(zw)
+	for _, d := range []string{"dev", "proc", "sys", "tmp", "run", "bin", "sbin", "usr/bin", "lib/modules", "etc"} {
+		c.Dir(d)
+	}
+	c.File("init", 0o755, initBin)
+	if _, err := os.Stat("/bin/busybox"); err == nil && isStatic("/bin/busybox") {
+		c.File("bin/busybox", 0o755, "/bin/busybox")
+		c.Symlink("bin/sh", "busybox")
+	}
+	c.Bytes("etc/passwd", 0o644, []byte("root:x:0:0:root:/tmp:/bin/sh\n"))
+	c.Bytes("etc/group", 0o644, []byte("root:x:0:\n"))
+
+	m := guestproto.Manifest{
+		Run:     cfg.Run,
+		Timeout: int64(cfg.TestTimeout),
+		Env:     cfg.Env,
+		Verbose: cfg.Progress != nil,
+	}
+	for _, mod := range k.Modules {
+		p := "lib/modules/" + filepath.Base(mod.Path)
+		c.File(p, 0o644, mod.Path)
+		m.Modules = append(m.Modules, guestproto.Module{Name: mod.Name, Path: "/" + p, Params: mod.Params})
+	}
+	for _, b := range bins {
+		p := guestproto.BinDir + "/" + filepath.Base(b.path)
+		c.File(p, 0o755, b.path)
+		m.Binaries = append(m.Binaries, guestproto.Binary{Package: b.pkg, Path: p})
+	}
+	extra := make([]string, 0, len(cfg.Files))
+	for g := range cfg.Files {
+		extra = append(extra, g)
+	}
+	sort.Strings(extra)
+	for _, g := range extra {
+		c.File(g, 0o755, cfg.Files[g])
+	}
+	for _, s := range sortedSysctls(defaultSysctls, cfg.Sysctls) {
+		m.Sysctls = append(m.Sysctls, s)
+	}
+	for _, args := range cfg.Commands {
+		m.Commands = append(m.Commands, guestproto.Command{Args: args})
+	}
+	mj, err := json.Marshal(m)
+	if err != nil {
+		return err
+	}
+	c.Bytes(guestproto.ManifestPath, 0o644, mj)
+	if err := c.Close(); err != nil {
+		return err
+	}
+	if err := zw.Close(); err != nil {
+		return err
+	}
+	return f.Close()
+}
+
+func sortedSysctls(maps ...map[string]string) []guestproto.Sysctl {
+	var out []guestproto.Sysctl
+	for _, m := range maps {
+		keys := make([]string, 0, len(m))
+		for k := range m {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		for _, k := range keys {
+			out = append(out, guestproto.Sysctl{Path: k, Value: m[k]})
+		}
+	}
+	return out
+}
+
+// isStatic reports whether an ELF file has no program interpreter.
+func isStatic(p string) bool {
+	b, err := os.ReadFile(p)
+	return err == nil && !bytes.Contains(b[:min(len(b), 4096)], []byte("ld-linux"))
+}
+
+func accel() (acc, cpu string) {
+	switch os.Getenv("E2E_ACCEL") {
+	case "kvm":
+		// Only when asked: on the project's own machines /dev/kvm exists but
+		// cannot run a stock kernel (see shared/VM.md).
+		return "kvm", "host"
+	default:
+		return "tcg", "max"
+	}
+}
+
+func boot(ctx context.Context, cfg *Config, k *Kernel, work, initrd string) (*Result, error) {
+	consoleLog := filepath.Join(work, "console.log")
+	resultsLog := filepath.Join(work, "results.log")
+	for _, p := range []string{consoleLog, resultsLog} {
+		if err := os.WriteFile(p, nil, 0o644); err != nil {
+			return nil, err
+		}
+	}
+	acc, cpu := accel()
+	args := []string{
+		"-accel", acc, "-cpu", cpu,
+		"-m", fmt.Sprint(cfg.MemoryMiB), "-smp", fmt.Sprint(cfg.CPUs),
+		"-display", "none", "-monitor", "none", "-no-reboot", "-nic", "none",
+		"-serial", "file:" + consoleLog, // ttyS0: kernel console
+		"-serial", "file:" + resultsLog, // ttyS1: events from /init
+		"-kernel", k.Vmlinuz, "-initrd", initrd,
+		"-append", "console=ttyS0 quiet panic=-1 oops=panic rdinit=/init",
+	}
+	ctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, qemuBinary, args...)
+	var qemuErr bytes.Buffer
+	cmd.Stderr = &qemuErr
+	cmd.WaitDelay = 5 * time.Second
+	cfg.progressf("booting %s (%s, %d MiB, %d CPUs, timeout %v)", k.Release, acc, cfg.MemoryMiB, cfg.CPUs, cfg.Timeout)
+	start := time.Now()
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("%s: %w", qemuBinary, err)
+	}
+
+	res := &Result{}
+	col := &collector{res: res, cfg: cfg}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		col.follow(resultsLog, stop)
+	}()
+	waitErr := cmd.Wait()
+	close(stop)
+	wg.Wait()
+
+	res.Elapsed = time.Since(start)
+	res.TimedOut = errors.Is(ctx.Err(), context.DeadlineExceeded)
+	res.QEMU = qemuErr.String()
+	if b, err := os.ReadFile(consoleLog); err == nil {
+		res.Console = strings.ReplaceAll(string(b), "\r", "")
+	}
+	if waitErr != nil && !res.TimedOut && !res.Done {
+		res.QEMU += fmt.Sprintf("\nqemu: %v", waitErr)
+	}
+	cfg.progressf("VM stopped after %v (done=%v timed out=%v, %d tests)", res.Elapsed.Round(time.Millisecond), res.Done, res.TimedOut, len(res.Tests))
+	return res, nil
+}
+
+// collector turns the results port's lines into a Result.
+type collector struct {
+	res     *Result
+	cfg     *Config
+	partial []byte
+}
+
+// follow tails the results file until stop is closed, then reads the rest.
+func (c *collector) follow(path string, stop <-chan struct{}) {
+	f, err := os.Open(path)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	r := bufio.NewReader(f)
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		c.drain(r)
+		select {
+		case <-stop:
+			c.drain(r)
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+func (c *collector) drain(r *bufio.Reader) {
+	for {
+		b, err := r.ReadBytes('\n')
+		c.partial = append(c.partial, b...)
+		if err != nil { // io.EOF: keep the partial line for the next round
+			return
+		}
+		c.line(bytes.TrimRight(c.partial, "\r\n"))
+		c.partial = c.partial[:0]
+	}
+}
+
+func (c *collector) line(b []byte) {
+	var ev guestproto.Event
+	if len(b) == 0 || json.Unmarshal(b, &ev) != nil {
+		return
+	}
+	switch ev.Kind {
+	case guestproto.EventBoot:
+		c.res.Boot = ev.Text
+		c.cfg.progressf("guest up: %s", ev.Text)
+	case guestproto.EventStart:
+		c.res.Running = ev.Package + "." + ev.Test
+		c.cfg.progressf("=== RUN   %s %s", ev.Package, ev.Test)
+	case guestproto.EventOut:
+		if c.cfg.Progress != nil {
+			fmt.Fprintf(c.cfg.Progress, "    %s\n", ev.Text)
+		}
+	case guestproto.EventLog:
+		c.cfg.progressf("%s", ev.Text)
+	case guestproto.EventEnd:
+		c.res.Running = ""
+		c.res.Tests = append(c.res.Tests, TestResult{
+			Package: ev.Package, Name: ev.Test, Status: ev.Status,
+			Elapsed: time.Duration(ev.Elapsed), Output: ev.Output,
+			Kernel: ev.Kernel, Complaints: ev.Complaints,
+		})
+		c.cfg.progressf("--- %s: %s %s (%v)", ev.Status, ev.Package, ev.Test, time.Duration(ev.Elapsed).Round(time.Millisecond))
+		for _, k := range ev.Complaints {
+			c.cfg.progressf("    kernel: %s", k)
+		}
+	case guestproto.EventDone:
+		c.res.Done = true
+	}
+}
+
+// ConsoleTail returns the last n lines of the kernel console.
+func (r *Result) ConsoleTail(n int) string {
+	lines := strings.Split(strings.TrimRight(r.Console, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
