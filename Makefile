@@ -1,0 +1,41 @@
+# ublk-nvmeof — see README.md.
+#   make demo   the main job: boot a VM with a real kernel and run the demo
+#   make test   every test: unit and integration (-race), then the VM tests
+#   make e2e    only the VM tests
+#   make bench  benchmarks
+GO ?= go
+export CGO_ENABLED ?= 1
+
+.PHONY: all build vet unit test e2e bench demo vm-prepare clean
+
+all: build
+
+build:
+	$(GO) build ./...
+
+vet:
+	$(GO) vet ./...
+
+vm-prepare:
+	e2e/vm/prepare-vm.sh
+
+# Unit and integration tests with the race detector; the VM tests skip
+# themselves under -short and run in the e2e step.
+unit:
+	$(GO) test -race -short -count=1 ./...
+
+# The VM tests. E2E_REQUIRE_VM=1 makes "cannot boot the VM" a failure, not a
+# skip; -p 1: one VM at a time.
+e2e: vm-prepare
+	E2E_REQUIRE_VM=1 $(GO) test -count=1 -p 1 -timeout 60m -v ./e2e/...
+
+test: vet unit e2e
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem ./...
+
+demo: vm-prepare
+	$(GO) run ./e2e/cmd/demo
+
+clean:
+	rm -rf bin

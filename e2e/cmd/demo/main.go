@@ -1,0 +1,48 @@
+// Command demo is the main job of `make demo` on a machine whose kernel
+// cannot run ublk itself: it boots the e2e VM (Debian's 6.12 kernel under
+// QEMU) and runs the demonstration there, printing progress and a summary.
+//
+// Until the attach command exists it runs the smoke tests: the kernel's
+// ublk driver answers, and a Linux nvmet-tcp target on a RAM disk serves
+// the Linux nvme-tcp initiator with verified data.
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/vm"
+)
+
+func main() {
+	if err := vm.Available(); err != nil {
+		fmt.Fprintf(os.Stderr, "demo: %v\n", err)
+		os.Exit(1)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	res, err := vm.Run(ctx, vm.Config{
+		Packages: []string{"./e2e", "./ublk"},
+		Run:      "^TestGuest(KernelModules|GetFeatures|KernelInitiatorLoopback)$",
+		Timeout:  10 * time.Minute,
+		Progress: os.Stdout,
+	})
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "demo: %v\n", err)
+		os.Exit(1)
+	}
+	fmt.Printf("\nsummary: %s, VM ran %v\n", res.Boot, res.Elapsed.Round(time.Millisecond))
+	for _, t := range res.Tests {
+		fmt.Printf("  %-4s %s.%s (%v)\n", t.Status, t.Package, t.Name, t.Elapsed.Round(time.Millisecond))
+	}
+	if res.Failed() {
+		if !res.Done {
+			fmt.Printf("the VM stopped early (timed out: %v); console:\n%s\n", res.TimedOut, res.ConsoleTail(40))
+		}
+		os.Exit(1)
+	}
+}
