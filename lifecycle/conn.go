@@ -1,0 +1,131 @@
+package lifecycle
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"syscall"
+	"time"
+
+	"github.com/ublk-nvmeof/ublk-nvmeof/keepalive"
+)
+
+// Connector makes a new association with the controller: the admin queue
+// (fabrics Connect with KATO, Identify, Set Features) and the I/O queues.
+//
+// onError must be called when the association fails while it is in use: a
+// socket error, a command timeout, a C2HTermReq. It may be called from any
+// goroutine, any number of times, also during Connect; it only records the
+// error and wakes the controller, it never blocks or tears anything down.
+//
+// A Connect that fails must have released everything it set up. An error
+// whose chain has a method DoNotRetry() bool returning true (a Connect
+// response with the DNR bit set) stops reconnect attempts.
+type Connector interface {
+	Connect(ctx context.Context, onError func(error)) (Conn, error)
+}
+
+// Conn is one association. lifecycle calls the teardown methods in this
+// order, once each, from one goroutine: Shutdown, WaitIdle, FreeIOQueues,
+// FreeAdminQueue.
+type Conn interface {
+	// KeepAlive sends one Keep Alive on the admin queue; see
+	// keepalive.Sender for what it must do when ctx is cancelled.
+	keepalive.Sender
+
+	// Namespace identifies the namespace this association serves.
+	Namespace() Namespace
+	// KATO is the keep-alive timeout set in the fabrics Connect command;
+	// zero disables keep-alive.
+	KATO() time.Duration
+	// Traffic is non-nil when the controller supports traffic-based
+	// keep-alive (CTRATT.TBKAS).
+	Traffic() keepalive.Traffic
+	// IsPathError reports whether err, returned by a command on this
+	// association, means the command failed because the association failed
+	// (socket error, shut down, timeout, termination) rather than with a
+	// status from the controller. Such a command is retried on the next
+	// association.
+	IsPathError(err error) bool
+
+	// Shutdown shuts every socket down: from now on no command can be
+	// written, and every command in flight fails (or completes, if its
+	// response was already read). It does not wait.
+	Shutdown()
+	// WaitIdle waits until every completion handler of every queue has
+	// returned and no goroutine of the association touches a queue any
+	// more: the queues' usage references are at zero. It is called after
+	// Shutdown and must return in bounded time.
+	WaitIdle()
+	// FreeIOQueues closes and frees the I/O queues.
+	FreeIOQueues()
+	// FreeAdminQueue closes and frees the admin queue. Called last.
+	FreeAdminQueue()
+}
+
+// Block is the ublk side, as lifecycle sees it. I/O from the block device
+// enters the controller through Controller.Do, which holds it while the
+// controller recovers; Block itself is only stopped and removed.
+type Block interface {
+	// Stop stops the device (ublk STOP_DEV): no new I/O, and the I/O in
+	// flight drained. The queues must keep being served until Stop
+	// returns.
+	Stop(ctx context.Context) error
+	// Remove closes the rings, unmaps, closes /dev/ublkcN and deletes the
+	// device (DEL_DEV).
+	Remove(ctx context.Context) error
+}
+
+// Namespace is the identity of a namespace (Identify Namespace and the
+// Namespace Identification Descriptor list). A reconnect must find the same
+// one.
+type Namespace struct {
+	NSID      uint32
+	NGUID     [16]byte
+	EUI64     [8]byte
+	UUID      [16]byte
+	Blocks    uint64 // NSZE
+	BlockSize uint32 // of the LBA format in use
+}
+
+// sameAs returns an error describing the first difference between n (the
+// namespace first connected to) and o (the one found on reconnect).
+func (n Namespace) sameAs(o Namespace) error {
+	switch {
+	case n.NSID != o.NSID:
+		return fmt.Errorf("NSID %d, was %d", o.NSID, n.NSID)
+	case n.NGUID != o.NGUID:
+		return fmt.Errorf("NGUID %x, was %x", o.NGUID, n.NGUID)
+	case n.EUI64 != o.EUI64:
+		return fmt.Errorf("EUI64 %x, was %x", o.EUI64, n.EUI64)
+	case n.UUID != o.UUID:
+		return fmt.Errorf("UUID %x, was %x", o.UUID, n.UUID)
+	case n.Blocks != o.Blocks:
+		return fmt.Errorf("size %d blocks, was %d", o.Blocks, n.Blocks)
+	case n.BlockSize != o.BlockSize:
+		return fmt.Errorf("block size %d, was %d", o.BlockSize, n.BlockSize)
+	}
+	return nil
+}
+
+var (
+	// ErrDeleted: the controller is being deleted or is dead. It wraps
+	// EIO, which is what the block device completes the I/O with.
+	ErrDeleted = fmt.Errorf("controller deleted: %w", syscall.EIO)
+	// ErrFastIOFail: held I/O failed because fast_io_fail_tmo expired
+	// while reconnecting.
+	ErrFastIOFail = fmt.Errorf("fast_io_fail_tmo expired: %w", syscall.EIO)
+	// ErrRetriesExhausted: an I/O failed on the path more times than
+	// Options.MaxRetries.
+	ErrRetriesExhausted = fmt.Errorf("path error retries exhausted: %w", syscall.EIO)
+	// ErrNamespaceChanged: a reconnect found a different namespace.
+	ErrNamespaceChanged = errors.New("namespace changed across reconnect")
+	// ErrLinkDown: the link or route towards the target went down.
+	ErrLinkDown = errors.New("link to target down")
+)
+
+// isDNR reports whether err carries the Do Not Retry bit.
+func isDNR(err error) bool {
+	var d interface{ DoNotRetry() bool }
+	return errors.As(err, &d) && d.DoNotRetry()
+}

@@ -1,0 +1,440 @@
+package lifecycle
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/ublk-nvmeof/ublk-nvmeof/keepalive"
+	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle/clock"
+)
+
+// Options are the connect options lifecycle acts on, with the Linux host's
+// names and defaults (DefaultOptions).
+type Options struct {
+	// ReconnectDelay is the time between reconnect attempts
+	// (reconnect_delay). Must be positive.
+	ReconnectDelay time.Duration
+	// CtrlLossTmo is how long to keep reconnecting before the controller
+	// is deleted (ctrl_loss_tmo). Negative: forever. As in the Linux host
+	// it becomes a number of attempts, ceil(CtrlLossTmo/ReconnectDelay).
+	CtrlLossTmo time.Duration
+	// FastIOFailTmo is how long after reconnecting began held I/O is
+	// failed with EIO (fast_io_fail_tmo). Negative: off, I/O is held
+	// until the controller is LIVE again or deleted.
+	FastIOFailTmo time.Duration
+	// MaxRetries is how many times an I/O that failed on the path is
+	// retried on a new association (nvme_max_retries).
+	MaxRetries int
+	// LinkWatch, if set, is run while the controller exists; a link or
+	// route going down starts error recovery at once instead of after
+	// KATO.
+	LinkWatch LinkWatcher
+
+	Clock  clock.Clock  // nil: the real clock
+	Logger *slog.Logger // nil: slog.Default()
+}
+
+// DefaultOptions returns the Linux host's defaults: reconnect_delay 10 s,
+// ctrl_loss_tmo 600 s, fast_io_fail_tmo off, 5 retries.
+func DefaultOptions() Options {
+	return Options{
+		ReconnectDelay: 10 * time.Second,
+		CtrlLossTmo:    600 * time.Second,
+		FastIOFailTmo:  -1,
+		MaxRetries:     5,
+	}
+}
+
+// LinkWatcher watches the path to the target. Watch runs until ctx is
+// cancelled and calls down (which only signals) whenever the path fails.
+type LinkWatcher interface {
+	Watch(ctx context.Context, down func(error)) error
+}
+
+// Controller is one remote controller and the namespace exposed from it.
+//
+// Its supervisor goroutine is the one place that orders connect, error
+// recovery, reconnect and teardown; everything else (the connection's
+// error callback, keep-alive failures, the link watch, Delete) only signals
+// it.
+type Controller struct {
+	opts      Options
+	connector Connector
+	clk       clock.Clock
+	log       *slog.Logger
+	sm        *StateMachine
+
+	// ctx is cancelled when deletion is requested or the controller
+	// deletes itself: it aborts connect attempts and the link watch.
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	kick      chan struct{} // capacity 1: an error was reported
+	deleteReq chan struct{} // closed by Delete
+	delOnce   sync.Once
+	done      chan struct{} // closed when the supervisor has returned (DEAD)
+	started   atomic.Bool
+
+	// Owned by the supervisor goroutine (and Start before it runs).
+	keeper *keepalive.Keeper
+	ns     Namespace // identity found by the first connect
+
+	mu         sync.Mutex
+	conn       Conn   // the association; nil while there is none
+	gen        uint64 // association generation; errors from older ones are stale
+	pendingErr error  // first error reported for gen
+	block      Block
+	failfast   bool          // fast_io_fail_tmo expired while reconnecting
+	wake       chan struct{} // closed and replaced when state or failfast changes
+	inflight   int           // Do callers holding conn
+	idle       *sync.Cond    // signalled when inflight drops to zero
+	cause      error         // why the controller was deleted
+
+	// hook, if set (tests only, see export_test.go), is called before and
+	// after every teardown step.
+	hook func(step Step, after bool)
+}
+
+// New returns a controller in state NEW. Call Start to connect.
+func New(connector Connector, opts Options) (*Controller, error) {
+	if opts.ReconnectDelay <= 0 {
+		return nil, errors.New("lifecycle: reconnect_delay must be positive")
+	}
+	if opts.MaxRetries < 0 {
+		return nil, errors.New("lifecycle: negative MaxRetries")
+	}
+	clk := opts.Clock
+	if clk == nil {
+		clk = clock.Real{}
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	c := &Controller{
+		opts:      opts,
+		connector: connector,
+		clk:       clk,
+		log:       log,
+		sm:        NewStateMachine(clk),
+		kick:      make(chan struct{}, 1),
+		deleteReq: make(chan struct{}),
+		done:      make(chan struct{}),
+		wake:      make(chan struct{}),
+	}
+	c.idle = sync.NewCond(&c.mu)
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	c.sm.Observe(func(tr Transition) {
+		c.log.Info("controller state", "from", tr.From, "to", tr.To, "reason", tr.Reason)
+	})
+	return c, nil
+}
+
+// States is the controller's state machine, to read and observe.
+func (c *Controller) States() *StateMachine { return c.sm }
+
+// State returns the current state.
+func (c *Controller) State() State { return c.sm.State() }
+
+// Namespace returns the namespace identity found by the first connect.
+func (c *Controller) Namespace() Namespace { return c.ns }
+
+// Done is closed when the controller is DEAD and every goroutine it started
+// has returned.
+func (c *Controller) Done() <-chan struct{} { return c.done }
+
+// Err returns why the controller was deleted, once Done is closed.
+func (c *Controller) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.cause
+}
+
+// SetBlock registers the block device in front of the controller, to be
+// stopped and removed when the controller is deleted. Call it once, after
+// Start.
+func (c *Controller) SetBlock(b Block) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.block = b
+}
+
+// Start makes the first association and makes the controller LIVE. As with
+// the Linux host's connect, a failure of the first connect is not retried:
+// the controller goes to DEAD and Start returns the error.
+func (c *Controller) Start(ctx context.Context) error {
+	if c.started.Swap(true) {
+		return errors.New("lifecycle: Start called twice")
+	}
+	if err := c.setState(StateConnecting, "connect"); err != nil {
+		return err
+	}
+	// The first connect is cancelled by Delete as well as by ctx.
+	cctx, stop := context.WithCancel(ctx)
+	unlink := context.AfterFunc(c.ctx, stop)
+	conn, err := c.connect(cctx)
+	unlink()
+	stop()
+	if err != nil {
+		c.remove(fmt.Errorf("connect: %w", err))
+		close(c.done)
+		return err
+	}
+	c.ns = conn.Namespace()
+	c.goLive(conn, "connected")
+	go c.run()
+	return nil
+}
+
+// Delete deletes the controller, in the teardown order, and waits until it
+// is DEAD. It may be called at any time, from any goroutine, any number of
+// times.
+func (c *Controller) Delete() {
+	c.delOnce.Do(func() {
+		close(c.deleteReq)
+		c.cancel()
+	})
+	if !c.started.Load() {
+		return
+	}
+	<-c.done
+}
+
+// setState changes the state and wakes every I/O waiting on it.
+func (c *Controller) setState(to State, reason string) error {
+	if _, err := c.sm.change(to, reason); err != nil {
+		c.log.Error("state change rejected", "err", err)
+		return err
+	}
+	c.mu.Lock()
+	c.broadcastLocked()
+	c.mu.Unlock()
+	return nil
+}
+
+func (c *Controller) broadcastLocked() {
+	close(c.wake)
+	c.wake = make(chan struct{})
+}
+
+// reportError records err as the reason the association of generation gen
+// failed and wakes the supervisor. Errors of an older association, or after
+// one was already recorded, are dropped. It never blocks.
+func (c *Controller) reportError(gen uint64, err error) {
+	c.mu.Lock()
+	if gen == c.gen && c.pendingErr == nil {
+		c.pendingErr = err
+	}
+	c.mu.Unlock()
+	select {
+	case c.kick <- struct{}{}:
+	default:
+	}
+}
+
+// connect makes a new association whose errors are reported under a new
+// generation.
+func (c *Controller) connect(ctx context.Context) (Conn, error) {
+	c.mu.Lock()
+	c.gen++
+	gen := c.gen
+	c.pendingErr = nil
+	c.mu.Unlock()
+	return c.connector.Connect(ctx, func(err error) { c.reportError(gen, err) })
+}
+
+// goLive publishes conn, makes the controller LIVE, and only then starts
+// keep-alive (it is started only when LIVE).
+func (c *Controller) goLive(conn Conn, reason string) {
+	c.mu.Lock()
+	c.conn = conn
+	c.failfast = false
+	c.mu.Unlock()
+	if err := c.setState(StateLive, reason); err != nil {
+		panic(err) // CONNECTING -> LIVE is always allowed; only the supervisor changes state
+	}
+	c.startKeepAlive(conn)
+}
+
+func (c *Controller) startKeepAlive(conn Conn) {
+	if c.sm.State() != StateLive {
+		return
+	}
+	c.keeper = keepalive.Start(conn, keepalive.Config{
+		KATO:    conn.KATO(),
+		Traffic: conn.Traffic(),
+		MayRearm: func() bool {
+			s := c.sm.State()
+			return s == StateLive || s == StateConnecting
+		},
+		Clock:  c.clk,
+		Logger: c.log,
+	})
+}
+
+// keepAliveFailed returns the running keeper's failure channel, or nil.
+func (c *Controller) keepAliveFailed() <-chan error {
+	if c.keeper == nil {
+		return nil
+	}
+	return c.keeper.Failed()
+}
+
+// run is the supervisor: it waits for trouble while LIVE, and recovers or
+// deletes. It owns the link watch goroutine and joins it.
+func (c *Controller) run() {
+	defer close(c.done)
+	var watch sync.WaitGroup
+	defer watch.Wait()
+	if c.opts.LinkWatch != nil {
+		watch.Add(1)
+		go func() {
+			defer watch.Done()
+			err := c.opts.LinkWatch.Watch(c.ctx, func(err error) {
+				c.mu.Lock()
+				gen := c.gen
+				c.mu.Unlock()
+				c.reportError(gen, fmt.Errorf("%w: %v", ErrLinkDown, err))
+			})
+			if err != nil && c.ctx.Err() == nil {
+				c.log.Warn("link watch stopped", "err", err)
+			}
+		}()
+	}
+	for {
+		cause, deleted := c.waitForTrouble()
+		if deleted {
+			c.remove(errors.New("deleted"))
+			return
+		}
+		c.log.Warn("controller error, recovering", "err", cause)
+		if !c.recoverAndReconnect(cause) {
+			return
+		}
+	}
+}
+
+// waitForTrouble waits, while LIVE, for an error of the current association
+// or a delete request.
+func (c *Controller) waitForTrouble() (cause error, deleted bool) {
+	for {
+		c.mu.Lock()
+		err := c.pendingErr
+		c.mu.Unlock()
+		if err != nil {
+			return err, false
+		}
+		select {
+		case <-c.deleteReq:
+			return nil, true
+		case <-c.kick:
+		case err := <-c.keepAliveFailed():
+			return err, false
+		}
+	}
+}
+
+// recoverAndReconnect is error recovery: RESETTING, tear the association
+// down, CONNECTING, reconnect every reconnect_delay until ctrl_loss_tmo. It
+// returns false if the controller was deleted instead.
+func (c *Controller) recoverAndReconnect(cause error) bool {
+	c.teardown(teardownReset, cause.Error())
+	if err := c.setState(StateConnecting, "reconnecting"); err != nil {
+		panic(err) // RESETTING -> CONNECTING is always allowed here
+	}
+	stopFailfast := c.startFailfast()
+	defer stopFailfast()
+
+	for attempt := 0; ; attempt++ {
+		if !c.shouldReconnect(attempt) {
+			c.remove(fmt.Errorf("ctrl_loss_tmo expired after %d attempts: %w", attempt, cause))
+			return false
+		}
+		t := c.clk.NewTimer(c.opts.ReconnectDelay)
+		select {
+		case <-c.deleteReq:
+			t.Stop()
+			c.remove(errors.New("deleted while reconnecting"))
+			return false
+		case <-t.C():
+		}
+		conn, err := c.connect(c.ctx)
+		if err != nil {
+			if c.ctx.Err() != nil {
+				c.remove(errors.New("deleted while reconnecting"))
+				return false
+			}
+			if isDNR(err) {
+				c.remove(fmt.Errorf("reconnect failed with DNR, not retrying: %w", err))
+				return false
+			}
+			c.log.Warn("reconnect failed", "attempt", attempt+1, "err", err)
+			cause = err
+			continue
+		}
+		if err := c.ns.sameAs(conn.Namespace()); err != nil {
+			// Never resume I/O onto a different namespace.
+			c.releaseConn(conn)
+			c.remove(fmt.Errorf("%w: %v", ErrNamespaceChanged, err))
+			return false
+		}
+		c.goLive(conn, "reconnected")
+		return true
+	}
+}
+
+// shouldReconnect is nvmf_should_reconnect: ctrl_loss_tmo is a number of
+// attempts, ceil(ctrl_loss_tmo / reconnect_delay); negative is forever.
+func (c *Controller) shouldReconnect(attempts int) bool {
+	if c.opts.CtrlLossTmo < 0 {
+		return true
+	}
+	d := c.opts.ReconnectDelay
+	max := int((c.opts.CtrlLossTmo + d - 1) / d)
+	return attempts < max
+}
+
+// startFailfast arms fast_io_fail_tmo for this reconnect (as the Linux host
+// does on RESETTING -> CONNECTING). Its goroutine is joined by the returned
+// function; the expired flag itself is cleared only when LIVE again.
+func (c *Controller) startFailfast() (stop func()) {
+	if c.opts.FastIOFailTmo < 0 {
+		return func() {}
+	}
+	t := c.clk.NewTimer(c.opts.FastIOFailTmo)
+	quit := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		select {
+		case <-t.C():
+			c.log.Warn("fast_io_fail_tmo expired, failing held I/O")
+			c.mu.Lock()
+			c.failfast = true
+			c.broadcastLocked()
+			c.mu.Unlock()
+		case <-quit:
+			t.Stop()
+		}
+	}()
+	return func() { close(quit); wg.Wait() }
+}
+
+// remove deletes the controller: DELETING, teardown, DEAD.
+func (c *Controller) remove(cause error) {
+	c.mu.Lock()
+	c.cause = cause
+	c.mu.Unlock()
+	c.log.Warn("deleting controller", "cause", cause)
+	c.teardown(teardownDelete, cause.Error())
+	if err := c.setState(StateDead, "deleted"); err != nil {
+		panic(err)
+	}
+	c.cancel()
+}

@@ -1,0 +1,214 @@
+package lifecycle
+
+import (
+	"context"
+	"fmt"
+)
+
+// Step is one step of teardown, in DESIGN.md's order.
+type Step int
+
+const (
+	// StepChangeState: DELETING or RESETTING. From here Do accepts no new
+	// submission: it holds them (RESETTING) or fails them (DELETING).
+	StepChangeState Step = iota
+	// StepStopKeepAlive: cancel the keep-alive and wait until its
+	// goroutine has returned.
+	StepStopKeepAlive
+	// StepQuiesceBlock: delete: ublk STOP_DEV, which drains in-flight I/O
+	// while the association still serves it. Recovery: nothing to do on
+	// the ublk side, Do holds new I/O since StepChangeState.
+	StepQuiesceBlock
+	// StepShutdownSockets: every command in flight fails or completes.
+	StepShutdownSockets
+	// StepWaitCompletions: every completion handler has returned and every
+	// Do caller has let go of the association.
+	StepWaitCompletions
+	// StepFreeIOQueues, then StepFreeAdminQueue: the admin queue last.
+	StepFreeIOQueues
+	StepFreeAdminQueue
+	// StepRemoveBlock: delete only: close rings, unmap, DEL_DEV.
+	StepRemoveBlock
+	numSteps
+)
+
+func (s Step) String() string {
+	return [...]string{
+		"change-state", "stop-keep-alive", "quiesce-block", "shutdown-sockets",
+		"wait-completions", "free-io-queues", "free-admin-queue", "remove-block",
+	}[s]
+}
+
+type teardownMode int
+
+const (
+	teardownReset teardownMode = iota
+	teardownDelete
+)
+
+// teardown is the one place that orders tearing down: delete, and the
+// tear-down half of error recovery. Only the supervisor calls it.
+//
+// The order is the lesson of the seed thread. The Linux host crashed when a
+// keep-alive, failed inside its own dispatch as the admin queue was marked
+// dying, dropped the queue's last usage reference before its dispatcher had
+// returned, and the shutdown path freed the queue under it. It was fixed by
+// stopping keep-alive synchronously at the top of
+// nvme_remove_admin_tag_set() (e9869c85c811) after a54a93d0e359 had moved
+// the stop later and reopened the race. So: keep-alive is stopped, and
+// waited for, before sockets are shut and long before the admin queue is
+// freed; the queues are freed only after every completion handler has
+// returned; the admin queue is freed last. Do not move a step.
+func (c *Controller) teardown(mode teardownMode, reason string) {
+	c.mu.Lock()
+	conn, block := c.conn, c.block
+	c.mu.Unlock()
+
+	// 1. No new submissions.
+	c.step(StepChangeState, func() {
+		to := StateResetting
+		if mode == teardownDelete {
+			to = StateDeleting
+		}
+		if err := c.setState(to, reason); err != nil {
+			panic(err) // the supervisor only tears down from a state the table allows
+		}
+	})
+
+	// 2. Keep-alive stopped synchronously: when Stop returns no keep-alive
+	// runs and none can be submitted.
+	c.step(StepStopKeepAlive, func() {
+		if c.keeper != nil {
+			c.keeper.Stop()
+			c.keeper = nil
+		}
+	})
+
+	// 3. Quiesce the ublk side.
+	c.step(StepQuiesceBlock, func() {
+		if mode == teardownDelete && block != nil {
+			if err := block.Stop(context.Background()); err != nil {
+				c.log.Error("stopping block device", "err", err)
+			}
+		}
+	})
+
+	// 4 and 5.
+	if conn != nil {
+		c.releaseConn(conn)
+	} else {
+		for s := StepShutdownSockets; s <= StepFreeAdminQueue; s++ {
+			c.step(s, func() {})
+		}
+	}
+
+	// 6. Delete only: remove the block device.
+	c.step(StepRemoveBlock, func() {
+		if mode == teardownDelete && block != nil {
+			if err := block.Remove(context.Background()); err != nil {
+				c.log.Error("removing block device", "err", err)
+			}
+		}
+	})
+}
+
+// releaseConn is steps 4 and 5: shut the sockets, wait for every completion
+// handler and every Do caller, free the I/O queues, then the admin queue.
+// Keep-alive must already be stopped. It also releases an association that
+// was never published (a reconnect onto a different namespace).
+func (c *Controller) releaseConn(conn Conn) {
+	c.step(StepShutdownSockets, conn.Shutdown)
+	c.step(StepWaitCompletions, func() {
+		conn.WaitIdle()
+		c.mu.Lock()
+		for c.inflight > 0 {
+			c.idle.Wait()
+		}
+		c.mu.Unlock()
+	})
+	c.step(StepFreeIOQueues, conn.FreeIOQueues)
+	c.step(StepFreeAdminQueue, func() {
+		c.mu.Lock()
+		if c.conn == conn {
+			c.conn = nil
+		}
+		c.mu.Unlock()
+		conn.FreeAdminQueue()
+	})
+}
+
+func (c *Controller) step(s Step, fn func()) {
+	if c.hook != nil {
+		c.hook(s, false)
+	}
+	c.log.Debug("teardown", "step", s)
+	fn()
+	if c.hook != nil {
+		c.hook(s, true)
+	}
+}
+
+// Do runs fn on the live association: the I/O path. While the controller
+// is RESETTING or CONNECTING (or not yet LIVE) the I/O is held until it is
+// LIVE again; it fails with an error wrapping EIO once fast_io_fail_tmo has
+// expired, or once the controller is DELETING or DEAD. If fn fails with a
+// path error, recovery is started and fn is retried on the next
+// association, up to Options.MaxRetries times.
+//
+// fn must not keep the Conn, or anything from it, after it returns: the
+// association may be freed as soon as every Do caller has returned.
+func (c *Controller) Do(ctx context.Context, fn func(Conn) error) error {
+	for retries := 0; ; retries++ {
+		conn, gen, err := c.enter(ctx)
+		if err != nil {
+			return err
+		}
+		err = fn(conn)
+		// fn has returned: its last touch of conn is behind it.
+		c.exit()
+		if err == nil || !conn.IsPathError(err) {
+			return err
+		}
+		c.reportError(gen, err)
+		if retries >= c.opts.MaxRetries {
+			return fmt.Errorf("%w: %v", ErrRetriesExhausted, err)
+		}
+	}
+}
+
+// enter takes a usage reference on the live association, waiting while
+// the controller is not LIVE.
+func (c *Controller) enter(ctx context.Context) (Conn, uint64, error) {
+	for {
+		c.mu.Lock()
+		switch s := c.sm.State(); {
+		case s == StateLive && c.conn != nil:
+			c.inflight++
+			conn, gen := c.conn, c.gen
+			c.mu.Unlock()
+			return conn, gen, nil
+		case s == StateDeleting || s == StateDead:
+			c.mu.Unlock()
+			return nil, 0, ErrDeleted
+		case c.failfast:
+			c.mu.Unlock()
+			return nil, 0, ErrFastIOFail
+		}
+		wake := c.wake
+		c.mu.Unlock()
+		select {
+		case <-wake:
+		case <-ctx.Done():
+			return nil, 0, ctx.Err()
+		}
+	}
+}
+
+func (c *Controller) exit() {
+	c.mu.Lock()
+	c.inflight--
+	if c.inflight == 0 {
+		c.idle.Broadcast()
+	}
+	c.mu.Unlock()
+}
