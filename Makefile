@@ -27,7 +27,7 @@ unit:
 # The VM tests. E2E_REQUIRE_VM=1 makes "cannot boot the VM" a failure, not a
 # skip; -p 1: one VM at a time.
 e2e: vm-prepare
-	E2E_REQUIRE_VM=1 $(GO) test -count=1 -p 1 -timeout 60m -v ./e2e/...
+	E2E_REQUIRE_VM=1 $(GO) test -count=1 -p 1 -timeout 60m -v -run '^(TestVM|TestHarness)' ./e2e/...
 
 test: vet unit e2e
 
