@@ -88,6 +88,8 @@ const (
 	UBLKSRV_IO_BUF_OFFSET  = 0x80000000
 
 	UBLK_MAX_QUEUE_DEPTH = 4096
+	// UBLKSRV_IO_DESC_SIZE is sizeof(struct ublksrv_io_desc).
+	UBLKSRV_IO_DESC_SIZE = 24
 	UBLK_MAX_NR_QUEUES   = 4096
 	UBLK_IO_BUF_BITS     = 25 // a single I/O buffer is at most 32 MiB
 )

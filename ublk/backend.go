@@ -1,0 +1,41 @@
+package ublk
+
+// Backend serves the I/O of a device.
+//
+// For every request the driver hands to a queue, the queue's goroutine calls
+// Serve with a *Request describing it. Serve must not block for long (it
+// holds up every other request of that queue); it starts the work and
+// returns. The Backend finishes the request by calling req.Complete exactly
+// once, from any goroutine, before or after Serve returns: a backend that
+// works synchronously completes inside Serve; the NVMe/TCP backend sends a
+// command and completes from the goroutine that receives the response.
+// Complete never blocks: it queues the result and, if needed, wakes the
+// queue's thread through an eventfd whose read is posted on that queue's
+// io_uring.
+//
+// One tag is one in-flight request, so a queue never has more than Depth
+// requests outstanding, and a request's Tag can index per-slot state (such
+// as an NVMe command identifier) without allocation. Requests of one queue
+// are only ever passed to Serve from that queue's goroutine; requests of
+// different queues arrive concurrently.
+//
+// req.Buf is memory owned by the queue (mapped, so the kernel can copy
+// into and out of it): valid from Serve until Complete, not after. READ
+// fills it, WRITE reads it. FLUSH asks for the backend's volatile cache to
+// be made durable; a WRITE with req.FUA() must be durable when it
+// completes; DISCARD and WRITE_ZEROES carry no buffer, and after either a
+// read of the range must return zeros (WRITE_ZEROES with FlagNoUnmap must
+// keep the blocks allocated).
+//
+// A device with RecoveryReissue may see a request that a previous daemon
+// already executed: writes must be idempotent (they are for block
+// storage).
+type Backend interface {
+	Serve(req *Request)
+}
+
+// BackendFunc adapts a function to Backend.
+type BackendFunc func(req *Request)
+
+// Serve calls f(req).
+func (f BackendFunc) Serve(req *Request) { f(req) }

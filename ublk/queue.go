@@ -1,0 +1,349 @@
+package ublk
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"runtime"
+	"sync"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ublk-nvmeof/ublk-nvmeof/ublk/internal/uapi"
+	"github.com/ublk-nvmeof/ublk-nvmeof/ublk/internal/uring"
+)
+
+// userData of the eventfd read; ublk commands use their tag (< 4096).
+const wakeUserData = 1 << 32
+
+// completion is one finished request waiting to be committed.
+type completion struct {
+	tag int
+	res int32
+}
+
+// queue serves one hardware queue. Its loop runs on one goroutine locked to
+// its OS thread, because the driver binds the queue to the task that issued
+// the first FETCH_REQ (ubq_daemon) and rejects commands from other tasks.
+type queue struct {
+	id      int
+	depth   int
+	maxIO   int
+	cdev    int  // /dev/ublkcN, owned by the Device
+	encode  bool // ioctl-encoded I/O opcodes
+	backend Backend
+	log     *slog.Logger
+
+	reqs []Request // one per tag
+
+	// Owned by the loop goroutine.
+	ring  *uring.Ring
+	descs []byte // read-only mmap of the queue's ublksrv_io_desc array
+	bufs  []byte // depth*maxIO bytes of anonymous mmap: the tag buffers
+	wake  []byte // 8-byte landing area of the eventfd read (mmap'd page)
+	efd   int    // eventfd: other goroutines' doorbell
+
+	mu          sync.Mutex
+	done        []completion  // completed by the Backend, not yet committed
+	dispatching bool          // loop is inside Backend.Serve calls; it drains done afterwards
+	closed      bool          // loop gone: drop completions, never touch efd
+	stop        bool          // forced stop requested
+	owned       int           // requests held by the Backend
+	drained     chan struct{} // closed when owned drops to 0 after closed
+}
+
+func newQueue(id, depth, maxIO, cdev int, encode bool, b Backend, log *slog.Logger) *queue {
+	q := &queue{id: id, depth: depth, maxIO: maxIO, cdev: cdev, encode: encode, backend: b, log: log, efd: -1}
+	q.reqs = make([]Request, depth)
+	for i := range q.reqs {
+		q.reqs[i].q = q
+		q.reqs[i].Queue = id
+		q.reqs[i].Tag = i
+	}
+	return q
+}
+
+// descArraySize is the size of one queue's descriptor mapping, and
+// descStride the distance between queues in /dev/ublkcN's mmap offsets: the
+// driver lays queues out at UBLK_MAX_QUEUE_DEPTH descriptors each, whatever
+// the actual depth (ublk_ch_mmap).
+func descArraySize(depth int) int {
+	return roundUp(depth*int(unsafe.Sizeof(uapi.UblksrvIODesc{})), os.Getpagesize())
+}
+
+func descStride() int {
+	return roundUp(uapi.UBLK_MAX_QUEUE_DEPTH*int(unsafe.Sizeof(uapi.UblksrvIODesc{})), os.Getpagesize())
+}
+
+func roundUp(x, to int) int { return (x + to - 1) / to * to }
+
+// setup creates the queue's resources. On error, teardown releases what was
+// created.
+func (q *queue) setup() error {
+	var err error
+	// One SQE per tag plus the eventfd read; the CQ (2x by default) then
+	// can never overflow.
+	if q.ring, err = uring.New(uint32(q.depth + 1)); err != nil {
+		return fmt.Errorf("queue %d: %w", q.id, err)
+	}
+	off := int64(uapi.UBLKSRV_CMD_BUF_OFFSET + q.id*descStride())
+	if q.descs, err = unix.Mmap(q.cdev, off, descArraySize(q.depth), unix.PROT_READ, unix.MAP_SHARED|unix.MAP_POPULATE); err != nil {
+		return fmt.Errorf("queue %d: mmap I/O descriptors: %w", q.id, err)
+	}
+	// Tag buffers: the kernel copies request data to and from these
+	// addresses, so they must never move: anonymous mmap, not Go heap.
+	if q.bufs, err = unix.Mmap(-1, 0, q.depth*q.maxIO, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE|unix.MAP_NORESERVE); err != nil {
+		return fmt.Errorf("queue %d: mmap %d-byte buffers: %w", q.id, q.depth*q.maxIO, err)
+	}
+	if q.wake, err = unix.Mmap(-1, 0, os.Getpagesize(), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE); err != nil {
+		return fmt.Errorf("queue %d: mmap: %w", q.id, err)
+	}
+	// Blocking eventfd on purpose: io_uring completes reads of O_NONBLOCK
+	// files with -EAGAIN instead of waiting. Writers never block: the
+	// counter cannot get near its limit.
+	if q.efd, err = unix.Eventfd(0, unix.EFD_CLOEXEC); err != nil {
+		return fmt.Errorf("queue %d: eventfd: %w", q.id, err)
+	}
+	return nil
+}
+
+// teardown releases the queue's resources. The ring goes first: closing it
+// cancels the fetches still armed, so the driver lets go of the queue. The
+// tag buffers are unmapped only once the Backend returned every request,
+// because it may still be copying into them; if it does not within
+// drainTimeout they are left mapped (leaked) rather than risking a crash.
+func (q *queue) teardown(drainTimeout time.Duration) {
+	if q.ring != nil {
+		q.ring.Close()
+		q.ring = nil
+	}
+	q.mu.Lock()
+	q.closed = true
+	owned := q.owned
+	if owned > 0 {
+		q.drained = make(chan struct{})
+	}
+	if q.efd >= 0 {
+		unix.Close(q.efd)
+		q.efd = -1
+	}
+	drained := q.drained
+	q.mu.Unlock()
+	if owned > 0 {
+		select {
+		case <-drained:
+		case <-time.After(drainTimeout):
+			q.log.Error("ublk: backend did not complete requests; leaving tag buffers mapped", "queue", q.id, "requests", owned)
+			q.bufs = nil
+		}
+	}
+	for _, m := range []*[]byte{&q.descs, &q.bufs, &q.wake} {
+		if *m != nil {
+			unix.Munmap(*m)
+			*m = nil
+		}
+	}
+}
+
+// complete queues a finished request for commit and wakes the loop if it
+// may be asleep. It never blocks on the loop.
+func (q *queue) complete(tag int, res int32) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.owned--
+	if q.closed {
+		if q.owned == 0 && q.drained != nil {
+			close(q.drained)
+		}
+		return
+	}
+	q.done = append(q.done, completion{tag, res})
+	// One doorbell per batch: while done is non-empty the loop has
+	// already been (or is being) woken; while dispatching it drains done
+	// itself.
+	if len(q.done) == 1 && !q.dispatching {
+		q.doorbell()
+	}
+}
+
+// doorbell writes the eventfd; q.mu held and the queue not closed.
+func (q *queue) doorbell() {
+	var one = [8]byte{1}
+	for {
+		_, err := unix.Write(q.efd, one[:])
+		if err != unix.EINTR {
+			if err != nil {
+				q.log.Error("ublk: eventfd write", "queue", q.id, "err", err)
+			}
+			return
+		}
+	}
+}
+
+// forceStop makes the loop exit without waiting for the kernel.
+func (q *queue) forceStop() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.closed || q.stop {
+		return
+	}
+	q.stop = true
+	q.doorbell()
+}
+
+func (q *queue) ioOp(op uint32) uint32 {
+	if q.encode {
+		return op
+	}
+	return uapi.IOCNr(op)
+}
+
+// prepIOCmd queues FETCH_REQ or COMMIT_AND_FETCH_REQ for tag.
+func (q *queue) prepIOCmd(op uint32, tag int, res int32) error {
+	sqe, err := q.ring.GetSQE()
+	if err != nil {
+		return err
+	}
+	uring.PrepURingCmd(sqe, q.cdev, q.ioOp(op), uint64(tag))
+	cmd := (*uapi.UblksrvIOCmd)(unsafe.Pointer(&sqe.Cmd()[0]))
+	cmd.QID = uint16(q.id)
+	cmd.Tag = uint16(tag)
+	cmd.Result = res
+	cmd.Addr = uint64(uintptr(unsafe.Pointer(&q.bufs[tag*q.maxIO])))
+	return nil
+}
+
+func (q *queue) prepWake() error {
+	sqe, err := q.ring.GetSQE()
+	if err != nil {
+		return err
+	}
+	uring.PrepRead(sqe, q.efd, q.wake[:8], 0, wakeUserData)
+	return nil
+}
+
+// run is the queue's goroutine. It reports setup success or failure on
+// ready, then serves until every tag was aborted by the driver (STOP_DEV,
+// or the device is otherwise going away) or forceStop is called. The OS
+// thread is never unlocked: it exits with the goroutine, which tells the
+// driver this queue's daemon is gone.
+func (q *queue) run(ready chan<- error, drainTimeout time.Duration) (err error) {
+	runtime.LockOSThread()
+	defer q.teardown(drainTimeout)
+	if err := q.setup(); err != nil {
+		ready <- err
+		return err
+	}
+	for tag := range q.depth {
+		if err := q.prepIOCmd(uapi.UBLK_U_IO_FETCH_REQ, tag, 0); err != nil {
+			ready <- err
+			return err
+		}
+	}
+	if err := q.prepWake(); err != nil {
+		ready <- err
+		return err
+	}
+	if _, err := q.ring.Submit(0); err != nil {
+		err = fmt.Errorf("queue %d: submit fetches: %w", q.id, err)
+		ready <- err
+		return err
+	}
+	ready <- nil
+	return q.loop()
+}
+
+func (q *queue) loop() error {
+	live := q.depth // tags whose fetch the driver has not aborted
+	var fetched []int
+	for {
+		if _, err := q.ring.Submit(1); err != nil {
+			return fmt.Errorf("queue %d: %w", q.id, err)
+		}
+		fetched = fetched[:0]
+		for {
+			cqe, ok := q.ring.ReapCQE()
+			if !ok {
+				break
+			}
+			if cqe.UserData == wakeUserData {
+				if cqe.Res < 0 && cqe.Res != -int32(unix.EINTR) {
+					return fmt.Errorf("queue %d: eventfd read: %w", q.id, unix.Errno(-cqe.Res))
+				}
+				if err := q.prepWake(); err != nil {
+					return fmt.Errorf("queue %d: %w", q.id, err)
+				}
+				continue
+			}
+			tag := int(cqe.UserData)
+			switch {
+			case cqe.Res == uapi.UBLK_IO_RES_OK:
+				fetched = append(fetched, tag)
+			case cqe.Res == uapi.UBLK_IO_RES_ABORT:
+				live--
+			default:
+				// E.g. -EINVAL for a command the driver did not
+				// accept. The tag is lost to us; the device can
+				// only be stopped.
+				q.log.Error("ublk: I/O command failed", "queue", q.id, "tag", tag, "err", unix.Errno(-cqe.Res))
+				live--
+			}
+		}
+		q.dispatch(fetched)
+		q.mu.Lock()
+		done := q.done
+		q.done = nil
+		stop := q.stop
+		q.mu.Unlock()
+		for _, c := range done {
+			if err := q.prepIOCmd(uapi.UBLK_U_IO_COMMIT_AND_FETCH_REQ, c.tag, c.res); err != nil {
+				return fmt.Errorf("queue %d: %w", q.id, err)
+			}
+		}
+		if stop {
+			return errForced
+		}
+		if live == 0 {
+			return nil
+		}
+	}
+}
+
+var errForced = errors.New("queue stopped without the driver")
+
+// dispatch hands fetched requests to the Backend. Completions that happen
+// inside Serve are collected without ringing the eventfd.
+func (q *queue) dispatch(tags []int) {
+	if len(tags) == 0 {
+		return
+	}
+	q.mu.Lock()
+	q.dispatching = true
+	q.owned += len(tags)
+	q.mu.Unlock()
+	for _, tag := range tags {
+		r := &q.reqs[tag]
+		off := tag * uapi.UBLKSRV_IO_DESC_SIZE
+		d, err := decodeDesc(q.descs[off:off+uapi.UBLKSRV_IO_DESC_SIZE], q.maxIO)
+		r.Op, r.Flags = d.op, d.flags
+		r.Offset = int64(d.startSector << 9)
+		r.Length = int(d.nrSectors) << 9
+		r.Buf = nil
+		if err == nil && (d.op == OpRead || d.op == OpWrite) {
+			r.Buf = q.bufs[tag*q.maxIO : tag*q.maxIO+r.Length : tag*q.maxIO+r.Length]
+		}
+		r.owned.Store(true)
+		if err != nil {
+			q.log.Warn("ublk: rejecting request", "queue", q.id, "tag", tag, "err", err)
+			r.Complete(unix.EOPNOTSUPP)
+			continue
+		}
+		q.backend.Serve(r)
+	}
+	q.mu.Lock()
+	q.dispatching = false
+	q.mu.Unlock()
+}
