@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/rand"
 	"os"
+	"os/exec"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -89,5 +90,17 @@ func TestGuestKernelInitiatorLoopback(t *testing.T) {
 	directIO(t, dev, back, off, false)
 	if !bytes.Equal(back, pattern) {
 		t.Fatal("read back through nvme-tcp differs from what was written")
+	}
+}
+
+// TestGuestFio: fio (a host program with its shared libraries) runs in the
+// guest and verifies what it wrote, here on the second RAM disk.
+func TestGuestFio(t *testing.T) {
+	guest.Require(t)
+	out, err := exec.Command("fio", "--name=smoke", "--filename=/dev/ram1", "--direct=1",
+		"--rw=randwrite", "--bs=4k", "--size=4m", "--ioengine=psync",
+		"--verify=crc32c", "--do_verify=1", "--output-format=terse").CombinedOutput()
+	if err != nil {
+		t.Fatalf("fio: %v\n%s", err, out)
 	}
 }

@@ -12,5 +12,8 @@ import (
 // TestVM builds every package's TestGuest* tests, boots one VM and reports
 // each guest test as a subtest: TestVM/<package>/<TestGuestName>.
 func TestVM(t *testing.T) {
-	vm.RunT(t, vm.Config{Packages: []string{"./..."}})
+	vm.RunT(t, vm.Config{
+		Packages: []string{"./..."},
+		Programs: []string{"fio", "nvme"},
+	})
 }

@@ -12,14 +12,15 @@ import (
 // initramfs (Documentation/driver-api/early-userspace/buffer-format.rst).
 // Parent directories are emitted before their contents, once each.
 type cpioWriter struct {
-	w    io.Writer
-	ino  uint32
-	dirs map[string]bool
-	err  error
+	w     io.Writer
+	ino   uint32
+	dirs  map[string]bool
+	files map[string]bool
+	err   error
 }
 
 func newCPIOWriter(w io.Writer) *cpioWriter {
-	return &cpioWriter{w: w, ino: 1, dirs: map[string]bool{".": true, "": true, "/": true}}
+	return &cpioWriter{w: w, ino: 1, dirs: map[string]bool{".": true, "": true, "/": true}, files: map[string]bool{}}
 }
 
 const (
@@ -32,6 +33,7 @@ func (c *cpioWriter) header(name string, mode, size uint32) {
 	if c.err != nil {
 		return
 	}
+	c.files[name] = true
 	c.ino++
 	nlink := uint32(1)
 	if mode&cpioModeDir == cpioModeDir {
@@ -54,6 +56,11 @@ func (c *cpioWriter) mkdirAll(dir string) {
 	c.mkdirAll(path.Dir(dir))
 	c.header(dir, cpioModeDir|0o755, 0)
 	c.dirs[dir] = true
+}
+
+// hasFile reports whether name was added.
+func (c *cpioWriter) hasFile(name string) bool {
+	return c.files[strings.TrimPrefix(path.Clean(name), "/")]
 }
 
 // Dir adds a directory (and its parents).

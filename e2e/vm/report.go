@@ -33,9 +33,17 @@ func Require(t testing.TB) {
 
 // RunT runs cfg in the VM and reports every guest test as a subtest of t,
 // named package/TestName, so `go test -v` shows each one by name.
+// E2E_PACKAGES (space-separated patterns) and E2E_RUN (a -test.run pattern)
+// narrow it down while working on one test.
 func RunT(t *testing.T, cfg Config) *Result {
 	t.Helper()
 	Require(t)
+	if p := os.Getenv("E2E_PACKAGES"); p != "" {
+		cfg.Packages = strings.Fields(p)
+	}
+	if r := os.Getenv("E2E_RUN"); r != "" {
+		cfg.Run = r
+	}
 	if cfg.Progress == nil && testing.Verbose() {
 		cfg.Progress = os.Stdout
 	}

@@ -56,6 +56,10 @@ type Config struct {
 	// host path. Dynamically linked programs need their libraries too
 	// (see HostProgram).
 	Files map[string]string
+	// Programs are host programs (names looked up in PATH, e.g. "fio",
+	// "nvme") copied into the guest's /usr/bin with the shared libraries
+	// ldd lists for them, so dynamically linked tools run in the guest.
+	Programs []string
 	// Sysctls are written in the guest before the first test (/proc/sys
 	// path -> value), after the harness's own defaults.
 	Sysctls map[string]string
@@ -340,6 +344,11 @@ func writeInitramfs(dst, initBin string, k *Kernel, bins []guestBinary, cfg *Con
 	for _, g := range extra {
 		c.File(g, 0o755, cfg.Files[g])
 	}
+	for _, prog := range cfg.Programs {
+		if err := addProgram(c, prog); err != nil {
+			return err
+		}
+	}
 	for _, s := range sortedSysctls(defaultSysctls, cfg.Sysctls) {
 		m.Sysctls = append(m.Sysctls, s)
 	}
@@ -373,6 +382,52 @@ func sortedSysctls(maps ...map[string]string) []guestproto.Sysctl {
 		}
 	}
 	return out
+}
+
+// addProgram copies a host program and the shared libraries it loads (as ldd
+// resolves them) into the initramfs at the same absolute paths, the program
+// itself in /usr/bin.
+func addProgram(c *cpioWriter, name string) error {
+	path, err := exec.LookPath(name)
+	if err != nil {
+		return fmt.Errorf("guest program %s: %w", name, err)
+	}
+	c.File("usr/bin/"+filepath.Base(path), 0o755, path)
+	if isStatic(path) {
+		return nil
+	}
+	out, err := exec.Command("ldd", path).Output()
+	if err != nil {
+		return fmt.Errorf("ldd %s: %w", path, err)
+	}
+	libs, err := parseLdd(string(out))
+	if err != nil {
+		return fmt.Errorf("ldd %s: %w", path, err)
+	}
+	for _, lib := range libs {
+		if !c.hasFile(lib) {
+			c.File(lib, 0o755, lib)
+		}
+	}
+	return nil
+}
+
+// parseLdd returns the absolute library paths in ldd's output: "name => path
+// (addr)" lines and the interpreter's "path (addr)" line.
+func parseLdd(out string) ([]string, error) {
+	var libs []string
+	for _, l := range strings.Split(out, "\n") {
+		f := strings.Fields(l)
+		switch {
+		case len(f) >= 3 && f[1] == "=>" && strings.HasPrefix(f[2], "/"):
+			libs = append(libs, f[2])
+		case len(f) >= 3 && f[1] == "=>" && f[2] == "not":
+			return nil, fmt.Errorf("library %s not found", f[0])
+		case len(f) == 2 && strings.HasPrefix(f[0], "/"):
+			libs = append(libs, f[0])
+		}
+	}
+	return libs, nil
 }
 
 // isStatic reports whether an ELF file has no program interpreter.

@@ -146,6 +146,8 @@ func mountBase() error {
 			return fmt.Errorf("mount %s: %w", mt.dst, err)
 		}
 	}
+	_ = os.MkdirAll("/dev/shm", 0o1777)
+	_ = unix.Mount("tmpfs", "/dev/shm", "tmpfs", 0, "")
 	_ = os.MkdirAll("/dev/pts", 0o755)
 	_ = unix.Mount("devpts", "/dev/pts", "devpts", 0, "")
 	_ = unix.Mount("debugfs", "/sys/kernel/debug", "debugfs", 0, "")
