@@ -92,6 +92,7 @@ type Controller struct {
 	failfast   bool          // fast_io_fail_tmo expired while reconnecting
 	wake       chan struct{} // closed and replaced when state or failfast changes
 	inflight   int           // Do callers holding conn
+	held       int           // Do callers waiting for LIVE
 	idle       *sync.Cond    // signalled when inflight drops to zero
 	cause      error         // why the controller was deleted
 

@@ -183,6 +183,20 @@ type fakeConn struct {
 	handlers   sync.WaitGroup // Shutdown's handler goroutines
 	kaWritten  int
 	kaStopped  bool // set by tests once StepStopKeepAlive has returned
+	kaActive   int  // KeepAlive calls that have not returned
+	// onWaitIdle, if set, is called when WaitIdle begins.
+	onWaitIdle func()
+}
+
+// stopKeepAliveReturned is called by tests after StepStopKeepAlive: from
+// now on a keep-alive is a violation, and none may still be running.
+func (c *fakeConn) stopKeepAliveReturned() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.kaStopped = true
+	if c.kaActive != 0 {
+		c.target.v.add("%d KeepAlive calls still running after the keep-alive was stopped", c.kaActive)
+	}
 }
 
 func (c *fakeConn) Namespace() Namespace       { return c.ns }
@@ -270,7 +284,13 @@ func (c *fakeConn) KeepAlive(ctx context.Context) error {
 	if c.kaStopped || c.shut {
 		c.target.v.add("keep-alive submitted after keep-alive was stopped (shut=%v)", c.shut)
 	}
+	c.kaActive++
 	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		c.kaActive--
+		c.mu.Unlock()
+	}()
 	cmd, err := c.submit(ctx, true, "keep-alive", c.target.kaAllocated)
 	if err != nil {
 		return err
@@ -352,6 +372,9 @@ func (c *fakeConn) Shutdown() {
 }
 
 func (c *fakeConn) WaitIdle() {
+	if c.onWaitIdle != nil {
+		c.onWaitIdle()
+	}
 	c.handlers.Wait()
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -102,7 +102,7 @@ type StateMachine struct {
 	mu        sync.Mutex
 	state     State
 	seq       uint64
-	history   []Transition // ring of the last historyLen transitions
+	history   []Transition  // ring of the last historyLen transitions
 	changed   chan struct{} // closed and replaced at every transition
 	observers []func(Transition)
 	pending   []Transition // transitions not yet delivered to observers

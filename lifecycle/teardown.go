@@ -158,8 +158,9 @@ func (c *Controller) step(s Step, fn func()) {
 // fn must not keep the Conn, or anything from it, after it returns: the
 // association may be freed as soon as every Do caller has returned.
 func (c *Controller) Do(ctx context.Context, fn func(Conn) error) error {
+	var failedGen uint64 // the association the last try failed on
 	for retries := 0; ; retries++ {
-		conn, gen, err := c.enter(ctx)
+		conn, gen, err := c.enter(ctx, failedGen)
 		if err != nil {
 			return err
 		}
@@ -173,16 +174,19 @@ func (c *Controller) Do(ctx context.Context, fn func(Conn) error) error {
 		if retries >= c.opts.MaxRetries {
 			return fmt.Errorf("%w: %v", ErrRetriesExhausted, err)
 		}
+		failedGen = gen
 	}
 }
 
 // enter takes a usage reference on the live association, waiting while
-// the controller is not LIVE.
-func (c *Controller) enter(ctx context.Context) (Conn, uint64, error) {
+// the controller is not LIVE, or while the association is the one of
+// generation failedGen (an I/O that failed on the path is retried on the
+// next association, not on the one that failed it).
+func (c *Controller) enter(ctx context.Context, failedGen uint64) (Conn, uint64, error) {
 	for {
 		c.mu.Lock()
 		switch s := c.sm.State(); {
-		case s == StateLive && c.conn != nil:
+		case s == StateLive && c.conn != nil && (failedGen == 0 || c.gen != failedGen):
 			c.inflight++
 			conn, gen := c.conn, c.gen
 			c.mu.Unlock()
@@ -195,13 +199,29 @@ func (c *Controller) enter(ctx context.Context) (Conn, uint64, error) {
 			return nil, 0, ErrFastIOFail
 		}
 		wake := c.wake
+		c.held++
 		c.mu.Unlock()
+		var err error
 		select {
 		case <-wake:
 		case <-ctx.Done():
-			return nil, 0, ctx.Err()
+			err = ctx.Err()
+		}
+		c.mu.Lock()
+		c.held--
+		c.mu.Unlock()
+		if err != nil {
+			return nil, 0, err
 		}
 	}
+}
+
+// Held returns the number of I/Os held, waiting for the controller to be
+// LIVE again.
+func (c *Controller) Held() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.held
 }
 
 func (c *Controller) exit() {

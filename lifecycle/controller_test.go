@@ -1,0 +1,554 @@
+package lifecycle
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"runtime"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle/clock"
+)
+
+var quiet = slog.New(slog.DiscardHandler)
+
+type harness struct {
+	t   *testing.T
+	v   *violations
+	tgt *fakeTarget
+	clk *clock.Fake
+	c   *Controller
+	blk *fakeBlock
+}
+
+func newHarness(t *testing.T, tweak func(*Options, *fakeTarget)) *harness {
+	t.Helper()
+	v := &violations{}
+	h := &harness{t: t, v: v, tgt: newFakeTarget(v), clk: clock.NewFake(epoch), blk: &fakeBlock{v: v}}
+	opts := DefaultOptions()
+	opts.Clock = h.clk
+	opts.Logger = quiet
+	if tweak != nil {
+		tweak(&opts, h.tgt)
+	}
+	c, err := New(h.tgt, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.c = c
+	if err := c.Start(context.Background()); err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	c.SetBlock(h.blk)
+	return h
+}
+
+// finish deletes the controller if needed and checks that nothing was
+// violated or leaked.
+func (h *harness) finish() {
+	h.t.Helper()
+	h.c.Delete()
+	if s := h.c.State(); s != StateDead {
+		h.t.Errorf("state after Delete: %v", s)
+	}
+	h.tgt.checkReleased()
+	h.v.check(h.t)
+}
+
+// waitFor waits until cond holds, yielding between checks. The deadline
+// only turns a hang into a failure; nothing is asserted about time.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		runtime.Gosched()
+	}
+}
+
+func (h *harness) waitState(s State) {
+	h.t.Helper()
+	for {
+		cur, ch := h.c.States().Watch()
+		if cur == s {
+			return
+		}
+		select {
+		case <-ch:
+		case <-time.After(20 * time.Second):
+			h.t.Fatalf("state %v, waiting for %v", cur, s)
+		}
+	}
+}
+
+// doWrite runs a write through the controller on its own goroutine and
+// returns its result channel.
+func (h *harness) doWrite(lba, val uint64) <-chan error {
+	res := make(chan error, 1)
+	go func() {
+		res <- h.c.Do(context.Background(), func(conn Conn) error {
+			return conn.(*fakeConn).write(context.Background(), lba, val, faultNone)
+		})
+	}()
+	return res
+}
+
+// waitEntered waits until the controller has entered state s at least n
+// times, also if it has left it since.
+func (h *harness) waitEntered(s State, n int) {
+	h.t.Helper()
+	for {
+		_, ch := h.c.States().Watch()
+		k := 0
+		for _, tr := range h.c.States().History() {
+			if tr.To == s {
+				k++
+			}
+		}
+		if k >= n {
+			return
+		}
+		select {
+		case <-ch:
+		case <-time.After(20 * time.Second):
+			h.t.Fatalf("state %v, waiting to enter %v", h.c.State(), s)
+		}
+	}
+}
+
+func (h *harness) states() []State {
+	var s []State
+	for _, tr := range h.c.States().History() {
+		s = append(s, tr.To)
+	}
+	return s
+}
+
+func equalStates(a, b []State) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+func TestStartDelete(t *testing.T) {
+	h := newHarness(t, nil)
+	if s := h.c.State(); s != StateLive {
+		t.Fatalf("state after Start: %v", s)
+	}
+	var steps []Step
+	h.c.setStepHook(func(s Step, after bool) {
+		if !after {
+			steps = append(steps, s)
+		}
+	})
+	// Keep-alive runs every KATO/2.
+	h.clk.WaitTimers(1)
+	h.clk.Advance(2 * time.Second)
+	conn := h.tgt.lastConn()
+	waitFor(t, "a keep-alive", func() bool { conn.mu.Lock(); defer conn.mu.Unlock(); return conn.kaWritten == 1 })
+
+	if err := <-h.doWrite(7, 42); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	h.finish()
+
+	want := []Step{StepChangeState, StepStopKeepAlive, StepQuiesceBlock, StepShutdownSockets,
+		StepWaitCompletions, StepFreeIOQueues, StepFreeAdminQueue, StepRemoveBlock}
+	if len(steps) != len(want) {
+		t.Fatalf("teardown steps %v, want %v", steps, want)
+	}
+	for i := range want {
+		if steps[i] != want[i] {
+			t.Fatalf("teardown steps %v, want %v", steps, want)
+		}
+	}
+	if got, want := h.states(), []State{StateConnecting, StateLive, StateDeleting, StateDead}; !equalStates(got, want) {
+		t.Fatalf("states %v, want %v", got, want)
+	}
+	if !h.blk.stopped || !h.blk.removed {
+		t.Fatalf("block stopped=%v removed=%v", h.blk.stopped, h.blk.removed)
+	}
+	if err := <-h.doWrite(1, 1); !errors.Is(err, syscall.EIO) || !errors.Is(err, ErrDeleted) {
+		t.Fatalf("write after delete: %v, want EIO", err)
+	}
+}
+
+func TestFirstConnectFailureIsNotRetried(t *testing.T) {
+	v := &violations{}
+	tgt := newFakeTarget(v)
+	boom := errors.New("connection refused")
+	tgt.connectErrs = []error{boom}
+	opts := DefaultOptions()
+	opts.Clock = clock.NewFake(epoch)
+	opts.Logger = quiet
+	c, _ := New(tgt, opts)
+	if err := c.Start(context.Background()); !errors.Is(err, boom) {
+		t.Fatalf("Start: %v", err)
+	}
+	<-c.Done()
+	if c.State() != StateDead || tgt.connectCount() != 1 {
+		t.Fatalf("state %v after %d connects", c.State(), tgt.connectCount())
+	}
+	c.Delete()
+}
+
+// Keep-alive timeout → RESETTING → CONNECTING → LIVE, and the I/O held
+// meanwhile completes on the new association.
+func TestKeepAliveTimeoutRecovers(t *testing.T) {
+	h := newHarness(t, func(o *Options, tgt *fakeTarget) {
+		tgt.keepAlives = make(chan *fakeCmd)
+	})
+	first := h.tgt.lastConn()
+	h.clk.WaitTimers(1)
+	h.clk.Advance(2 * time.Second)
+	<-h.tgt.keepAlives // in flight, never answered
+	h.clk.WaitTimers(1)
+	h.clk.Advance(4 * time.Second) // KATO
+	h.waitState(StateConnecting)
+
+	res := h.doWrite(3, 33)
+	waitFor(t, "the write to be held", func() bool { return h.c.Held() == 1 })
+	select {
+	case err := <-res:
+		t.Fatalf("write completed while CONNECTING: %v", err)
+	default:
+	}
+
+	h.clk.WaitTimers(1)
+	h.clk.Advance(10 * time.Second) // reconnect_delay
+	if err := <-res; err != nil {
+		t.Fatalf("held write: %v", err)
+	}
+	if h.c.State() != StateLive || h.tgt.lastConn() == first {
+		t.Fatalf("state %v, reconnected %v", h.c.State(), h.tgt.lastConn() != first)
+	}
+	if h.tgt.data[3] != 33 {
+		t.Fatalf("block 3 = %d", h.tgt.data[3])
+	}
+	first.mu.Lock()
+	freed := first.adminFreed && first.ioFreed
+	first.mu.Unlock()
+	if !freed {
+		t.Fatal("the first association was not freed")
+	}
+	// Keep-alive is running again on the new association.
+	h.clk.WaitTimers(1)
+	h.clk.Advance(2 * time.Second)
+	ka := <-h.tgt.keepAlives
+	ka.complete(nil)
+	want := []State{StateConnecting, StateLive, StateResetting, StateConnecting, StateLive}
+	if got := h.states(); !equalStates(got, want) {
+		t.Fatalf("states %v, want %v", got, want)
+	}
+	h.finish()
+}
+
+// ctrl_loss_tmo of 30 s with reconnect_delay 10 s is 3 attempts; then the
+// controller deletes itself and the held I/O fails with EIO.
+func TestCtrlLossTmoDeletes(t *testing.T) {
+	h := newHarness(t, func(o *Options, tgt *fakeTarget) {
+		o.CtrlLossTmo = 30 * time.Second
+	})
+	fail := errors.New("connection refused")
+	h.tgt.mu.Lock()
+	h.tgt.connectErrs = []error{fail, fail, fail, fail, fail}
+	h.tgt.mu.Unlock()
+	h.tgt.lastConn().onError(errSocket)
+	h.waitState(StateConnecting)
+	res := h.doWrite(1, 1)
+	waitFor(t, "the write to be held", func() bool { return h.c.Held() == 1 })
+	for i := 0; i < 3; i++ {
+		h.clk.WaitTimers(1)
+		h.clk.Advance(10 * time.Second)
+	}
+	<-h.c.Done()
+	if err := <-res; !errors.Is(err, syscall.EIO) {
+		t.Fatalf("held write: %v, want EIO", err)
+	}
+	if n := h.tgt.connectCount(); n != 1+3 {
+		t.Fatalf("%d connects, want 1+3", n)
+	}
+	if err := h.c.Err(); err == nil || !errors.Is(err, fail) {
+		t.Fatalf("Err() = %v", err)
+	}
+	if !h.blk.stopped || !h.blk.removed {
+		t.Fatal("block device not removed")
+	}
+	h.finish()
+}
+
+func TestCtrlLossTmoForever(t *testing.T) {
+	h := newHarness(t, func(o *Options, tgt *fakeTarget) {
+		o.CtrlLossTmo = -1
+	})
+	fail := errors.New("connection refused")
+	errs := make([]error, 100)
+	for i := range errs {
+		errs[i] = fail
+	}
+	h.tgt.mu.Lock()
+	h.tgt.connectErrs = errs
+	h.tgt.mu.Unlock()
+	h.tgt.lastConn().onError(errSocket)
+	h.waitState(StateConnecting)
+	for i := 0; i < 101; i++ {
+		h.clk.WaitTimers(1)
+		h.clk.Advance(10 * time.Second)
+	}
+	h.waitState(StateLive)
+	if n := h.tgt.connectCount(); n != 102 {
+		t.Fatalf("%d connects", n)
+	}
+	h.finish()
+}
+
+func TestDNRStopsRetries(t *testing.T) {
+	h := newHarness(t, nil)
+	h.tgt.mu.Lock()
+	h.tgt.connectErrs = []error{errors.Join(errors.New("connect"), dnrError{})}
+	h.tgt.mu.Unlock()
+	h.tgt.lastConn().onError(errSocket)
+	h.waitState(StateConnecting)
+	h.clk.WaitTimers(1)
+	h.clk.Advance(10 * time.Second)
+	<-h.c.Done()
+	if n := h.tgt.connectCount(); n != 2 {
+		t.Fatalf("%d connects, want 2 (no retry after DNR)", n)
+	}
+	if h.c.State() != StateDead {
+		t.Fatalf("state %v", h.c.State())
+	}
+	h.finish()
+}
+
+func TestFastIOFail(t *testing.T) {
+	h := newHarness(t, func(o *Options, tgt *fakeTarget) {
+		o.FastIOFailTmo = 15 * time.Second
+		o.CtrlLossTmo = -1
+	})
+	fail := errors.New("connection refused")
+	h.tgt.mu.Lock()
+	h.tgt.connectErrs = []error{fail, fail}
+	h.tgt.mu.Unlock()
+	h.tgt.lastConn().onError(errSocket)
+	h.waitState(StateConnecting)
+	res := h.doWrite(1, 1)
+	waitFor(t, "the write to be held", func() bool { return h.c.Held() == 1 })
+	h.clk.WaitTimers(2) // reconnect_delay and fast_io_fail_tmo
+	h.clk.Advance(10 * time.Second)
+	h.clk.WaitTimers(2)
+	select {
+	case err := <-res:
+		t.Fatalf("held write failed before fast_io_fail_tmo: %v", err)
+	default:
+	}
+	h.clk.Advance(5 * time.Second) // fast_io_fail_tmo expires
+	if err := <-res; !errors.Is(err, ErrFastIOFail) || !errors.Is(err, syscall.EIO) {
+		t.Fatalf("held write: %v, want fast_io_fail EIO", err)
+	}
+	// New I/O fails at once while still reconnecting.
+	if err := <-h.doWrite(2, 2); !errors.Is(err, ErrFastIOFail) {
+		t.Fatalf("new write: %v", err)
+	}
+	h.clk.WaitTimers(1)
+	h.clk.Advance(5 * time.Second) // second attempt fails
+	h.clk.WaitTimers(1)
+	h.clk.Advance(10 * time.Second) // third succeeds
+	h.waitState(StateLive)
+	if err := <-h.doWrite(3, 3); err != nil {
+		t.Fatalf("write once LIVE again: %v", err)
+	}
+	h.finish()
+}
+
+func TestNamespaceChangedOnReconnect(t *testing.T) {
+	h := newHarness(t, nil)
+	h.tgt.mu.Lock()
+	h.tgt.ns.NGUID[0] ^= 0xff
+	h.tgt.mu.Unlock()
+	h.tgt.lastConn().onError(errSocket)
+	h.waitState(StateConnecting)
+	res := h.doWrite(1, 1)
+	waitFor(t, "the write to be held", func() bool { return h.c.Held() == 1 })
+	h.clk.WaitTimers(1)
+	h.clk.Advance(10 * time.Second)
+	<-h.c.Done()
+	if err := h.c.Err(); !errors.Is(err, ErrNamespaceChanged) {
+		t.Fatalf("Err() = %v", err)
+	}
+	if err := <-res; !errors.Is(err, syscall.EIO) {
+		t.Fatalf("held write: %v", err)
+	}
+	if _, ok := h.tgt.data[1]; ok {
+		t.Fatal("write resumed onto a different namespace")
+	}
+	h.finish() // the second association was released in order too
+}
+
+func TestNamespaceSameAs(t *testing.T) {
+	base := Namespace{NSID: 1, NGUID: [16]byte{1}, EUI64: [8]byte{2}, UUID: [16]byte{3}, Blocks: 100, BlockSize: 512}
+	if err := base.sameAs(base); err != nil {
+		t.Fatal(err)
+	}
+	for i, mut := range []func(*Namespace){
+		func(n *Namespace) { n.NSID = 2 },
+		func(n *Namespace) { n.NGUID[15] = 1 },
+		func(n *Namespace) { n.EUI64[7] = 1 },
+		func(n *Namespace) { n.UUID[15] = 1 },
+		func(n *Namespace) { n.Blocks = 101 },
+		func(n *Namespace) { n.BlockSize = 4096 },
+	} {
+		o := base
+		mut(&o)
+		if base.sameAs(o) == nil {
+			t.Errorf("mutation %d not detected", i)
+		}
+	}
+}
+
+func TestDeleteWhileReconnectWaiting(t *testing.T) {
+	h := newHarness(t, nil)
+	h.tgt.lastConn().onError(errSocket)
+	h.waitState(StateConnecting)
+	res := h.doWrite(1, 1)
+	waitFor(t, "the write to be held", func() bool { return h.c.Held() == 1 })
+	h.c.Delete()
+	if err := <-res; !errors.Is(err, ErrDeleted) {
+		t.Fatalf("held write: %v", err)
+	}
+	h.finish()
+}
+
+func TestDeleteDuringConnectAttempt(t *testing.T) {
+	h := newHarness(t, nil)
+	h.tgt.mu.Lock()
+	h.tgt.blockConnect = true
+	h.tgt.mu.Unlock()
+	h.tgt.lastConn().onError(errSocket)
+	h.waitState(StateConnecting)
+	h.clk.WaitTimers(1)
+	h.clk.Advance(10 * time.Second)
+	waitFor(t, "the connect attempt", func() bool { return h.tgt.connectCount() == 2 })
+	h.c.Delete()
+	h.finish()
+}
+
+// A path error on I/O starts recovery and the I/O is retried on the next
+// association.
+func TestPathErrorRetriedOnNextAssociation(t *testing.T) {
+	h := newHarness(t, nil)
+	res := make(chan error, 1)
+	tries := 0
+	go func() {
+		res <- h.c.Do(context.Background(), func(conn Conn) error {
+			tries++
+			f := faultNone
+			if tries == 1 {
+				f = faultSocket
+			}
+			return conn.(*fakeConn).write(context.Background(), 9, 99, f)
+		})
+	}()
+	h.waitState(StateConnecting)
+	h.clk.WaitTimers(1)
+	h.clk.Advance(10 * time.Second)
+	if err := <-res; err != nil || tries != 2 {
+		t.Fatalf("write: %v after %d tries", err, tries)
+	}
+	if h.tgt.data[9] != 99 {
+		t.Fatal("retried write not applied")
+	}
+	h.finish()
+}
+
+func TestRetriesExhausted(t *testing.T) {
+	h := newHarness(t, func(o *Options, _ *fakeTarget) { o.MaxRetries = 2 })
+	res := make(chan error, 1)
+	go func() {
+		res <- h.c.Do(context.Background(), func(conn Conn) error {
+			return conn.(*fakeConn).write(context.Background(), 9, 99, faultSocket)
+		})
+	}()
+	for i := 1; i <= 3; i++ {
+		h.waitEntered(StateConnecting, i+1)
+		h.clk.WaitTimers(1)
+		h.clk.Advance(10 * time.Second)
+		h.waitEntered(StateLive, i+1)
+	}
+	if err := <-res; !errors.Is(err, ErrRetriesExhausted) || !errors.Is(err, syscall.EIO) {
+		t.Fatalf("write: %v", err)
+	}
+	h.finish()
+}
+
+// A held I/O gives up when its context is done.
+func TestHeldIOContext(t *testing.T) {
+	h := newHarness(t, nil)
+	h.tgt.lastConn().onError(errSocket)
+	h.waitState(StateConnecting)
+	ctx, cancel := context.WithCancel(context.Background())
+	res := make(chan error, 1)
+	go func() { res <- h.c.Do(ctx, func(Conn) error { return nil }) }()
+	waitFor(t, "the I/O to be held", func() bool { return h.c.Held() == 1 })
+	cancel()
+	if err := <-res; !errors.Is(err, context.Canceled) {
+		t.Fatalf("Do: %v", err)
+	}
+	h.finish()
+}
+
+type fakeLinkWatch struct{ down chan func(error) }
+
+func (w *fakeLinkWatch) Watch(ctx context.Context, down func(error)) error {
+	select {
+	case w.down <- down:
+	case <-ctx.Done():
+	}
+	<-ctx.Done()
+	return ctx.Err()
+}
+
+// A link going down starts recovery at once, without waiting for KATO.
+func TestLinkDownStartsRecovery(t *testing.T) {
+	lw := &fakeLinkWatch{down: make(chan func(error))}
+	h := newHarness(t, func(o *Options, _ *fakeTarget) { o.LinkWatch = lw })
+	down := <-lw.down
+	down(errors.New("eth0 down"))
+	h.waitState(StateConnecting)
+	tr := h.c.States().History()
+	if last := tr[len(tr)-1]; last.Time != epoch {
+		t.Fatalf("recovery started at %v, want at once (%v)", last.Time, epoch)
+	}
+	h.clk.WaitTimers(1)
+	h.clk.Advance(10 * time.Second)
+	h.waitState(StateLive)
+	h.finish()
+}
+
+func TestStaleErrorIgnored(t *testing.T) {
+	h := newHarness(t, nil)
+	first := h.tgt.lastConn()
+	first.onError(errSocket)
+	h.waitState(StateConnecting)
+	h.clk.WaitTimers(1)
+	h.clk.Advance(10 * time.Second)
+	h.waitState(StateLive)
+	first.onError(errSocket) // from the old association: ignored
+	if err := <-h.doWrite(1, 1); err != nil {
+		t.Fatal(err)
+	}
+	if s := h.c.State(); s != StateLive {
+		t.Fatalf("stale error changed state to %v", s)
+	}
+	h.finish()
+}
