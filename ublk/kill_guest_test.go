@@ -1,0 +1,227 @@
+package ublk
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/guest"
+)
+
+// writer writes 64 KiB blocks with O_DIRECT round-robin over a region,
+// each with a fresh seed, and remembers the seed of every acknowledged
+// write.
+type writer struct {
+	f      *os.File
+	blocks int
+	acked  atomic.Int64
+	mu     sync.Mutex
+	seeds  map[int]byte // block -> seed of the last acknowledged write
+	err    error        // first write error
+	stop   chan struct{}
+	done   chan struct{}
+}
+
+const wblock = 64 << 10
+
+func startWriter(t *testing.T, path string, blocks int) *writer {
+	w := &writer{blocks: blocks, seeds: map[int]byte{}, stop: make(chan struct{}), done: make(chan struct{})}
+	f, err := os.OpenFile(path, os.O_RDWR|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.f = f
+	buf := alignedBuf(t, wblock)
+	go func() {
+		defer close(w.done)
+		for i := 0; ; i++ {
+			select {
+			case <-w.stop:
+				return
+			default:
+			}
+			blk := i % blocks
+			seed := byte(i/blocks + 1)
+			off := int64(blk) * wblock
+			pattern(buf, seed, off)
+			if _, err := f.WriteAt(buf, off); err != nil {
+				w.mu.Lock()
+				w.err = fmt.Errorf("write block %d: %w", blk, err)
+				w.mu.Unlock()
+				return
+			}
+			w.mu.Lock()
+			w.seeds[blk] = seed
+			w.mu.Unlock()
+			w.acked.Add(1)
+		}
+	}()
+	return w
+}
+
+// waitAcked waits for n more acknowledged writes; false if the writer
+// stopped or nothing progressed for a minute (a hang).
+func (w *writer) waitAcked(n int64) bool {
+	target := w.acked.Load() + n
+	last, lastT := w.acked.Load(), time.Now()
+	for w.acked.Load() < target {
+		select {
+		case <-w.done:
+			return false
+		case <-time.After(20 * time.Millisecond):
+		}
+		if a := w.acked.Load(); a != last {
+			last, lastT = a, time.Now()
+		} else if time.Since(lastT) > time.Minute {
+			return false
+		}
+	}
+	return true
+}
+
+func (w *writer) finish() error {
+	close(w.stop)
+	<-w.done
+	w.f.Close()
+	return w.err
+}
+
+// verify reads every acknowledged block back through path.
+func (w *writer) verify(t *testing.T, path string) {
+	t.Helper()
+	f := openBlock(t, path, os.O_RDONLY|unix.O_DIRECT)
+	defer f.Close()
+	buf := alignedBuf(t, wblock)
+	for blk, seed := range w.seeds {
+		off := int64(blk) * wblock
+		if _, err := f.ReadAt(buf, off); err != nil {
+			t.Fatalf("read back block %d: %v", blk, err)
+		}
+		checkPattern(t, fmt.Sprintf("acknowledged block %d (seed %d)", blk, seed), buf, seed, off)
+	}
+}
+
+// TestGuestRecoveryAfterSIGKILL: a daemon serving a USER_RECOVERY_REISSUE
+// device is SIGKILLed under write load; a new process recovers the device;
+// the writer sees no error and every acknowledged write reads back.
+func TestGuestRecoveryAfterSIGKILL(t *testing.T) {
+	guest.Require(t)
+	c := openControl(t)
+	file := backingFile(t, 8*mib)
+	a := startDaemon(t, envHelper+"=create", envFile+"="+file, fmt.Sprintf("%s=%d", envRecovery, RecoveryReissue))
+	bdev := fmt.Sprintf("/dev/ublkb%d", a.id)
+	openBlock(t, bdev, os.O_RDONLY).Close() // wait for the node
+	w := startWriter(t, bdev, 8*mib/wblock)
+	if !w.waitAcked(30) {
+		t.Fatalf("writer made no progress before the kill: %v", w.finish())
+	}
+	a.kill(t)
+	t.Logf("daemon %d killed after %d writes", a.cmd.Process.Pid, w.acked.Load())
+	info, err := c.DeviceInfo(t.Context(), a.id)
+	if err != nil {
+		t.Fatalf("device gone after its daemon died, despite recovery: %v", err)
+	}
+	t.Logf("device after the kill: %v", info.State)
+
+	b := startDaemon(t, envHelper+"=recover", envFile+"="+file, fmt.Sprintf("%s=%d", envID, a.id))
+	if b.id != a.id {
+		t.Fatalf("recovered device %d, want %d", b.id, a.id)
+	}
+	if !w.waitAcked(30) {
+		t.Fatalf("writer made no progress after recovery: %v", w.finish())
+	}
+	if err := w.finish(); err != nil {
+		t.Fatalf("the writer saw an I/O error across the daemon's death: %v", err)
+	}
+	t.Logf("%d writes acknowledged in total", w.acked.Load())
+	info, err = c.DeviceInfo(t.Context(), a.id)
+	if err != nil || info.State != StateLive || info.DaemonPID != b.cmd.Process.Pid {
+		t.Errorf("device after recovery: %+v, %v; want LIVE served by pid %d", info, err, b.cmd.Process.Pid)
+	}
+	w.verify(t, bdev)
+	b.stop(t)
+	assertGone(t, c, a.id)
+}
+
+// TestGuestSIGKILLWithoutRecovery: without USER_RECOVERY the block device
+// goes away when its daemon dies, I/O fails instead of hanging, and the
+// leftover device can be removed.
+func TestGuestSIGKILLWithoutRecovery(t *testing.T) {
+	guest.Require(t)
+	c := openControl(t)
+	file := backingFile(t, 8*mib)
+	a := startDaemon(t, envHelper+"=create", envFile+"="+file, fmt.Sprintf("%s=%d", envRecovery, RecoveryNone))
+	bdev := fmt.Sprintf("/dev/ublkb%d", a.id)
+	openBlock(t, bdev, os.O_RDONLY).Close()
+	w := startWriter(t, bdev, 8*mib/wblock)
+	if !w.waitAcked(20) {
+		t.Fatalf("writer made no progress: %v", w.finish())
+	}
+	a.kill(t)
+	select {
+	case <-w.done:
+	case <-time.After(2 * time.Minute):
+		t.Fatal("writer still blocked 2 minutes after the daemon died")
+	}
+	if err := w.finish(); err == nil {
+		t.Error("writer saw no error although the device lost its daemon")
+	} else {
+		t.Logf("writer: %v", err)
+	}
+	sys := fmt.Sprintf("/sys/block/ublkb%d", a.id)
+	for i := 0; ; i++ {
+		if _, err := os.Stat(sys); errors.Is(err, os.ErrNotExist) {
+			break
+		}
+		if i > 600 {
+			t.Fatalf("%s still exists a minute after the daemon died", sys)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err := c.Remove(t.Context(), a.id); err != nil {
+		t.Fatalf("Remove leftover device: %v", err)
+	}
+	assertGone(t, c, a.id)
+}
+
+// TestGuestDeleteUnderIO: Close while several goroutines do I/O completes;
+// the I/O fails or completes, nothing hangs, nothing is left.
+func TestGuestDeleteUnderIO(t *testing.T) {
+	guest.Require(t)
+	c := openControl(t)
+	const size = 8 * mib
+	b := newCountingBackend(t, size, 2)
+	d, err := c.Create(t.Context(), Options{ID: AutoID, Queues: 2, Depth: 128, Params: Params{Size: size}}, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ws []*writer
+	for range 4 {
+		w := startWriter(t, d.BlockDevice(), size/wblock)
+		// Each writer closes its fd when its I/O fails, which DEL_DEV
+		// waits for.
+		go func() { <-w.done; w.f.Close() }()
+		ws = append(ws, w)
+	}
+	if !ws[0].waitAcked(50) {
+		t.Fatalf("no I/O progress: %v", ws[0].finish())
+	}
+	if err := d.Close(t.Context()); err != nil {
+		t.Fatalf("Close under I/O: %v", err)
+	}
+	for i, w := range ws {
+		select {
+		case <-w.done:
+		case <-time.After(time.Minute):
+			t.Fatalf("writer %d still blocked after the device was deleted", i)
+		}
+		t.Logf("writer %d: %d writes, then %v", i, w.acked.Load(), w.err)
+	}
+	assertGone(t, c, d.ID())
+}
