@@ -1,0 +1,69 @@
+package attach
+
+import (
+	"context"
+	"time"
+
+	"github.com/coreos/go-systemd/v22/daemon"
+)
+
+// ServiceNotifier speaks systemd's notification protocol (sd_notify(3)) for
+// a Type=notify unit: READY=1 once the device is live, STATUS= with the
+// controller state, STOPPING=1 on the way out, and WATCHDOG=1 keep-alives,
+// sent only while the daemon answers its own health check, so a wedged
+// lifecycle misses the watchdog and systemd restarts the service. Outside
+// systemd (no NOTIFY_SOCKET) every call does nothing.
+type ServiceNotifier struct {
+	// unsetEnv would remove NOTIFY_SOCKET after the first message; kept
+	// false so that a restarted attach in the same process still notifies.
+	unsetEnv bool
+}
+
+func (n *ServiceNotifier) send(state string) error {
+	_, err := daemon.SdNotify(n.unsetEnv, state)
+	return err
+}
+
+// Ready says the service is up and names the device.
+func (n *ServiceNotifier) Ready(device string) error {
+	return n.send(daemon.SdNotifyReady + "\nSTATUS=serving " + device)
+}
+
+// Status sets the one-line status systemctl status shows.
+func (n *ServiceNotifier) Status(status string) error {
+	return n.send("STATUS=" + status)
+}
+
+// Stopping says the service is shutting down.
+func (n *ServiceNotifier) Stopping() error {
+	return n.send(daemon.SdNotifyStopping)
+}
+
+// Watchdog sends WATCHDOG=1 at half the unit's WatchdogSec for as long as
+// healthy reports true within that half-period, until ctx ends. It returns
+// at once when the unit has no watchdog. The caller owns the goroutine it
+// runs in and joins it.
+func (n *ServiceNotifier) Watchdog(ctx context.Context, healthy func(context.Context) bool) error {
+	interval, err := daemon.SdWatchdogEnabled(false)
+	if err != nil || interval == 0 {
+		return err
+	}
+	period := interval / 2
+	tick := time.NewTicker(period)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+		}
+		hctx, cancel := context.WithTimeout(ctx, period)
+		ok := healthy(hctx)
+		cancel()
+		if ok {
+			if err := n.send(daemon.SdNotifyWatchdog); err != nil {
+				return err
+			}
+		}
+	}
+}

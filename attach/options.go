@@ -1,0 +1,156 @@
+// Package attach exposes one namespace of a remote NVMe/TCP controller as a
+// ublk block device: it validates what the user asked for, connects, creates
+// the device, serves it until told to stop, and hands every ordering
+// question (keep-alive, recovery, teardown) to package lifecycle.
+package attach
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"runtime"
+	"strconv"
+	"time"
+)
+
+// Options are the attach settings. Their names and defaults follow nvme-cli's
+// connect (and so the Linux host's fabrics options), plus the ublk side.
+type Options struct {
+	TrAddr  string // target address (IP or host name)
+	TrSvcID string // target port, default "4420"
+	NQN     string // subsystem NQN
+	HostNQN string // default: /etc/nvme/hostnqn, else a UUID-based NQN
+	HostID  string // default: /etc/nvme/hostid, else a UUID
+
+	NrIOQueues     int           // default: number of CPUs
+	QueueSize      int           // default 128
+	KeepAliveTmo   time.Duration // KATO, default 5 s
+	ReconnectDelay time.Duration // default 10 s
+	CtrlLossTmo    time.Duration // default 600 s; negative: retry forever
+	FastIOFailTmo  time.Duration // default off (negative)
+	HdrDigest      bool
+	DataDigest     bool
+
+	NSID     uint32 // namespace, default 1
+	DevID    int    // ublk device id; negative: the kernel picks
+	Recovery bool   // ublk user recovery (a restarted daemon takes the device over)
+}
+
+// Defaults as the Linux host (drivers/nvme/host/fabrics.h: NVMF_DEF_*).
+const (
+	DefaultTrSvcID        = "4420"
+	DefaultQueueSize      = 128
+	DefaultKeepAliveTmo   = 5 * time.Second
+	DefaultReconnectDelay = 10 * time.Second
+	DefaultCtrlLossTmo    = 600 * time.Second
+	DefaultNSID           = 1
+
+	// Queue size bounds of the Linux host (NVMF_MIN_QUEUE_SIZE,
+	// NVMF_MAX_QUEUE_SIZE).
+	MinQueueSize = 16
+	MaxQueueSize = 1024
+)
+
+// DefaultOptions returns Options with every default filled in.
+func DefaultOptions() Options {
+	return Options{
+		TrSvcID:        DefaultTrSvcID,
+		NrIOQueues:     runtime.NumCPU(),
+		QueueSize:      DefaultQueueSize,
+		KeepAliveTmo:   DefaultKeepAliveTmo,
+		ReconnectDelay: DefaultReconnectDelay,
+		CtrlLossTmo:    DefaultCtrlLossTmo,
+		FastIOFailTmo:  -1,
+		NSID:           DefaultNSID,
+		DevID:          -1,
+		Recovery:       true,
+	}
+}
+
+// ErrInvalidOptions is wrapped by every validation error.
+var ErrInvalidOptions = errors.New("invalid options")
+
+func invalid(format string, args ...any) error {
+	return fmt.Errorf("%w: "+format, append([]any{ErrInvalidOptions}, args...)...)
+}
+
+// Validate checks the options on their own, before anything is touched;
+// NQN forms are checked by the NVMe layer when it uses them.
+func (o *Options) Validate() error {
+	if o.TrAddr == "" {
+		return invalid("--traddr is required")
+	}
+	if ip := net.ParseIP(o.TrAddr); ip == nil && !validHostname(o.TrAddr) {
+		return invalid("--traddr %q is neither an IP address nor a host name", o.TrAddr)
+	}
+	port, err := strconv.Atoi(o.TrSvcID)
+	if err != nil || port < 1 || port > 65535 {
+		return invalid("--trsvcid %q is not a TCP port (1-65535)", o.TrSvcID)
+	}
+	if o.NQN == "" {
+		return invalid("--nqn is required")
+	}
+	if o.NrIOQueues < 1 {
+		return invalid("--nr-io-queues %d: at least 1", o.NrIOQueues)
+	}
+	if n := runtime.NumCPU(); o.NrIOQueues > n {
+		// ublk serves each hardware queue from its own thread; more queues
+		// than CPUs only adds contention (and blk-mq maps them onto CPUs).
+		return invalid("--nr-io-queues %d: more than the %d CPUs", o.NrIOQueues, n)
+	}
+	if o.QueueSize < MinQueueSize || o.QueueSize > MaxQueueSize {
+		return invalid("--queue-size %d: must be %d-%d", o.QueueSize, MinQueueSize, MaxQueueSize)
+	}
+	if o.KeepAliveTmo < 0 {
+		return invalid("--keep-alive-tmo %v: must not be negative", o.KeepAliveTmo)
+	}
+	if o.ReconnectDelay <= 0 {
+		return invalid("--reconnect-delay %v: must be positive", o.ReconnectDelay)
+	}
+	if o.CtrlLossTmo >= 0 && o.CtrlLossTmo < o.ReconnectDelay {
+		// As the Linux host: a loss timeout shorter than one reconnect delay
+		// would never reconnect at all.
+		return invalid("--ctrl-loss-tmo %v is shorter than --reconnect-delay %v", o.CtrlLossTmo, o.ReconnectDelay)
+	}
+	if o.NSID == 0 || o.NSID == 0xffffffff {
+		return invalid("--nsid %d: not a namespace ID", o.NSID)
+	}
+	if o.DevID > 1<<20 {
+		return invalid("--dev-id %d: too large", o.DevID)
+	}
+	return nil
+}
+
+// validHostname accepts RFC 1123 host names.
+func validHostname(s string) bool {
+	if len(s) == 0 || len(s) > 253 {
+		return false
+	}
+	label := 0
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c == '.':
+			if label == 0 || s[i-1] == '-' {
+				return false
+			}
+			label = 0
+			continue
+		case c == '-':
+			if label == 0 {
+				return false
+			}
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9':
+		default:
+			return false
+		}
+		label++
+		if label > 63 {
+			return false
+		}
+	}
+	return s[len(s)-1] != '-'
+}
+
+// Addr is the target's host:port.
+func (o *Options) Addr() string { return net.JoinHostPort(o.TrAddr, o.TrSvcID) }

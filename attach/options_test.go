@@ -1,0 +1,82 @@
+package attach
+
+import (
+	"errors"
+	"strings"
+	"testing"
+	"time"
+)
+
+func valid() Options {
+	o := DefaultOptions()
+	o.TrAddr = "127.0.0.1"
+	o.NQN = "nqn.2026-11.io.ublk-nvmeof:test"
+	o.NrIOQueues = 1
+	return o
+}
+
+func TestValidateAcceptsDefaults(t *testing.T) {
+	o := valid()
+	if err := o.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	for _, addr := range []string{"::1", "fe80::1", "target.example", "t-1.example.org", "localhost"} {
+		o.TrAddr = addr
+		if err := o.Validate(); err != nil {
+			t.Errorf("%s: %v", addr, err)
+		}
+	}
+	o = valid()
+	o.CtrlLossTmo = -1 // forever
+	if err := o.Validate(); err != nil {
+		t.Error(err)
+	}
+}
+
+func TestValidateRejects(t *testing.T) {
+	cases := []struct {
+		name string
+		mod  func(*Options)
+		want string
+	}{
+		{"no traddr", func(o *Options) { o.TrAddr = "" }, "--traddr is required"},
+		{"bad traddr", func(o *Options) { o.TrAddr = "-bad_host" }, "neither an IP"},
+		{"traddr with port", func(o *Options) { o.TrAddr = "10.0.0.1:4420" }, "neither an IP"},
+		{"port text", func(o *Options) { o.TrSvcID = "nvme" }, "not a TCP port"},
+		{"port zero", func(o *Options) { o.TrSvcID = "0" }, "not a TCP port"},
+		{"port big", func(o *Options) { o.TrSvcID = "65536" }, "not a TCP port"},
+		{"no nqn", func(o *Options) { o.NQN = "" }, "--nqn is required"},
+		{"no queues", func(o *Options) { o.NrIOQueues = 0 }, "at least 1"},
+		{"too many queues", func(o *Options) { o.NrIOQueues = 1 << 16 }, "more than the"},
+		{"small queue", func(o *Options) { o.QueueSize = 8 }, "--queue-size 8"},
+		{"big queue", func(o *Options) { o.QueueSize = 4096 }, "--queue-size 4096"},
+		{"negative kato", func(o *Options) { o.KeepAliveTmo = -time.Second }, "--keep-alive-tmo"},
+		{"zero reconnect", func(o *Options) { o.ReconnectDelay = 0 }, "--reconnect-delay"},
+		{"loss < delay", func(o *Options) { o.CtrlLossTmo = time.Second }, "shorter than"},
+		{"nsid 0", func(o *Options) { o.NSID = 0 }, "--nsid 0"},
+		{"nsid broadcast", func(o *Options) { o.NSID = 0xffffffff }, "not a namespace"},
+	}
+	for _, c := range cases {
+		o := valid()
+		c.mod(&o)
+		err := o.Validate()
+		if err == nil {
+			t.Errorf("%s: accepted", c.name)
+			continue
+		}
+		if !errors.Is(err, ErrInvalidOptions) || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: %v, want an ErrInvalidOptions mentioning %q", c.name, err, c.want)
+		}
+		if strings.Contains(err.Error(), "\n") {
+			t.Errorf("%s: error is not one line: %q", c.name, err)
+		}
+	}
+}
+
+func TestAddr(t *testing.T) {
+	o := valid()
+	o.TrAddr = "::1"
+	if got := o.Addr(); got != "[::1]:4420" {
+		t.Errorf("Addr() = %q", got)
+	}
+}
