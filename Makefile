@@ -25,9 +25,10 @@ unit:
 	$(GO) test -race -short -count=1 ./...
 
 # The VM tests. E2E_REQUIRE_VM=1 makes "cannot boot the VM" a failure, not a
-# skip; -p 1: one VM at a time.
+# skip; E2E_RACE=1 builds the guest tests with the race detector; -p 1: one
+# VM at a time.
 e2e: vm-prepare
-	E2E_REQUIRE_VM=1 $(GO) test -count=1 -p 1 -timeout 60m -v -run '^(TestVM|TestHarness)' ./e2e/...
+	E2E_REQUIRE_VM=1 E2E_RACE=1 $(GO) test -count=1 -p 1 -timeout 60m -v -run '^(TestVM|TestHarness)' ./e2e/...
 
 test: vet unit e2e
 

@@ -34,7 +34,8 @@ func Require(t testing.TB) {
 // RunT runs cfg in the VM and reports every guest test as a subtest of t,
 // named package/TestName, so `go test -v` shows each one by name.
 // E2E_PACKAGES (space-separated patterns) and E2E_RUN (a -test.run pattern)
-// narrow it down while working on one test.
+// narrow it down while working on one test; E2E_RACE=1 builds the guest
+// tests with the race detector.
 func RunT(t *testing.T, cfg Config) *Result {
 	t.Helper()
 	Require(t)
@@ -43,6 +44,9 @@ func RunT(t *testing.T, cfg Config) *Result {
 	}
 	if r := os.Getenv("E2E_RUN"); r != "" {
 		cfg.Run = r
+	}
+	if os.Getenv("E2E_RACE") == "1" {
+		cfg.Race = true
 	}
 	if cfg.Progress == nil && testing.Verbose() {
 		cfg.Progress = os.Stdout

@@ -27,6 +27,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -56,6 +57,9 @@ type Config struct {
 	// host path. Dynamically linked programs need their libraries too
 	// (see HostProgram).
 	Files map[string]string
+	// Race builds the guest test binaries with the race detector,
+	// statically linked (needs cgo and gcc on the host).
+	Race bool
 	// Programs are host programs (names looked up in PATH, e.g. "fio",
 	// "nvme") copied into the guest's /usr/bin with the shared libraries
 	// ldd lists for them, so dynamically linked tools run in the guest.
@@ -181,7 +185,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		return nil, err
 	}
 	t0 := time.Now()
-	bins, err := buildGuestBinaries(ctx, root, filepath.Join(work, "bin"), cfg.Packages)
+	bins, err := buildGuestBinaries(ctx, root, filepath.Join(work, "bin"), cfg.Packages, cfg.Race)
 	if err != nil {
 		return nil, err
 	}
@@ -216,8 +220,12 @@ func goBuild(ctx context.Context, root, out string, args ...string) error {
 }
 
 func runGo(cmd *exec.Cmd, root string) error {
+	cgo := "CGO_ENABLED=0"
+	if slices.Contains(cmd.Args, "-race") {
+		cgo = "CGO_ENABLED=1" // the race runtime is linked through cgo
+	}
 	cmd.Dir = root
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
+	cmd.Env = append(os.Environ(), cgo, "GOOS=linux", "GOARCH=amd64")
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	if err := cmd.Run(); err != nil {
@@ -235,7 +243,7 @@ var guestTestFunc = regexp.MustCompile(`(?m)^func TestGuest\w*\(`)
 
 // buildGuestBinaries builds `go test -c` for every package among patterns
 // that has a TestGuest function.
-func buildGuestBinaries(ctx context.Context, root, dir string, patterns []string) ([]guestBinary, error) {
+func buildGuestBinaries(ctx context.Context, root, dir string, patterns []string, race bool) ([]guestBinary, error) {
 	args := append([]string{"list", "-f", `{{.ImportPath}}|{{.Dir}}|{{join .TestGoFiles ","}},{{join .XTestGoFiles ","}}`}, patterns...)
 	cmd := exec.CommandContext(ctx, "go", args...)
 	cmd.Dir = root
@@ -266,7 +274,12 @@ func buildGuestBinaries(ctx context.Context, root, dir string, patterns []string
 			rel = "."
 		}
 		bin := filepath.Join(dir, strings.ReplaceAll(rel, "/", "_")+".test")
-		build := exec.CommandContext(ctx, "go", "test", "-c", "-o", bin, f[0])
+		args := []string{"test", "-c", "-o", bin}
+		if race {
+			// The guest has no C library: link it in.
+			args = append(args, "-race", "-ldflags", "-linkmode external -extldflags -static")
+		}
+		build := exec.CommandContext(ctx, "go", append(args, f[0])...)
 		if err := runGo(build, root); err != nil {
 			return nil, err
 		}

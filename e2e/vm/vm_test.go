@@ -202,3 +202,30 @@ func TestCPIOReadableByCpio(t *testing.T) {
 		t.Errorf("bin/sh -> %q, %v", target, err)
 	}
 }
+
+// TestHarnessRaceDetector: with Config.Race the guest binaries carry the
+// race detector, and a data race fails the guest test.
+func TestHarnessRaceDetector(t *testing.T) {
+	Require(t)
+	res, err := Run(t.Context(), Config{
+		Packages: []string{selftestPkg},
+		Run:      "^TestGuest(DataRace|Passes)$",
+		Env:      []string{"SELFTEST_RACE=1"},
+		Race:     true,
+		Timeout:  3 * time.Minute,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := byName(res)
+	if !res.Done {
+		t.Fatalf("VM did not finish:\n%s", res.ConsoleTail(30))
+	}
+	if tr := got["TestGuestPasses"]; tr.Status != guestproto.StatusPass {
+		t.Errorf("TestGuestPasses under -race: %s\n%s", tr.Status, tr.Output)
+	}
+	tr := got["TestGuestDataRace"]
+	if tr.Status != guestproto.StatusFail || !strings.Contains(tr.Output, "WARNING: DATA RACE") {
+		t.Errorf("TestGuestDataRace: %s, want a failure by the race detector\n%s", tr.Status, tr.Output)
+	}
+}

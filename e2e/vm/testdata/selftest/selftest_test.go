@@ -60,3 +60,18 @@ func TestGuestCrashesKernel(t *testing.T) {
 	}
 	time.Sleep(time.Minute)
 }
+
+// TestGuestDataRace races on purpose; built with Config.Race the race
+// detector must fail it.
+func TestGuestDataRace(t *testing.T) {
+	guest.Require(t)
+	if os.Getenv("SELFTEST_RACE") != "1" {
+		t.Skip("SELFTEST_RACE not set")
+	}
+	x := 0
+	done := make(chan bool)
+	go func() { x++; done <- true }()
+	x++
+	<-done
+	t.Log(x)
+}
