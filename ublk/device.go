@@ -29,10 +29,6 @@ type Device struct {
 	closeErr  error
 }
 
-// drainTimeout bounds how long a stopping queue waits for its Backend to
-// return requests before it leaks their buffers instead of unmapping them.
-const drainTimeout = 30 * time.Second
-
 // Create adds a device, configures it, starts one serving goroutine per
 // queue and starts the device; when it returns nil, /dev/ublkbN exists (or
 // is being created by devtmpfs) and I/O flows to b. On error nothing is
@@ -170,7 +166,7 @@ func (d *Device) startQueues(ctx context.Context, b Backend) error {
 		d.wg.Add(1)
 		go func() {
 			defer d.wg.Done()
-			d.errs[i] = q.run(ready, drainTimeout)
+			d.errs[i] = q.run(ready)
 		}()
 	}
 	go func() {
@@ -264,18 +260,23 @@ func (d *Device) Close(ctx context.Context) error {
 
 func (d *Device) close(ctx context.Context) error {
 	var errs []error
-	if err := d.ctrl.stopDev(ctx, d.info.ID); err != nil && !errors.Is(err, unix.ENODEV) {
+	err := d.ctrl.stopDev(ctx, d.info.ID)
+	if err != nil && !errors.Is(err, unix.ENODEV) {
 		errs = append(errs, err)
+	} else {
+		// After STOP_DEV every fetch ends with -ENODEV and the loops
+		// return on their own.
+		select {
+		case <-d.done:
+		case <-ctx.Done():
+			errs = append(errs, fmt.Errorf("ublk: device %d: queues still serving after STOP_DEV: %w", d.info.ID, ctx.Err()))
+		case <-time.After(DefaultCommandTimeout):
+			errs = append(errs, fmt.Errorf("ublk: device %d: queues still serving %v after STOP_DEV", d.info.ID, DefaultCommandTimeout))
+		}
 	}
-	// After STOP_DEV every fetch ends with -ENODEV and the loops return
-	// on their own; if STOP_DEV failed, or they do not, force them.
-	select {
-	case <-d.done:
-	case <-ctx.Done():
-		errs = append(errs, fmt.Errorf("ublk: device %d: queues still serving after STOP_DEV: %w", d.info.ID, ctx.Err()))
-	case <-time.After(DefaultCommandTimeout):
-		errs = append(errs, fmt.Errorf("ublk: device %d: queues still serving %v after STOP_DEV", d.info.ID, DefaultCommandTimeout))
-	}
+	// Force whatever still runs. A queue thread that exits also tells the
+	// driver its daemon is gone, which fails the requests a stuck backend
+	// holds and so unblocks a STOP_DEV still running in the kernel.
 	d.stopQueues()
 	for i, err := range d.errs {
 		if err != nil && !errors.Is(err, errForced) {

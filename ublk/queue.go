@@ -7,7 +7,6 @@ import (
 	"os"
 	"runtime"
 	"sync"
-	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -113,38 +112,40 @@ func (q *queue) setup() error {
 // teardown releases the queue's resources. The ring goes first: closing it
 // cancels the fetches still armed, so the driver lets go of the queue. The
 // tag buffers are unmapped only once the Backend returned every request,
-// because it may still be copying into them; if it does not within
-// drainTimeout they are left mapped (leaked) rather than risking a crash.
-func (q *queue) teardown(drainTimeout time.Duration) {
+// because it may still be copying into them: if it holds some, the last
+// Complete unmaps them (and if it never completes them, they stay mapped
+// rather than risking a fault). teardown itself never waits for the Backend.
+func (q *queue) teardown() {
 	if q.ring != nil {
 		q.ring.Close()
 		q.ring = nil
 	}
-	q.mu.Lock()
-	q.closed = true
-	owned := q.owned
-	if owned > 0 {
-		q.drained = make(chan struct{})
-	}
-	if q.efd >= 0 {
-		unix.Close(q.efd)
-		q.efd = -1
-	}
-	drained := q.drained
-	q.mu.Unlock()
-	if owned > 0 {
-		select {
-		case <-drained:
-		case <-time.After(drainTimeout):
-			q.log.Error("ublk: backend did not complete requests; leaving tag buffers mapped", "queue", q.id, "requests", owned)
-			q.bufs = nil
-		}
-	}
-	for _, m := range []*[]byte{&q.descs, &q.bufs, &q.wake} {
+	for _, m := range []*[]byte{&q.descs, &q.wake} {
 		if *m != nil {
 			unix.Munmap(*m)
 			*m = nil
 		}
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.closed = true
+	if q.efd >= 0 {
+		unix.Close(q.efd)
+		q.efd = -1
+	}
+	if q.owned == 0 {
+		q.unmapBufs()
+	} else {
+		q.log.Warn("ublk: queue stopped while the backend holds requests; their buffers are freed when it completes them",
+			"queue", q.id, "requests", q.owned)
+	}
+}
+
+// unmapBufs releases the tag buffers; q.mu held.
+func (q *queue) unmapBufs() {
+	if q.bufs != nil {
+		unix.Munmap(q.bufs)
+		q.bufs = nil
 	}
 }
 
@@ -155,8 +156,8 @@ func (q *queue) complete(tag int, res int32) {
 	defer q.mu.Unlock()
 	q.owned--
 	if q.closed {
-		if q.owned == 0 && q.drained != nil {
-			close(q.drained)
+		if q.owned == 0 {
+			q.unmapBufs()
 		}
 		return
 	}
@@ -230,9 +231,9 @@ func (q *queue) prepWake() error {
 // or the device is otherwise going away) or forceStop is called. The OS
 // thread is never unlocked: it exits with the goroutine, which tells the
 // driver this queue's daemon is gone.
-func (q *queue) run(ready chan<- error, drainTimeout time.Duration) (err error) {
+func (q *queue) run(ready chan<- error) (err error) {
 	runtime.LockOSThread()
-	defer q.teardown(drainTimeout)
+	defer q.teardown()
 	if err := q.setup(); err != nil {
 		ready <- err
 		return err
