@@ -27,6 +27,7 @@ type IdentifyController struct {
 	CNTLID    uint16 // 78
 	VER       uint32 // 80
 	OAES      uint32 // 92, optional asynchronous events supported
+	CTRATT    uint32 // 96, controller attributes
 	CNTRLTYPE uint8  // 111
 	AERL      uint8  // 259, 0's based
 	KAS       uint16 // 320, keep alive support, 100 ms units
@@ -65,7 +66,7 @@ func ParseIdentifyController(b []byte) (*IdentifyController, error) {
 		VID: le.Uint16(b[0:]), SSVID: le.Uint16(b[2:]),
 		SN: trimField(b[4:24]), MN: trimField(b[24:64]), FR: trimField(b[64:72]),
 		MDTS: b[77], CNTLID: le.Uint16(b[78:]), VER: le.Uint32(b[80:]),
-		OAES: le.Uint32(b[92:]), CNTRLTYPE: b[111], AERL: b[259],
+		OAES: le.Uint32(b[92:]), CTRATT: le.Uint32(b[96:]), CNTRLTYPE: b[111], AERL: b[259],
 		KAS: le.Uint16(b[320:]), SQES: b[512], CQES: b[513],
 		MAXCMD: le.Uint16(b[514:]), NN: le.Uint32(b[516:]), ONCS: le.Uint16(b[520:]),
 		VWC: b[525], SGLS: le.Uint32(b[536:]), SubNQN: trimField(b[768:1024]),
@@ -87,6 +88,7 @@ func (c *IdentifyController) Marshal() []byte {
 	le.PutUint16(b[78:], c.CNTLID)
 	le.PutUint32(b[80:], c.VER)
 	le.PutUint32(b[92:], c.OAES)
+	le.PutUint32(b[96:], c.CTRATT)
 	b[111] = c.CNTRLTYPE
 	b[259] = c.AERL
 	le.PutUint16(b[320:], c.KAS)
@@ -103,6 +105,9 @@ func (c *IdentifyController) Marshal() []byte {
 	b[1803] = c.MSDBD
 	return b
 }
+
+// NVME_CTRL_CTRATT_TBKAS: traffic-based keep-alive support.
+const NVME_CTRL_CTRATT_TBKAS = 1 << 14
 
 // LBAFormat is one entry of the LBA format list (struct nvme_lbaf).
 type LBAFormat struct {

@@ -184,3 +184,7 @@ func (s Status) Err() error {
 	}
 	return s
 }
+
+// DoNotRetry reports the DNR bit; lifecycle stops reconnecting after a
+// Connect that failed with it.
+func (s Status) DoNotRetry() bool { return s.DNR() }

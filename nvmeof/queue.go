@@ -1,0 +1,869 @@
+package nvmeof
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/internal/pdu"
+	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/nvme"
+)
+
+// This file is the transport: one NVMe/TCP queue on one TCP connection
+// (drivers/nvme/host/tcp.c).
+//
+// Goroutines: a queue owns three, started by newQueue and joined before
+// Wait returns:
+//   - the reader reads every PDU from the controller, completes commands
+//     and, when the queue has failed, completes what is left in flight;
+//   - the writer sends command capsules and H2CData, so that neither a
+//     submitter nor the reader ever blocks on the socket (the reader must
+//     not: the controller may be blocked writing to us);
+//   - the timer fails the queue when a command outlives its deadline.
+//
+// Usage references (shared/DESIGN.md rule 1): q.usage counts everything
+// that may still touch the queue: each goroutine above, each Submit call
+// in progress, and each accepted command until its done callback has
+// returned. A reference is dropped only after the last touch. Wait returns
+// when the count is zero after the queue stopped being live; no new
+// reference can be taken then, so nothing touches the queue any more.
+
+// NoTimeout as Request.Timeout exempts a command from the queue's timeout
+// (Asynchronous Event Requests).
+const NoTimeout time.Duration = -1
+
+var (
+	// ErrQueueShutdown is the cause of a queue failure requested with
+	// Shutdown.
+	ErrQueueShutdown = errors.New("nvmeof: queue shut down")
+	// ErrCommandTimeout is the cause when a command outlived its timeout.
+	ErrCommandTimeout = errors.New("nvmeof: command timed out")
+	// ErrQueueFull is returned by Submit when every command identifier of
+	// the queue is in use.
+	ErrQueueFull = errors.New("nvmeof: queue full")
+)
+
+// QueueError is how commands fail when their queue failed, and what
+// Queue.Err returns: the queue ID and the cause (a network error,
+// *pdu.ProtocolError, *TermReqError, ErrCommandTimeout, ErrQueueShutdown).
+// It is a path error: the command may succeed on another association.
+type QueueError struct {
+	QID uint16
+	Err error
+}
+
+func (e *QueueError) Error() string { return fmt.Sprintf("nvmeof: queue %d: %v", e.QID, e.Err) }
+func (e *QueueError) Unwrap() error { return e.Err }
+
+// IsPathError reports whether err means the command failed because its
+// queue failed (and may be retried elsewhere), rather than with a status
+// from the controller.
+func IsPathError(err error) bool {
+	var qe *QueueError
+	return errors.As(err, &qe)
+}
+
+// TermReqError is a C2HTermReq received from the controller.
+type TermReqError struct {
+	FES uint16
+	FEI uint32
+}
+
+func (e *TermReqError) Error() string {
+	return fmt.Sprintf("controller terminated the connection (C2HTermReq fes %#x fei %d)", e.FES, e.FEI)
+}
+
+// Traffic counts commands for traffic-based keep-alive; it implements
+// keepalive.Traffic. One Traffic is shared by all queues of a controller.
+type Traffic struct {
+	submitted atomic.Uint64
+	// completedTo is one more than the highest sequence number completed.
+	completedTo atomic.Uint64
+}
+
+// Submitted is the sequence number the next submitted command will get.
+func (t *Traffic) Submitted() uint64 { return t.submitted.Load() }
+
+// CompletedSince reports whether a command submitted at or after mark has
+// completed.
+func (t *Traffic) CompletedSince(mark uint64) bool { return t.completedTo.Load() > mark }
+
+func (t *Traffic) completed(seq uint64) {
+	for {
+		cur := t.completedTo.Load()
+		if cur > seq || t.completedTo.CompareAndSwap(cur, seq+1) {
+			return
+		}
+	}
+}
+
+// QueueConfig configures one queue.
+type QueueConfig struct {
+	// QID is 0 for the admin queue.
+	QID uint16
+	// Size is the number of command slots (queue_size; Connect's SQSIZE
+	// is Size-1). At most 4096.
+	Size int
+	// HeaderDigest and DataDigest are requested in ICReq; the controller
+	// must agree or the connection fails (as with the Linux host).
+	HeaderDigest, DataDigest bool
+	// Timeout is the default per-command timeout (Linux: 30 s for I/O,
+	// 60 s for admin). Zero means 30 s.
+	Timeout time.Duration
+	// MaxData bounds the data of one command, and so of any C2HData PDU.
+	// Zero means 1 MiB.
+	MaxData int
+	// OnFailure, if set, is called once when the queue fails for any
+	// reason but Shutdown: a socket error, a protocol error, a C2HTermReq,
+	// a command timeout. It runs on a queue goroutine and must not block.
+	OnFailure func(q *Queue, err error)
+	// Traffic, if set, counts submissions and completions.
+	Traffic *Traffic
+	// Logger defaults to slog.Default().
+	Logger *slog.Logger
+}
+
+// Request is one command. The queue owns it from Submit until its done
+// callback returns; only then may the caller reuse Cmd or Data.
+type Request struct {
+	// Cmd is the submission queue entry. The queue sets the command ID
+	// and the SGL data descriptor.
+	Cmd nvme.Command
+	// Data is the data buffer: sent to the controller when Write is set,
+	// filled from it otherwise. Its length is the transfer length.
+	Data  []byte
+	Write bool
+	// Timeout overrides the queue's timeout; NoTimeout disables it.
+	Timeout time.Duration
+
+	// Result is CQE dwords 0 and 1, valid in the done callback.
+	Result uint64
+	// Status is the CQE status, valid in the done callback.
+	Status nvme.Status
+
+	done      func(error)
+	cid       uint16
+	seq       uint64
+	deadline  time.Time // zero: none
+	inCapsule bool
+	received  int    // C2HData bytes received
+	r2tNext   uint32 // next offset an R2T may ask for
+	sending   int    // writer items still referencing the request
+	responded bool   // response read while the writer still sent data
+	respErr   error
+}
+
+// sendItem is one unit of work for the writer: a command capsule, or the
+// H2CData answering one R2T.
+type sendItem struct {
+	req    *Request
+	h2c    bool
+	ttag   uint16
+	offset uint32
+	length uint32
+}
+
+type queueState int
+
+const (
+	queueLive queueState = iota
+	queueFailed
+	queueClosed
+)
+
+// Queue is one NVMe/TCP queue: a TCP connection to the controller with its
+// command identifiers and in-flight commands.
+type Queue struct {
+	cfg  QueueConfig
+	conn net.Conn
+	log  *slog.Logger
+
+	// Negotiated by ICReq/ICResp; immutable afterwards.
+	sendOpts   pdu.Options // PDA is the controller's CPDA
+	recvOpts   pdu.Options
+	maxH2CData uint32
+
+	inCapsuleMax atomic.Int64 // largest in-capsule write
+
+	mu        sync.Mutex
+	state     queueState
+	err       error // *QueueError once failed
+	usage     int
+	idle      chan struct{} // closed when usage reaches zero after failure
+	failed    chan struct{} // closed when the queue stops being live
+	slots     []*Request    // in flight, by slot (command ID low bits)
+	gens      []uint8       // generation of each slot, in the command ID high bits
+	free      []uint16
+	sendq     []sendItem
+	sendWake  chan struct{}
+	writerOut chan struct{} // closed when the writer has exited
+	timerOut  chan struct{}
+
+	completions atomic.Uint64
+	lastDone    atomic.Int64 // unix nanoseconds of the last completion
+}
+
+// DialQueue connects to addr ("host:port") and performs the ICReq/ICResp
+// exchange. It does not send the Fabrics Connect command; Controller does.
+func DialQueue(ctx context.Context, addr string, cfg QueueConfig) (*Queue, error) {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	q, err := NewQueue(ctx, conn, cfg)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return q, nil
+}
+
+// NewQueue performs the ICReq/ICResp exchange on conn and starts the
+// queue. On error conn is left open for the caller to close.
+func NewQueue(ctx context.Context, conn net.Conn, cfg QueueConfig) (*Queue, error) {
+	if cfg.Size <= 1 || cfg.Size > 4096 {
+		return nil, fmt.Errorf("nvmeof: queue size %d out of range 2..4096", cfg.Size)
+	}
+	if cfg.Timeout == 0 {
+		cfg.Timeout = 30 * time.Second
+	}
+	if cfg.MaxData == 0 {
+		cfg.MaxData = 1 << 20
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	q := &Queue{
+		cfg:       cfg,
+		conn:      conn,
+		log:       cfg.Logger.With("qid", cfg.QID),
+		idle:      make(chan struct{}),
+		failed:    make(chan struct{}),
+		slots:     make([]*Request, cfg.Size),
+		gens:      make([]uint8, cfg.Size),
+		sendWake:  make(chan struct{}, 1),
+		writerOut: make(chan struct{}),
+		timerOut:  make(chan struct{}),
+	}
+	for i := cfg.Size - 1; i >= 0; i-- {
+		q.free = append(q.free, uint16(i))
+	}
+	if cfg.QID == 0 {
+		q.inCapsuleMax.Store(pdu.NVME_TCP_ADMIN_CCSZ - nvme.CommandSize)
+	}
+	br := bufio.NewReaderSize(conn, 64<<10)
+	rd := pdu.NewReader(br, pdu.ControllerToHost, uint32(cfg.MaxData))
+	if err := q.initConnection(ctx, rd); err != nil {
+		return nil, err
+	}
+	// Every goroutine holds a usage reference until it has exited.
+	q.usage = 3
+	go q.writer()
+	go q.timer()
+	go q.reader(rd)
+	return q, nil
+}
+
+// initConnection sends ICReq and checks ICResp (nvme_tcp_init_connection).
+func (q *Queue) initConnection(ctx context.Context, rd *pdu.Reader) error {
+	deadline := time.Now().Add(q.cfg.Timeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	q.conn.SetDeadline(deadline)
+	defer q.conn.SetDeadline(time.Time{})
+	stop := context.AfterFunc(ctx, func() { q.conn.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+
+	var digest uint8
+	if q.cfg.HeaderDigest {
+		digest |= pdu.NVME_TCP_HDR_DIGEST_ENABLE
+	}
+	if q.cfg.DataDigest {
+		digest |= pdu.NVME_TCP_DATA_DIGEST_ENABLE
+	}
+	req := pdu.Header{CommonHeader: pdu.CommonHeader{Type: pdu.TypeICReq},
+		ICReq: pdu.ICReq{PFV: pdu.NVME_TCP_PFV_1_0, HPDA: 0, Digest: digest, MaxR2T: 0}}
+	if _, err := q.conn.Write(pdu.Append(nil, &req, nil, pdu.Options{})); err != nil {
+		return fmt.Errorf("nvmeof: queue %d: send ICReq: %w", q.cfg.QID, err)
+	}
+	var h pdu.Header
+	if err := rd.ReadHeader(&h); err != nil {
+		if ctx.Err() != nil {
+			err = ctx.Err()
+		}
+		return fmt.Errorf("nvmeof: queue %d: receive ICResp: %w", q.cfg.QID, err)
+	}
+	if h.Type == pdu.TypeC2HTermReq {
+		return fmt.Errorf("nvmeof: queue %d: %w", q.cfg.QID, &TermReqError{FES: h.Term.FES, FEI: h.Term.FEI})
+	}
+	if h.Type != pdu.TypeICResp {
+		return fmt.Errorf("nvmeof: queue %d: got %v instead of ICResp", q.cfg.QID, h.Type)
+	}
+	r := h.ICResp
+	switch {
+	case r.PFV != pdu.NVME_TCP_PFV_1_0:
+		return fmt.Errorf("nvmeof: queue %d: unsupported PFV %#x", q.cfg.QID, r.PFV)
+	case r.Digest&^3 != 0 || r.Digest != digest:
+		return fmt.Errorf("nvmeof: queue %d: controller digests %#x, requested %#x", q.cfg.QID, r.Digest, digest)
+	case r.CPDA > 31:
+		return fmt.Errorf("nvmeof: queue %d: CPDA %d out of range", q.cfg.QID, r.CPDA)
+	case r.MaxH2CData%4 != 0 || r.MaxH2CData < pdu.NVME_TCP_MIN_MAXH2CDATA:
+		return fmt.Errorf("nvmeof: queue %d: invalid MAXH2CDATA %d", q.cfg.QID, r.MaxH2CData)
+	}
+	q.sendOpts = pdu.Options{HeaderDigest: q.cfg.HeaderDigest, DataDigest: q.cfg.DataDigest, PDA: r.CPDA}
+	q.recvOpts = pdu.Options{HeaderDigest: q.cfg.HeaderDigest, DataDigest: q.cfg.DataDigest}
+	q.maxH2CData = r.MaxH2CData
+	rd.Options = q.recvOpts
+	return nil
+}
+
+// QID is the queue ID.
+func (q *Queue) QID() uint16 { return q.cfg.QID }
+
+// Size is the number of command slots.
+func (q *Queue) Size() int { return q.cfg.Size }
+
+// MaxH2CData is the controller's MAXH2CDATA.
+func (q *Queue) MaxH2CData() uint32 { return q.maxH2CData }
+
+// SetInCapsuleSize sets how many bytes of write data may travel inside the
+// command capsule: IOCCSZ*16 - 64 for I/O queues (from Identify
+// Controller); the admin queue uses NVME_TCP_ADMIN_CCSZ.
+func (q *Queue) SetInCapsuleSize(n int) { q.inCapsuleMax.Store(int64(max(n, 0))) }
+
+// Failed is closed when the queue stops being live: after Shutdown or a
+// failure. Err then says why.
+func (q *Queue) Failed() <-chan struct{} { return q.failed }
+
+// Err is nil while the queue is live, then a *QueueError.
+func (q *Queue) Err() error {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.err
+}
+
+// Completions is the number of commands completed with a response.
+func (q *Queue) Completions() uint64 { return q.completions.Load() }
+
+// LastCompletion is when a command last completed with a response.
+func (q *Queue) LastCompletion() time.Time {
+	n := q.lastDone.Load()
+	if n == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, n)
+}
+
+// get takes a usage reference if the queue is live.
+func (q *Queue) get() bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.state != queueLive {
+		return false
+	}
+	q.usage++
+	return true
+}
+
+// put drops a usage reference, after its holder's last touch of q.
+func (q *Queue) put() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.putLocked()
+}
+
+func (q *Queue) putLocked() {
+	q.usage--
+	if q.usage < 0 {
+		panic("nvmeof: queue usage reference dropped twice")
+	}
+	if q.usage == 0 && q.state != queueLive {
+		close(q.idle)
+	}
+}
+
+// Submit sends req; done is called exactly once with nil, an nvme.Status
+// or a *QueueError, from a queue goroutine and without any queue lock held
+// (so done may call Submit again). done must not block: it delays every
+// other completion of the queue. If Submit returns an error, done is not
+// called.
+func (q *Queue) Submit(req *Request, done func(error)) error {
+	if !q.get() {
+		return q.Err()
+	}
+	defer q.put() // the last touch of q by this call is below
+
+	if len(req.Data) > q.cfg.MaxData {
+		return fmt.Errorf("nvmeof: %d bytes exceed the queue's %d byte transfer limit", len(req.Data), q.cfg.MaxData)
+	}
+	req.done = done
+	req.received, req.r2tNext, req.sending, req.responded, req.respErr = 0, 0, 1, false, nil
+	req.Result, req.Status = 0, 0
+	req.inCapsule = req.Write && len(req.Data) > 0 && int64(len(req.Data)) <= q.inCapsuleMax.Load()
+	switch {
+	case req.inCapsule:
+		req.Cmd.SetSGL(0, uint32(len(req.Data)), nvme.SGLInCapsule)
+	default:
+		req.Cmd.SetSGL(0, uint32(len(req.Data)), nvme.SGLTransport)
+	}
+	timeout := req.Timeout
+	if timeout == 0 {
+		timeout = q.cfg.Timeout
+	}
+	req.deadline = time.Time{}
+	if timeout > 0 {
+		req.deadline = time.Now().Add(timeout)
+	}
+
+	q.mu.Lock()
+	if q.state != queueLive {
+		err := q.err
+		q.mu.Unlock()
+		return err
+	}
+	if len(q.free) == 0 {
+		q.mu.Unlock()
+		return ErrQueueFull
+	}
+	slot := q.free[len(q.free)-1]
+	q.free = q.free[:len(q.free)-1]
+	q.gens[slot]++
+	// The generation in bits 15:12 makes a late or forged response for
+	// an earlier user of the slot miss (as the Linux host's genctr).
+	req.cid = slot | uint16(q.gens[slot]&0xf)<<12
+	req.Cmd.SetCommandID(req.cid)
+	if t := q.cfg.Traffic; t != nil {
+		req.seq = t.submitted.Add(1) - 1
+	}
+	q.slots[slot] = req
+	q.usage++ // held by the command until its done has returned
+	q.sendq = append(q.sendq, sendItem{req: req})
+	q.mu.Unlock()
+	q.wakeWriter()
+	return nil
+}
+
+// Do submits req and waits for its completion. If ctx ends first and req
+// has no data buffer, Do returns ctx.Err() at once and the command stays
+// accounted to the queue until it completes; with a data buffer Do always
+// waits for the completion (bounded by the command timeout), because the
+// queue may still write into or read from req.Data.
+func (q *Queue) Do(ctx context.Context, req *Request) error {
+	ch := make(chan error, 1)
+	if err := q.Submit(req, func(err error) { ch <- err }); err != nil {
+		return err
+	}
+	if len(req.Data) > 0 {
+		return <-ch
+	}
+	select {
+	case err := <-ch:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (q *Queue) wakeWriter() {
+	select {
+	case q.sendWake <- struct{}{}:
+	default:
+	}
+}
+
+// Shutdown fails the queue: the socket is closed so the reader and writer
+// stop, and every command still in flight completes with a *QueueError
+// wrapping ErrQueueShutdown. It does not wait; see Wait.
+func (q *Queue) Shutdown() { q.fail(ErrQueueShutdown) }
+
+// Wait returns when the queue is no longer live and nothing touches it any
+// more: its goroutines have exited, every done callback has returned and
+// no Submit is in progress. Call it after Shutdown (or a failure).
+func (q *Queue) Wait() { <-q.idle }
+
+// Idle is closed when Wait would return.
+func (q *Queue) Idle() <-chan struct{} { return q.idle }
+
+// Close shuts the queue down if needed, waits for it and frees it.
+func (q *Queue) Close() error {
+	q.Shutdown()
+	q.Wait()
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.state = queueClosed
+	q.slots, q.gens, q.free, q.sendq = nil, nil, nil, nil
+	return nil
+}
+
+// fail records the first failure and stops the queue's I/O.
+func (q *Queue) fail(cause error) {
+	q.mu.Lock()
+	if q.state != queueLive {
+		q.mu.Unlock()
+		return
+	}
+	q.state = queueFailed
+	q.err = &QueueError{QID: q.cfg.QID, Err: cause}
+	close(q.failed)
+	q.mu.Unlock()
+
+	// Closing the connection makes the reader's and writer's blocked
+	// calls return. The descriptor itself is released by the runtime once
+	// they have.
+	q.conn.Close()
+	q.wakeWriter()
+	if cause != ErrQueueShutdown {
+		q.log.Warn("nvme-tcp queue failed", "err", cause)
+		if q.cfg.OnFailure != nil {
+			q.cfg.OnFailure(q, &QueueError{QID: q.cfg.QID, Err: cause})
+		}
+	}
+}
+
+// lookup returns the in-flight request with command ID cid.
+func (q *Queue) lookupLocked(cid uint16) *Request {
+	slot := int(cid & 0x0fff)
+	if slot >= len(q.slots) {
+		return nil
+	}
+	r := q.slots[slot]
+	if r == nil || r.cid != cid {
+		return nil
+	}
+	return r
+}
+
+func (q *Queue) releaseLocked(r *Request) {
+	slot := r.cid & 0x0fff
+	q.slots[slot] = nil
+	q.free = append(q.free, slot)
+}
+
+// complete calls the done callback of a request already removed from the
+// table, then drops the request's usage reference: the callback is the
+// last touch.
+func (q *Queue) complete(r *Request, err error, responded bool) {
+	if responded {
+		q.completions.Add(1)
+		q.lastDone.Store(time.Now().UnixNano())
+		if t := q.cfg.Traffic; t != nil {
+			t.completed(r.seq)
+		}
+	}
+	done := r.done
+	r.done = nil
+	done(err)
+	q.put()
+}
+
+// respond handles the end of a command: its response arrived (a
+// CapsuleResp, or a C2HData with SUCCESS). If the writer still references
+// the request, the writer completes it when done.
+func (q *Queue) respond(r *Request, err error) {
+	q.mu.Lock()
+	if r.sending > 0 {
+		r.responded, r.respErr = true, err
+		q.mu.Unlock()
+		return
+	}
+	q.releaseLocked(r)
+	q.mu.Unlock()
+	q.complete(r, err, true)
+}
+
+func (q *Queue) reader(rd *pdu.Reader) {
+	err := q.readLoop(rd)
+	q.fail(err)
+	// Nothing else completes commands once the writer is gone: wait for
+	// it, then complete everything still in flight.
+	<-q.writerOut
+	<-q.timerOut
+	q.mu.Lock()
+	var left []*Request
+	for i, r := range q.slots {
+		if r != nil {
+			left = append(left, r)
+			q.slots[i] = nil
+		}
+	}
+	qerr := q.err
+	q.mu.Unlock()
+	for _, r := range left {
+		q.complete(r, qerr, false)
+	}
+	q.put()
+}
+
+func (q *Queue) protocolError(format string, args ...any) error {
+	return &pdu.ProtocolError{FES: pdu.NVME_TCP_FES_PDU_SEQ_ERR, Msg: fmt.Sprintf(format, args...)}
+}
+
+func (q *Queue) readLoop(rd *pdu.Reader) error {
+	var h pdu.Header
+	for {
+		if err := rd.ReadHeader(&h); err != nil {
+			var pe *pdu.ProtocolError
+			if errors.As(err, &pe) {
+				q.sendTermReq(pe)
+			}
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return err
+		}
+		switch h.Type {
+		case pdu.TypeCapsuleResp:
+			cid := h.Resp.CommandID()
+			q.mu.Lock()
+			r := q.lookupLocked(cid)
+			if r != nil && r.responded {
+				r = nil
+			}
+			q.mu.Unlock()
+			if r == nil {
+				return q.protocolError("CapsuleResp for unknown command ID %#x", cid)
+			}
+			if !r.Write && r.received != len(r.Data) && h.Resp.Status().Code() == nvme.NVME_SC_SUCCESS {
+				return q.protocolError("command %#x succeeded after %d of %d data bytes", cid, r.received, len(r.Data))
+			}
+			r.Result = h.Resp.Result()
+			r.Status = h.Resp.Status()
+			q.respond(r, r.Status.Err())
+
+		case pdu.TypeC2HData:
+			d := h.Data
+			q.mu.Lock()
+			r := q.lookupLocked(d.CommandID)
+			if r != nil && r.responded {
+				r = nil
+			}
+			q.mu.Unlock()
+			switch {
+			case r == nil:
+				return q.protocolError("C2HData for unknown command ID %#x", d.CommandID)
+			case r.Write:
+				return q.protocolError("C2HData for write command %#x", d.CommandID)
+			case int64(d.DataOffset) != int64(r.received) || int64(d.DataOffset)+int64(d.DataLength) > int64(len(r.Data)):
+				return &pdu.ProtocolError{FES: pdu.NVME_TCP_FES_DATA_OUT_OF_RANGE, Msg: fmt.Sprintf(
+					"C2HData for %#x at %d+%d, expected offset %d of %d", d.CommandID, d.DataOffset, d.DataLength, r.received, len(r.Data))}
+			}
+			// Only the reader touches r.Data of a read command, and r
+			// cannot complete while the reader is here.
+			if err := rd.ReadData(r.Data[d.DataOffset : d.DataOffset+d.DataLength]); err != nil {
+				return err
+			}
+			r.received += int(d.DataLength)
+			if h.Flags&pdu.NVME_TCP_F_DATA_SUCCESS != 0 {
+				if r.received != len(r.Data) {
+					return q.protocolError("C2HData SUCCESS for %#x after %d of %d bytes", d.CommandID, r.received, len(r.Data))
+				}
+				r.Result, r.Status = 0, nvme.NVME_SC_SUCCESS
+				q.respond(r, nil)
+			}
+
+		case pdu.TypeR2T:
+			t := h.R2T
+			q.mu.Lock()
+			r := q.lookupLocked(t.CommandID)
+			var err error
+			switch {
+			case r == nil || r.responded:
+				err = q.protocolError("R2T for unknown command ID %#x", t.CommandID)
+			case !r.Write || r.inCapsule:
+				err = q.protocolError("R2T for command %#x that has no data to transfer", t.CommandID)
+			case t.Length == 0 || t.Offset != r.r2tNext || int64(t.Offset)+int64(t.Length) > int64(len(r.Data)):
+				err = &pdu.ProtocolError{FES: pdu.NVME_TCP_FES_DATA_OUT_OF_RANGE, Msg: fmt.Sprintf(
+					"R2T for %#x at %d+%d, expected offset %d of %d", t.CommandID, t.Offset, t.Length, r.r2tNext, len(r.Data))}
+			default:
+				r.r2tNext += t.Length
+				r.sending++
+				q.sendq = append(q.sendq, sendItem{req: r, h2c: true, ttag: t.TTag, offset: t.Offset, length: t.Length})
+			}
+			q.mu.Unlock()
+			if err != nil {
+				return err
+			}
+			q.wakeWriter()
+
+		case pdu.TypeC2HTermReq:
+			// The controller closes the connection after this.
+			rd.DiscardData()
+			return &TermReqError{FES: h.Term.FES, FEI: h.Term.FEI}
+
+		default: // ICResp after the exchange
+			return q.protocolError("unexpected %v", h.Type)
+		}
+	}
+}
+
+// sendTermReq tells the controller why we are closing the connection. It
+// is best effort with a short deadline: the writer may hold the socket.
+func (q *Queue) sendTermReq(pe *pdu.ProtocolError) {
+	q.mu.Lock()
+	live := q.state == queueLive
+	if live {
+		q.sendq = append(q.sendq, sendItem{req: nil, offset: uint32(pe.FES), length: pe.FEI})
+	}
+	q.mu.Unlock()
+	q.wakeWriter()
+	if live {
+		// Give the writer a moment to send it before the socket closes.
+		select {
+		case <-time.After(50 * time.Millisecond):
+		case <-q.failed:
+		}
+	}
+}
+
+func (q *Queue) writer() {
+	defer q.put()
+	defer close(q.writerOut)
+	bw := bufio.NewWriterSize(q.conn, 64<<10)
+	var hdr []byte
+	var batch []sendItem
+	for {
+		q.mu.Lock()
+		for len(q.sendq) == 0 && q.state == queueLive {
+			q.mu.Unlock()
+			if err := bw.Flush(); err != nil {
+				q.fail(err)
+				return
+			}
+			<-q.sendWake
+			q.mu.Lock()
+		}
+		if q.state != queueLive {
+			q.mu.Unlock()
+			return
+		}
+		batch = append(batch[:0], q.sendq...)
+		clear(q.sendq)
+		q.sendq = q.sendq[:0]
+		q.mu.Unlock()
+
+		for i, it := range batch {
+			batch[i] = sendItem{}
+			var err error
+			hdr, err = q.send(bw, hdr[:0], it)
+			if err != nil {
+				q.fail(err)
+				return
+			}
+			if it.req == nil {
+				bw.Flush()
+				continue
+			}
+			q.mu.Lock()
+			it.req.sending--
+			finish := it.req.sending == 0 && it.req.responded
+			if finish {
+				q.releaseLocked(it.req)
+			}
+			q.mu.Unlock()
+			if finish {
+				q.complete(it.req, it.req.respErr, true)
+			}
+		}
+	}
+}
+
+// send writes one item. The request's fields it reads are not changed by
+// anyone else while the item is queued (sending > 0 keeps it alive).
+func (q *Queue) send(w *bufio.Writer, hdr []byte, it sendItem) ([]byte, error) {
+	o := q.sendOpts
+	r := it.req
+	switch {
+	case r == nil: // H2CTermReq: offset holds FES, length FEI
+		h := pdu.Header{CommonHeader: pdu.CommonHeader{Type: pdu.TypeH2CTermReq},
+			Term: pdu.TermReq{FES: uint16(it.offset), FEI: it.length}}
+		hdr = pdu.Append(hdr, &h, nil, o)
+		_, err := w.Write(hdr)
+		return hdr, err
+
+	case !it.h2c:
+		var data []byte
+		if r.inCapsule {
+			data = r.Data
+		}
+		h := pdu.Header{CommonHeader: pdu.CommonHeader{Type: pdu.TypeCapsuleCmd}, Cmd: r.Cmd}
+		hdr = pdu.AppendHeader(hdr, &h, len(data), o)
+		return hdr, q.writeData(w, hdr, data, o)
+
+	default:
+		end := it.offset + it.length
+		for off := it.offset; off < end; {
+			n := min(end-off, q.maxH2CData)
+			h := pdu.Header{CommonHeader: pdu.CommonHeader{Type: pdu.TypeH2CData},
+				Data: pdu.DataHeader{CommandID: r.cid, TTag: it.ttag, DataOffset: off}}
+			if off+n == end {
+				h.Flags = pdu.NVME_TCP_F_DATA_LAST
+			}
+			hdr = pdu.AppendHeader(hdr[:0], &h, int(n), o)
+			if err := q.writeData(w, hdr, r.Data[off:off+n], o); err != nil {
+				return hdr, err
+			}
+			off += n
+		}
+		return hdr, nil
+	}
+}
+
+func (q *Queue) writeData(w *bufio.Writer, hdr, data []byte, o pdu.Options) error {
+	if _, err := w.Write(hdr); err != nil {
+		return err
+	}
+	if len(data) == 0 {
+		return nil
+	}
+	if _, err := w.Write(data); err != nil {
+		return err
+	}
+	if o.DataDigest {
+		var d [4]byte
+		_, err := w.Write(pdu.AppendDataDigest(d[:0], data))
+		return err
+	}
+	return nil
+}
+
+func (q *Queue) timer() {
+	defer q.put()
+	defer close(q.timerOut)
+	period := min(max(q.cfg.Timeout/8, 10*time.Millisecond), time.Second)
+	t := time.NewTicker(period)
+	defer t.Stop()
+	for {
+		select {
+		case <-q.failed:
+			return
+		case now := <-t.C:
+			q.mu.Lock()
+			var expired *Request
+			for _, r := range q.slots {
+				if r != nil && !r.deadline.IsZero() && now.After(r.deadline) {
+					expired = r
+					break
+				}
+			}
+			var cid uint16
+			var op uint8
+			if expired != nil {
+				cid, op = expired.cid, expired.Cmd.Opcode()
+			}
+			q.mu.Unlock()
+			if expired != nil {
+				q.fail(fmt.Errorf("%w: command ID %#x opcode %#x", ErrCommandTimeout, cid, op))
+				return
+			}
+		}
+	}
+}
