@@ -1,0 +1,68 @@
+package attach
+
+import (
+	"errors"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+)
+
+func TestMetricsCountIO(t *testing.T) {
+	m := NewMetrics("/dev/ublkb0", "nqn.test")
+	m.IOStarted(1)
+	m.IOStarted(1)
+	m.IODone(1, "read", 4096, 50*time.Microsecond, nil)
+	if got := testutil.ToFloat64(m.inflight.WithLabelValues("1")); got != 1 {
+		t.Errorf("in flight %v, want 1", got)
+	}
+	m.IODone(1, "write", 8192, time.Millisecond, errors.New("EIO"))
+	if got := testutil.ToFloat64(m.ios.WithLabelValues("1", "read")); got != 1 {
+		t.Errorf("reads %v", got)
+	}
+	if got := testutil.ToFloat64(m.bytes.WithLabelValues("1", "read")); got != 4096 {
+		t.Errorf("read bytes %v", got)
+	}
+	if got := testutil.ToFloat64(m.errors.WithLabelValues("1", "write")); got != 1 {
+		t.Errorf("write errors %v", got)
+	}
+	if got := testutil.ToFloat64(m.bytes.WithLabelValues("1", "write")); got != 0 {
+		t.Errorf("failed write counted %v bytes", got)
+	}
+	m.SetState("LIVE")
+	m.SetState("RESETTING")
+	if testutil.ToFloat64(m.state.WithLabelValues("LIVE")) != 0 || testutil.ToFloat64(m.state.WithLabelValues("RESETTING")) != 1 {
+		t.Error("state gauge does not follow the state")
+	}
+}
+
+func TestMetricsServer(t *testing.T) {
+	m := NewMetrics("/dev/ublkb0", "nqn.test")
+	m.Reconnected()
+	m.KeepAliveDone(3 * time.Millisecond)
+	s, err := ServeMetrics("127.0.0.1:0", m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	c := &http.Client{Timeout: 10 * time.Second}
+	defer c.CloseIdleConnections()
+	resp, err := c.Get("http://" + s.Addr() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{
+		`ublk_nvmeof_reconnects_total{device="/dev/ublkb0",nqn="nqn.test"} 1`,
+		`ublk_nvmeof_keep_alive_rtt_seconds{device="/dev/ublkb0",nqn="nqn.test"} 0.003`,
+		"go_goroutines",
+	} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("/metrics lacks %q", want)
+		}
+	}
+}
