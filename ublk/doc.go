@@ -1,11 +1,62 @@
 // Package ublk binds the Linux ublk driver (drivers/block/ublk_drv.c) in
-// pure Go: a userspace daemon serves the I/O of a block device /dev/ublkbN.
+// pure Go (golang.org/x/sys, no cgo): a daemon process serves the I/O of a
+// block device /dev/ublkbN.
 //
-// The control side is a Control (/dev/ublk-control): feature detection,
-// adding, starting, stopping, deleting and recovering devices. Commands are
-// io_uring URING_CMDs on 128-byte SQEs, ioctl-encoded when the driver
-// supports it, legacy opcodes otherwise.
+// # Control
 //
-// Kernel structs and constants live in internal/uapi with their kernel
+// A Control is the open /dev/ublk-control. It reports the driver's
+// Features, creates devices (Create), takes over the devices of a daemon
+// that died (Recover), lists them (List, DeviceInfo, Params) and removes
+// leftovers (Remove). Every control command is an io_uring URING_CMD on a
+// 128-byte SQE, ioctl-encoded when the driver has UBLK_F_CMD_IOCTL_ENCODE
+// (6.2+) and in the legacy encoding otherwise. Each command is bounded by
+// its context (DefaultCommandTimeout without a deadline): a kernel call
+// that does not return is reported with ErrTimeout, never waited on
+// forever. A missing kernel feature is an error matching ErrNotSupported
+// that names the feature and the release that brought it (*FeatureError).
+//
+//	c, err := ublk.OpenControl() // ErrNotLoaded: modprobe ublk_drv
+//	...
+//	dev, err := c.Create(ctx, ublk.Options{
+//		ID: ublk.AutoID, Queues: 2, Depth: 128,
+//		Params:   ublk.Params{Size: size, VolatileCache: true, FUA: true},
+//		Recovery: ublk.RecoveryReissue,
+//	}, backend)
+//	... // /dev/ublkbN serves I/O through backend
+//	err = dev.Close(ctx) // STOP_DEV, join the queues, DEL_DEV
+//
+// # Data path
+//
+// Each hardware queue is served by one goroutine locked to its OS thread
+// (the driver binds a queue to the task that fetches its requests), owning
+// that queue's io_uring, the queue's read-only descriptor array mapped from
+// /dev/ublkcN, and Depth tag buffers of MaxIOBytes in anonymous mmap'd
+// memory that the kernel copies request data into and out of. Requests go
+// to a Backend; see its documentation for the contract. Completions from
+// other goroutines reach the queue thread through an eventfd whose read is
+// posted on the ring, so completing never blocks and the queue thread never
+// polls.
+//
+// # Life cycle
+//
+// Create: ADD_DEV, SET_PARAMS, open /dev/ublkcN, start the queues and wait
+// until each has armed a FETCH_REQ for every tag, then START_DEV from the
+// calling goroutine while the queues already serve (START_DEV waits for all
+// fetches and for the partition scan's reads). Close: STOP_DEV while the
+// queues still serve (it drains in-flight I/O), the queues see every fetch
+// aborted (-ENODEV) and exit, closing their rings and unmapping; then
+// /dev/ublkcN is closed and DEL_DEV removes the device. DEL_DEV waits until
+// every opener of /dev/ublkbN closed it. Every error path undoes what was
+// done: no device, fd, mapping or goroutine is left behind.
+//
+// # User recovery
+//
+// A device created with Recovery or RecoveryReissue outlives its daemon:
+// when the process dies the driver queues new I/O (and with
+// RecoveryReissue also re-queues what was in flight), and a new process
+// calls Recover: START_USER_RECOVERY, every tag fetched again by new
+// queues, END_USER_RECOVERY. Applications see a pause, not an error.
+//
+// Kernel structs and constants live in internal/uapi under their kernel
 // names; the io_uring is internal/uring.
 package ublk
