@@ -516,17 +516,20 @@ func (q *Queue) fail(cause error) {
 	close(q.failed)
 	q.mu.Unlock()
 
-	// Closing the connection makes the reader's and writer's blocked
-	// calls return. The descriptor itself is released by the runtime once
-	// they have.
-	q.conn.Close()
-	q.wakeWriter()
+	// Report before closing: the controller reacts to the closed socket
+	// by failing the other queues, and the first report should be the
+	// cause.
 	if cause != ErrQueueShutdown {
 		q.log.Warn("nvme-tcp queue failed", "err", cause)
 		if q.cfg.OnFailure != nil {
 			q.cfg.OnFailure(q, &QueueError{QID: q.cfg.QID, Err: cause})
 		}
 	}
+	// Closing the connection makes the reader's and writer's blocked
+	// calls return. The descriptor itself is released by the runtime once
+	// they have.
+	q.conn.Close()
+	q.wakeWriter()
 }
 
 // lookup returns the in-flight request with command ID cid.
