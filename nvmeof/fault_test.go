@@ -283,12 +283,14 @@ func TestHostilePDUs(t *testing.T) {
 		return pdu.Append(nil, &h, make([]byte, n), pdu.Options{})
 	}
 	cases := map[string]func(cmd *nvme.Command) []byte{
-		"response for unknown command": func(cmd *nvme.Command) []byte { return resp(cmd.CommandID()^0x0100, 0) },
+		"response for unknown command":   func(cmd *nvme.Command) []byte { return resp(cmd.CommandID()^0x0100, 0) },
 		"response with stale generation": func(cmd *nvme.Command) []byte { return resp(cmd.CommandID()^0x1000, 0) },
 		"data beyond the buffer":         func(cmd *nvme.Command) []byte { return c2h(cmd.CommandID(), 0, 1024, 0) },
 		"data at a wrong offset":         func(cmd *nvme.Command) []byte { return c2h(cmd.CommandID(), 256, 128, 0) },
-		"success before all data":        func(cmd *nvme.Command) []byte { return c2h(cmd.CommandID(), 0, 256, pdu.NVME_TCP_F_DATA_LAST|pdu.NVME_TCP_F_DATA_SUCCESS) },
-		"response before all data":       func(cmd *nvme.Command) []byte { return resp(cmd.CommandID(), 0) },
+		"success before all data": func(cmd *nvme.Command) []byte {
+			return c2h(cmd.CommandID(), 0, 256, pdu.NVME_TCP_F_DATA_LAST|pdu.NVME_TCP_F_DATA_SUCCESS)
+		},
+		"response before all data": func(cmd *nvme.Command) []byte { return resp(cmd.CommandID(), 0) },
 		"huge plen": func(cmd *nvme.Command) []byte {
 			b := c2h(cmd.CommandID(), 0, 512, 0)
 			binary.LittleEndian.PutUint32(b[4:], 0xffffffff)
