@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -35,7 +36,8 @@ type Status struct {
 	// KeepAliveRTT is the round trip of the last keep-alive, zero if none.
 	KeepAliveRTT time.Duration `json:"keep_alive_rtt_ns"`
 	Reconnects   int           `json:"reconnects"`
-	InFlight     int           `json:"in_flight"`
+	InFlight     int           `json:"in_flight"` // I/O requests being served
+	Held         int           `json:"held"`      // of those, held while reconnecting
 	Started      time.Time     `json:"started"`
 }
 
@@ -129,7 +131,17 @@ func controlClient(path string) *http.Client {
 }
 
 // ErrNoSuchDevice: no daemon answers for that device.
-var ErrNoSuchDevice = errors.New("no ublk-nvmeof daemon serves that device")
+var ErrNoSuchDevice = errors.New("no ublk-nvmeof daemon serves")
+
+// noDaemon says which device has no daemon; the cause only when it is not
+// the plain "nobody listens".
+func noDaemon(path string, err error) error {
+	dev := "/dev/" + strings.TrimSuffix(filepath.Base(path), ".sock")
+	if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED) {
+		return fmt.Errorf("%w %s", ErrNoSuchDevice, dev)
+	}
+	return fmt.Errorf("%w %s: %v", ErrNoSuchDevice, dev, err)
+}
 
 // GetStatus asks the daemon serving device devID for its status.
 func GetStatus(ctx context.Context, devID int) (Status, error) {
@@ -146,7 +158,7 @@ func getStatus(ctx context.Context, path string) (Status, error) {
 	}
 	resp, err := c.Do(req)
 	if err != nil {
-		return st, fmt.Errorf("%w (%s: %v)", ErrNoSuchDevice, path, err)
+		return st, noDaemon(path, err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
@@ -189,7 +201,7 @@ func Detach(ctx context.Context, devID int) error {
 	}
 	resp, err := c.Do(req)
 	if err != nil {
-		return fmt.Errorf("%w: /dev/ublkb%d (%v)", ErrNoSuchDevice, devID, err)
+		return noDaemon(path, err)
 	}
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusAccepted {

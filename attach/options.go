@@ -77,15 +77,8 @@ func invalid(format string, args ...any) error {
 // Validate checks the options on their own, before anything is touched;
 // NQN forms are checked by the NVMe layer when it uses them.
 func (o *Options) Validate() error {
-	if o.TrAddr == "" {
-		return invalid("--traddr is required")
-	}
-	if ip := net.ParseIP(o.TrAddr); ip == nil && !validHostname(o.TrAddr) {
-		return invalid("--traddr %q is neither an IP address nor a host name", o.TrAddr)
-	}
-	port, err := strconv.Atoi(o.TrSvcID)
-	if err != nil || port < 1 || port > 65535 {
-		return invalid("--trsvcid %q is not a TCP port (1-65535)", o.TrSvcID)
+	if err := o.ValidateTarget(); err != nil {
+		return err
 	}
 	if o.NQN == "" {
 		return invalid("--nqn is required")
@@ -117,6 +110,21 @@ func (o *Options) Validate() error {
 	}
 	if o.DevID > 1<<20 {
 		return invalid("--dev-id %d: too large", o.DevID)
+	}
+	return nil
+}
+
+// ValidateTarget checks the target's address and port only.
+func (o *Options) ValidateTarget() error {
+	if o.TrAddr == "" {
+		return invalid("--traddr is required")
+	}
+	if ip := net.ParseIP(o.TrAddr); ip == nil && !validHostname(o.TrAddr) {
+		return invalid("--traddr %q is neither an IP address nor a host name", o.TrAddr)
+	}
+	port, err := strconv.Atoi(o.TrSvcID)
+	if err != nil || port < 1 || port > 65535 {
+		return invalid("--trsvcid %q is not a TCP port (1-65535)", o.TrSvcID)
 	}
 	return nil
 }

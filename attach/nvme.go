@@ -1,0 +1,190 @@
+package attach
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/ublk-nvmeof/ublk-nvmeof/keepalive"
+	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle"
+	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof"
+	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/nvme"
+	"github.com/ublk-nvmeof/ublk-nvmeof/ublk"
+)
+
+// nvmeConnector makes associations with the NVMe/TCP controller for
+// lifecycle: connect, then identify the namespace to serve.
+type nvmeConnector struct {
+	cfg  nvmeof.ControllerConfig
+	nsid uint32
+	// kaRTT, if set, receives each keep-alive round trip.
+	kaRTT func(time.Duration)
+
+	mu          sync.Mutex
+	firstNS     *nvmeof.Namespace // of the first association
+	firstQueues int               // I/O queues the controller granted first
+}
+
+// first returns the namespace and I/O queue count of the first
+// association: what the block device is built for.
+func (c *nvmeConnector) first() (*nvmeof.Namespace, int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.firstNS, c.firstQueues
+}
+
+func (c *nvmeConnector) Connect(ctx context.Context, onError func(error)) (lifecycle.Conn, error) {
+	cfg := c.cfg
+	cfg.OnFailure = onError
+	ctrl, err := nvmeof.Connect(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	ns, err := ctrl.Namespace(ctx, c.nsid)
+	if err != nil {
+		ctrl.Close()
+		return nil, fmt.Errorf("%w: %d: %w", ErrNoNamespace, c.nsid, err)
+	}
+	c.mu.Lock()
+	if c.firstNS == nil {
+		c.firstNS, c.firstQueues = ns, len(ctrl.IOQueues())
+	}
+	c.mu.Unlock()
+	return &nvmeConn{ctrl: ctrl, ns: ns, kaRTT: c.kaRTT}, nil
+}
+
+// nvmeConn is one association as lifecycle sees it.
+type nvmeConn struct {
+	ctrl  *nvmeof.Controller
+	ns    *nvmeof.Namespace
+	kaRTT func(time.Duration)
+}
+
+func (c *nvmeConn) KeepAlive(ctx context.Context) error {
+	start := time.Now()
+	err := c.ctrl.KeepAlive(ctx)
+	if err == nil && c.kaRTT != nil {
+		c.kaRTT(time.Since(start))
+	}
+	return err
+}
+
+func (c *nvmeConn) Namespace() lifecycle.Namespace {
+	return lifecycle.Namespace{
+		NSID: c.ns.NSID, NGUID: c.ns.NGUID, EUI64: c.ns.EUI64, UUID: c.ns.UUID,
+		Blocks: c.ns.Blocks, BlockSize: uint32(c.ns.BlockSize()),
+	}
+}
+
+func (c *nvmeConn) KATO() time.Duration { return c.ctrl.KATO() }
+
+func (c *nvmeConn) Traffic() keepalive.Traffic {
+	if !c.ctrl.TBKAS() {
+		return nil // not a typed nil: lifecycle tests the interface
+	}
+	return c.ctrl.Traffic()
+}
+
+func (c *nvmeConn) IsPathError(err error) bool { return nvmeof.IsPathError(err) }
+func (c *nvmeConn) Shutdown()                  { c.ctrl.Shutdown() }
+func (c *nvmeConn) WaitIdle()                  { c.ctrl.WaitIdle() }
+func (c *nvmeConn) FreeIOQueues()              { c.ctrl.FreeIOQueues() }
+func (c *nvmeConn) FreeAdminQueue()            { c.ctrl.FreeAdminQueue() }
+
+// blockBackend turns ublk requests into NVMe commands: the request of ublk
+// queue i goes to I/O queue i (modulo the queues the controller granted),
+// through lifecycle, which holds it while the controller reconnects and
+// retries it on the next association if the path failed under it.
+type blockBackend struct {
+	lc      *lifecycle.Controller
+	metrics *Metrics // nil: none
+
+	// Each request is carried by a goroutine (lifecycle.Do blocks while
+	// the controller recovers; the ublk queue thread must not). wg joins
+	// them: Wait returns when none is left.
+	wg       sync.WaitGroup
+	inflight atomic.Int64
+}
+
+func (b *blockBackend) Serve(r *ublk.Request) {
+	b.wg.Add(1)
+	go func() {
+		defer b.wg.Done()
+		b.serve(r)
+	}()
+}
+
+func (b *blockBackend) serve(r *ublk.Request) {
+	b.inflight.Add(1)
+	defer b.inflight.Add(-1)
+	start := time.Now()
+	if b.metrics != nil {
+		b.metrics.IOStarted(r.Queue)
+	}
+	// No deadline of our own: each command has the queue's command
+	// timeout, and held I/O ends with the controller (fast_io_fail_tmo,
+	// ctrl_loss_tmo, delete).
+	err := b.lc.Do(context.Background(), func(c lifecycle.Conn) error {
+		conn := c.(*nvmeConn)
+		qs := conn.ctrl.IOQueues()
+		q := qs[r.Queue%len(qs)]
+		var req nvmeof.Request
+		if err := prepare(conn.ns, &req, r); err != nil {
+			return err
+		}
+		return q.Do(context.Background(), &req)
+	})
+	if b.metrics != nil {
+		b.metrics.IODone(r.Queue, r.Op.String(), r.Length, time.Since(start), err)
+	}
+	r.Complete(blockError(err))
+}
+
+// prepare builds the NVMe command for a ublk request.
+func prepare(ns *nvmeof.Namespace, req *nvmeof.Request, r *ublk.Request) error {
+	shift := ns.BlockShift
+	if r.Offset&(int64(ns.BlockSize())-1) != 0 || r.Length&(ns.BlockSize()-1) != 0 {
+		return syscall.EINVAL // the kernel honours the logical block size we set
+	}
+	lba := uint64(r.Offset) >> shift
+	switch r.Op {
+	case ublk.OpRead:
+		return ns.PrepareRead(req, lba, r.Buf)
+	case ublk.OpWrite:
+		return ns.PrepareWrite(req, lba, r.Buf, r.FUA())
+	case ublk.OpFlush:
+		ns.PrepareFlush(req)
+		return nil
+	case ublk.OpWriteZeroes:
+		return ns.PrepareWriteZeroes(req, lba, uint32(r.Length>>shift), r.Flags&ublk.FlagNoUnmap == 0)
+	case ublk.OpDiscard:
+		return ns.PrepareDeallocate(req, []nvme.DSMRange{{SLBA: lba, NLB: uint32(r.Length >> shift)}})
+	}
+	return syscall.EOPNOTSUPP
+}
+
+// blockError maps an NVMe or lifecycle error to the errno the block layer
+// gets, as the Linux host's nvme_error_status does for the common cases.
+func blockError(err error) error {
+	if err == nil {
+		return nil
+	}
+	var errno syscall.Errno
+	if errors.As(err, &errno) {
+		return errno
+	}
+	var st nvme.Status
+	if errors.As(err, &st) {
+		switch st.Code() {
+		case nvme.NVME_SC_INVALID_OPCODE, nvme.NVME_SC_INVALID_FIELD, nvme.NVME_SC_INVALID_NS:
+			return syscall.EOPNOTSUPP
+		case nvme.NVME_SC_LBA_RANGE, nvme.NVME_SC_CAP_EXCEEDED:
+			return syscall.ENOSPC
+		}
+	}
+	return syscall.EIO
+}

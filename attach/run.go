@@ -1,0 +1,341 @@
+package attach
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle"
+	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof"
+	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/nvme"
+	"github.com/ublk-nvmeof/ublk-nvmeof/ublk"
+)
+
+// Errors Run wraps, so that the CLI can give each its own exit status.
+var (
+	// ErrUnreachable: no TCP connection to the target.
+	ErrUnreachable = errors.New("target unreachable")
+	// ErrRejected: the target refused the connection (unknown NQN, host
+	// not allowed): a Connect that failed with a status.
+	ErrRejected = errors.New("target rejected the connection")
+	// ErrNoNamespace: the namespace is not there.
+	ErrNoNamespace = errors.New("namespace not found")
+	// ErrControllerLost: the controller went away for longer than
+	// ctrl_loss_tmo (or a reconnect found another namespace).
+	ErrControllerLost = errors.New("controller lost")
+)
+
+// RunConfig is how Run reports and what it serves besides the device.
+type RunConfig struct {
+	Logger *slog.Logger // nil: slog.Default()
+	// Ready is called once /dev/ublkbN serves I/O.
+	Ready func(device string)
+	// Notifier speaks to systemd; nil: no notifications.
+	Notifier *ServiceNotifier
+	// MetricsAddr, if set, serves Prometheus metrics at /metrics.
+	MetricsAddr string
+}
+
+// teardownTimeout bounds a graceful teardown (drain, disconnect, delete).
+const teardownTimeout = 60 * time.Second
+
+// Run attaches: it connects to the controller, creates the ublk device for
+// the namespace, and serves it until ctx ends, a client asks to detach, or
+// the controller is lost; then it tears everything down in lifecycle's
+// order. It returns nil after a requested detach; on any error, nothing is
+// left behind: no device, socket, goroutine.
+func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
+	log := rc.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	if err := o.Validate(); err != nil {
+		return err
+	}
+	if err := nvmeof.ValidateNQN(o.NQN); err != nil {
+		return fmt.Errorf("%w: --nqn: %w", ErrInvalidOptions, err)
+	}
+	host, err := hostIdentity(o)
+	if err != nil {
+		return err
+	}
+
+	ctl, err := ublk.OpenControl()
+	if err != nil {
+		return err
+	}
+	defer ctl.Close()
+	feats, err := ctl.Features()
+	if err != nil {
+		return err
+	}
+	recovery := ublk.RecoveryNone
+	if o.Recovery {
+		switch {
+		case feats.Has(ublk.FeatureUserRecoveryReissue):
+			recovery = ublk.RecoveryReissue
+		case feats.Has(ublk.FeatureUserRecovery):
+			recovery = ublk.Recovery
+		default:
+			log.Warn("ublk user recovery not supported by this kernel (needs Linux 6.0); continuing without")
+		}
+	}
+
+	var metrics *Metrics
+	status := &statusTracker{st: Status{
+		PID: os.Getpid(), TrAddr: o.TrAddr, TrSvcID: o.TrSvcID, NQN: o.NQN, HostNQN: host.NQN,
+		NSID: o.NSID, QueueSize: o.QueueSize, Started: time.Now(), DevID: -1,
+	}}
+	connector := &nvmeConnector{
+		cfg: nvmeof.ControllerConfig{
+			Addr: o.Addr(), SubsysNQN: o.NQN, Host: host,
+			IOQueues: o.NrIOQueues, QueueSize: o.QueueSize,
+			KATO: o.KeepAliveTmo, NoKeepAlive: o.KeepAliveTmo == 0,
+			HeaderDigest: o.HdrDigest, DataDigest: o.DataDigest,
+			Logger: log,
+		},
+		nsid:  o.NSID,
+		kaRTT: status.keepAlive,
+	}
+	lopts := lifecycle.DefaultOptions()
+	lopts.ReconnectDelay = o.ReconnectDelay
+	lopts.CtrlLossTmo = o.CtrlLossTmo
+	lopts.FastIOFailTmo = o.FastIOFailTmo
+	lopts.Logger = log
+	lc, err := lifecycle.New(connector, lopts)
+	if err != nil {
+		return err
+	}
+	lc.States().Observe(func(tr lifecycle.Transition) {
+		status.state(tr)
+		if metrics != nil {
+			metrics.SetState(tr.To.String())
+		}
+		if rc.Notifier != nil {
+			_ = rc.Notifier.Status(fmt.Sprintf("controller %v (%s)", tr.To, tr.Reason))
+		}
+	})
+	log.Info("connecting", "addr", o.Addr(), "nqn", o.NQN, "hostnqn", host.NQN)
+	if err := lc.Start(ctx); err != nil {
+		return classifyConnectError(o, err)
+	}
+	// From here on the controller exists: every return deletes it, which
+	// stops and removes the block device too once it is registered. A
+	// controller that died on its own (ctrl_loss_tmo) is an error.
+	var backend *blockBackend
+	defer func() {
+		select {
+		case <-lc.Done():
+			if err == nil {
+				err = fmt.Errorf("%w: %w", ErrControllerLost, lc.Err())
+			}
+		default:
+			lc.Delete()
+		}
+		if backend != nil {
+			backend.wg.Wait() // every request was completed by the teardown
+		}
+	}()
+
+	ns, queues := connector.first()
+	params := blockParams(ns)
+	status.setQueues(queues)
+	depth := min(o.QueueSize-1, 4096)
+	backend = &blockBackend{lc: lc}
+
+	dev, err := ctl.Create(ctx, ublk.Options{
+		ID: devID(o), Queues: queues, Depth: depth,
+		Params: params, Recovery: recovery,
+	}, backend)
+	if err != nil {
+		return err
+	}
+	lc.SetBlock(ublkBlock{dev})
+	select {
+	case <-lc.Done():
+		// Deleted before it knew of the device: remove it here.
+		_ = dev.Close(context.Background())
+		return nil // the deferred check reports why
+	default:
+	}
+	device := dev.BlockDevice()
+	status.setDevice(dev.ID(), device)
+	log = log.With("device", device)
+
+	if rc.MetricsAddr != "" {
+		metrics = NewMetrics(device, o.NQN)
+		metrics.SetState(lc.State().String())
+		backend.metrics = metrics
+		ms, err := ServeMetrics(rc.MetricsAddr, metrics)
+		if err != nil {
+			return fmt.Errorf("%w: --metrics-addr: %w", ErrInvalidOptions, err)
+		}
+		defer ms.Close()
+	}
+	detach := make(chan struct{})
+	var detachOnce sync.Once
+	cs, err := ListenControl(dev.ID(), func() Status {
+		return status.snapshot(lc, backend)
+	}, func() { detachOnce.Do(func() { close(detach) }) })
+	if err != nil {
+		return err
+	}
+	defer cs.Close()
+
+	log.Info("attached", "namespace", o.NSID, "size", params.Size, "block_size", params.LogicalBlockSize,
+		"queues", queues, "depth", depth)
+	if rc.Ready != nil {
+		rc.Ready(device)
+	}
+	if rc.Notifier != nil {
+		_ = rc.Notifier.Ready(device)
+	}
+
+	select {
+	case <-ctx.Done():
+		log.Info("detaching: signalled")
+	case <-detach:
+		log.Info("detaching: requested")
+	case <-lc.Done():
+		return nil // the deferred check reports why
+	case <-dev.Done():
+		log.Warn("the ublk device was stopped from outside")
+	}
+	if rc.Notifier != nil {
+		_ = rc.Notifier.Stopping()
+	}
+	return nil
+}
+
+// ublkBlock is the ublk device as lifecycle stops and removes it.
+type ublkBlock struct{ dev *ublk.Device }
+
+// Stop stops the device (STOP_DEV, serving until it returns) and deletes it.
+// ublk.Device does both in Close; Remove then has nothing left to do.
+func (b ublkBlock) Stop(ctx context.Context) error   { return b.dev.Close(ctx) }
+func (b ublkBlock) Remove(ctx context.Context) error { return b.dev.Close(ctx) }
+
+func devID(o Options) int {
+	if o.DevID < 0 {
+		return ublk.AutoID
+	}
+	return o.DevID
+}
+
+// blockParams derives the ublk device's properties from the namespace.
+func blockParams(ns *nvmeof.Namespace) ublk.Params {
+	bs := uint32(ns.BlockSize())
+	p := ublk.Params{
+		Size:             ns.Blocks << ns.BlockShift,
+		LogicalBlockSize: bs,
+		// A tag's buffer is one command's transfer at most.
+		MaxIOBytes:    uint32(min(ns.MaxTransfer, 1<<20)) &^ (uint32(os.Getpagesize()) - 1),
+		VolatileCache: ns.VolatileWriteCache,
+		FUA:           ns.VolatileWriteCache,
+	}
+	if p.MaxIOBytes == 0 {
+		p.MaxIOBytes = uint32(os.Getpagesize())
+	}
+	if ns.SupportsDeallocate() || ns.SupportsWriteZeroes() {
+		d := &ublk.DiscardParams{Granularity: bs}
+		// One command moves at most 65536 blocks (NLB is 16 bits; a DSM
+		// range is 32 bits but keep requests in one command's reach).
+		maxSectors := uint32(min(uint64(65536)<<ns.BlockShift>>9, 1<<22))
+		if ns.SupportsDeallocate() {
+			d.MaxDiscardSectors = maxSectors
+		}
+		if ns.SupportsWriteZeroes() {
+			d.MaxWriteZeroesSectors = maxSectors
+		}
+		p.Discard = d
+	}
+	return p
+}
+
+func hostIdentity(o Options) (nvmeof.HostIdentity, error) {
+	h, err := nvmeof.LoadHostIdentity()
+	if err != nil && o.HostNQN == "" {
+		return h, err
+	}
+	if o.HostNQN != "" {
+		if err := nvmeof.ValidateNQN(o.HostNQN); err != nil {
+			return h, fmt.Errorf("%w: --hostnqn: %w", ErrInvalidOptions, err)
+		}
+		h.NQN = o.HostNQN
+	}
+	if o.HostID != "" {
+		id, err := nvmeof.ParseUUID(o.HostID)
+		if err != nil {
+			return h, fmt.Errorf("%w: --hostid: %w", ErrInvalidOptions, err)
+		}
+		h.ID = id
+	}
+	return h, nil
+}
+
+// classifyConnectError wraps the first connect's error with the sentinel
+// that says what went wrong.
+func classifyConnectError(o Options, err error) error {
+	var op *net.OpError
+	var st nvme.Status
+	switch {
+	case errors.Is(err, ErrNoNamespace):
+		return err
+	case errors.As(err, &op) && op.Op == "dial":
+		return fmt.Errorf("%w: %s: %w", ErrUnreachable, o.Addr(), err)
+	case errors.As(err, &st):
+		return fmt.Errorf("%w: %s at %s: %w", ErrRejected, o.NQN, o.Addr(), err)
+	}
+	return fmt.Errorf("connect to %s: %w", o.Addr(), err)
+}
+
+// statusTracker keeps what Status reports.
+type statusTracker struct {
+	mu      sync.Mutex
+	st      Status
+	wasLive bool
+}
+
+func (s *statusTracker) state(tr lifecycle.Transition) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.st.State, s.st.StateSince = tr.To.String(), tr.Time
+	if tr.To == lifecycle.StateLive {
+		if s.wasLive {
+			s.st.Reconnects++
+		}
+		s.wasLive = true
+	}
+}
+
+func (s *statusTracker) keepAlive(rtt time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.st.KeepAliveRTT = rtt
+}
+
+func (s *statusTracker) setQueues(n int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.st.Queues = n
+}
+
+func (s *statusTracker) setDevice(id int, path string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.st.DevID, s.st.Device = id, path
+}
+
+func (s *statusTracker) snapshot(lc *lifecycle.Controller, b *blockBackend) Status {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.st
+	st.InFlight = int(b.inflight.Load())
+	st.Held = lc.Held()
+	return st
+}

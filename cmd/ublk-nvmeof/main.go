@@ -1,0 +1,410 @@
+// Command ublk-nvmeof exposes a namespace of a remote NVMe/TCP controller
+// as a Linux block device through the kernel's ublk driver.
+//
+//	ublk-nvmeof attach -a 192.0.2.10 -n nqn.2014-08.org.example:disk1
+//
+// Options follow nvme-cli's connect; each has an UBLK_NVMEOF_* environment
+// variable (systemd/example.env). Exit statuses: see exitCode.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/ublk-nvmeof/ublk-nvmeof/attach"
+	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof"
+	"github.com/ublk-nvmeof/ublk-nvmeof/ublk"
+)
+
+// Exit statuses, one per kind of failure a script may want to tell apart.
+const (
+	exitOK          = 0
+	exitFailure     = 1 // anything else
+	exitUsage       = 2 // bad flags or options
+	exitPermission  = 3 // not root / no CAP_SYS_ADMIN
+	exitNoKernel    = 4 // ublk_drv not loaded, or a kernel feature missing
+	exitUnreachable = 5 // no TCP connection to the target
+	exitRejected    = 6 // the target refused: unknown NQN, host not allowed
+	exitNoNamespace = 7 // the namespace does not exist
+	exitLost        = 8 // the controller was lost (ctrl_loss_tmo expired)
+	exitNoDevice    = 9 // detach/status: no daemon serves that device
+)
+
+func exitCode(err error) int {
+	switch {
+	case err == nil:
+		return exitOK
+	case errors.Is(err, attach.ErrInvalidOptions), errors.Is(err, nvmeof.ErrInvalidNQN):
+		return exitUsage
+	case errors.Is(err, os.ErrPermission), errors.Is(err, syscall.EPERM), errors.Is(err, syscall.EACCES):
+		return exitPermission
+	case errors.Is(err, ublk.ErrNotLoaded), errors.Is(err, ublk.ErrNotSupported):
+		return exitNoKernel
+	case errors.Is(err, attach.ErrUnreachable):
+		return exitUnreachable
+	case errors.Is(err, attach.ErrRejected):
+		return exitRejected
+	case errors.Is(err, attach.ErrNoNamespace):
+		return exitNoNamespace
+	case errors.Is(err, attach.ErrControllerLost):
+		return exitLost
+	case errors.Is(err, attach.ErrNoSuchDevice):
+		return exitNoDevice
+	}
+	return exitFailure
+}
+
+func main() {
+	app := newApp(os.Stdout, os.Stderr)
+	err := app.Run(os.Args)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "ublk-nvmeof: %s\n", oneLine(err))
+	}
+	os.Exit(exitCode(err))
+}
+
+// oneLine keeps an error message on one line, whatever it wraps.
+func oneLine(err error) string {
+	return strings.Join(strings.Fields(err.Error()), " ")
+}
+
+const envPrefix = "UBLK_NVMEOF_"
+
+func env(name string) []string { return []string{envPrefix + name} }
+
+// usageError makes a flag parsing error an ErrInvalidOptions, printed on
+// one line instead of with the whole help text.
+func usageError(_ *cli.Context, err error, _ bool) error {
+	return fmt.Errorf("%w: %v", attach.ErrInvalidOptions, err)
+}
+
+func newApp(stdout, stderr io.Writer) *cli.App {
+	app := &cli.App{
+		Name:      "ublk-nvmeof",
+		Usage:     "expose an NVMe/TCP namespace as a ublk block device",
+		Writer:    stdout,
+		ErrWriter: stderr,
+		// Errors are printed once, by main, on one line.
+		ExitErrHandler: func(*cli.Context, error) {},
+		OnUsageError:   usageError,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json", EnvVars: env("LOG_FORMAT")},
+			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error", EnvVars: env("LOG_LEVEL")},
+		},
+		Before: func(c *cli.Context) error { return setupLogging(c, stderr) },
+		Commands: []*cli.Command{
+			attachCommand(stdout),
+			detachCommand(),
+			listCommand(stdout),
+			statusCommand(stdout),
+			discoverCommand(stdout),
+			versionCommand(stdout),
+		},
+	}
+	for _, c := range app.Commands {
+		c.OnUsageError = usageError
+	}
+	return app
+}
+
+func setupLogging(c *cli.Context, w io.Writer) error {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(c.String("log-level"))); err != nil {
+		return fmt.Errorf("%w: --log-level %q", attach.ErrInvalidOptions, c.String("log-level"))
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	switch c.String("log-format") {
+	case "text":
+		slog.SetDefault(slog.New(slog.NewTextHandler(w, opts)))
+	case "json":
+		slog.SetDefault(slog.New(slog.NewJSONHandler(w, opts)))
+	default:
+		return fmt.Errorf("%w: --log-format %q: text or json", attach.ErrInvalidOptions, c.String("log-format"))
+	}
+	return nil
+}
+
+func connectFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "traddr", Aliases: []string{"a"}, Usage: "target address", EnvVars: env("TRADDR")},
+		&cli.StringFlag{Name: "trsvcid", Aliases: []string{"s"}, Value: attach.DefaultTrSvcID, Usage: "target port", EnvVars: env("TRSVCID")},
+		&cli.StringFlag{Name: "hostnqn", Aliases: []string{"q"}, Usage: "host NQN (default /etc/nvme/hostnqn)", EnvVars: env("HOSTNQN")},
+		&cli.StringFlag{Name: "hostid", Aliases: []string{"I"}, Usage: "host ID, a UUID (default /etc/nvme/hostid)", EnvVars: env("HOSTID")},
+	}
+}
+
+func attachCommand(stdout io.Writer) *cli.Command {
+	d := attach.DefaultOptions()
+	flags := append(connectFlags(),
+		&cli.StringFlag{Name: "nqn", Aliases: []string{"n"}, Usage: "subsystem NQN", EnvVars: env("NQN")},
+		&cli.IntFlag{Name: "nr-io-queues", Aliases: []string{"i"}, Value: d.NrIOQueues, Usage: "I/O queues (and ublk hardware queues)", EnvVars: env("NR_IO_QUEUES")},
+		&cli.IntFlag{Name: "queue-size", Aliases: []string{"Q"}, Value: d.QueueSize, Usage: "I/O queue size", EnvVars: env("QUEUE_SIZE")},
+		&cli.IntFlag{Name: "keep-alive-tmo", Aliases: []string{"k"}, Value: int(d.KeepAliveTmo / time.Second), Usage: "keep-alive timeout, seconds (0: off)", EnvVars: env("KEEP_ALIVE_TMO")},
+		&cli.IntFlag{Name: "reconnect-delay", Aliases: []string{"c"}, Value: int(d.ReconnectDelay / time.Second), Usage: "seconds between reconnect attempts", EnvVars: env("RECONNECT_DELAY")},
+		&cli.IntFlag{Name: "ctrl-loss-tmo", Aliases: []string{"l"}, Value: int(d.CtrlLossTmo / time.Second), Usage: "seconds to keep reconnecting (-1: forever)", EnvVars: env("CTRL_LOSS_TMO")},
+		&cli.IntFlag{Name: "fast-io-fail-tmo", Aliases: []string{"F"}, Value: -1, Usage: "seconds after which held I/O fails while reconnecting (-1: off)", EnvVars: env("FAST_IO_FAIL_TMO")},
+		&cli.BoolFlag{Name: "hdr-digest", Aliases: []string{"g"}, Usage: "NVMe/TCP header digest", EnvVars: env("HDR_DIGEST")},
+		&cli.BoolFlag{Name: "data-digest", Aliases: []string{"G"}, Usage: "NVMe/TCP data digest", EnvVars: env("DATA_DIGEST")},
+		&cli.UintFlag{Name: "nsid", Value: uint(d.NSID), Usage: "namespace ID", EnvVars: env("NSID")},
+		&cli.IntFlag{Name: "dev-id", Value: -1, Usage: "ublk device number N of /dev/ublkbN (-1: the kernel picks)", EnvVars: env("DEV_ID")},
+		&cli.BoolFlag{Name: "recovery", Value: true, Usage: "ublk user recovery: the device survives a daemon crash", EnvVars: env("RECOVERY")},
+		&cli.StringFlag{Name: "metrics-addr", Usage: "serve Prometheus metrics on host:port", EnvVars: env("METRICS_ADDR")},
+	)
+	return &cli.Command{
+		Name:  "attach",
+		Usage: "connect to an NVMe/TCP controller and expose a namespace as /dev/ublkbN (runs until signalled)",
+		Flags: flags,
+		Action: func(c *cli.Context) error {
+			if c.NArg() > 0 {
+				return fmt.Errorf("%w: unexpected argument %q", attach.ErrInvalidOptions, c.Args().First())
+			}
+			o := attach.Options{
+				TrAddr: c.String("traddr"), TrSvcID: c.String("trsvcid"), NQN: c.String("nqn"),
+				HostNQN: c.String("hostnqn"), HostID: c.String("hostid"),
+				NrIOQueues: c.Int("nr-io-queues"), QueueSize: c.Int("queue-size"),
+				KeepAliveTmo:   seconds(c.Int("keep-alive-tmo")),
+				ReconnectDelay: seconds(c.Int("reconnect-delay")),
+				CtrlLossTmo:    seconds(c.Int("ctrl-loss-tmo")),
+				FastIOFailTmo:  seconds(c.Int("fast-io-fail-tmo")),
+				HdrDigest:      c.Bool("hdr-digest"), DataDigest: c.Bool("data-digest"),
+				NSID: uint32(c.Uint("nsid")), DevID: c.Int("dev-id"), Recovery: c.Bool("recovery"),
+			}
+			if err := o.Validate(); err != nil {
+				return err
+			}
+			ctx, stop := signalContext()
+			defer stop()
+			return attach.Run(ctx, o, attach.RunConfig{
+				MetricsAddr: c.String("metrics-addr"),
+				Notifier:    &attach.ServiceNotifier{},
+				Ready:       func(dev string) { fmt.Fprintln(stdout, dev) },
+			})
+		},
+	}
+}
+
+// seconds converts a flag in seconds; negative stays negative (off/forever).
+func seconds(n int) time.Duration { return time.Duration(n) * time.Second }
+
+// signalContext ends at SIGTERM or SIGINT: a graceful detach. A second
+// signal while detaching is reported and otherwise ignored: the teardown
+// is bounded and leaves nothing behind, which killing it would not.
+func signalContext() (context.Context, func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	ch := make(chan os.Signal, 2)
+	signal.Notify(ch, syscall.SIGTERM, syscall.SIGINT)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		n := 0
+		for {
+			select {
+			case s := <-ch:
+				n++
+				if n == 1 {
+					slog.Info("detaching", "signal", s.String())
+					cancel()
+				} else {
+					slog.Warn("already detaching; the teardown is bounded", "signal", s.String())
+				}
+			case <-ctx.Done():
+				if n == 0 {
+					return
+				}
+				// Keep absorbing signals until stop.
+				select {
+				case <-ch:
+				case <-done:
+					return
+				}
+			}
+		}
+	}()
+	return ctx, func() {
+		signal.Stop(ch)
+		cancel()
+	}
+}
+
+func detachCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "detach",
+		Usage:     "detach a device: drain its I/O, disconnect, delete it",
+		ArgsUsage: "DEVICE (N, ublkbN or /dev/ublkbN)",
+		Flags: []cli.Flag{
+			&cli.DurationFlag{Name: "timeout", Value: 2 * time.Minute, Usage: "how long to wait for the daemon to finish"},
+		},
+		Action: func(c *cli.Context) error {
+			id, err := deviceArg(c)
+			if err != nil {
+				return err
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), c.Duration("timeout"))
+			defer cancel()
+			return attach.Detach(ctx, id)
+		},
+	}
+}
+
+func deviceArg(c *cli.Context) (int, error) {
+	if c.NArg() != 1 {
+		return 0, fmt.Errorf("%w: %s needs one DEVICE argument", attach.ErrInvalidOptions, c.Command.Name)
+	}
+	return attach.ParseDevice(c.Args().First())
+}
+
+func jsonFlag() cli.Flag {
+	return &cli.BoolFlag{Name: "json", Aliases: []string{"o"}, Usage: "JSON output"}
+}
+
+func writeJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func listCommand(stdout io.Writer) *cli.Command {
+	return &cli.Command{
+		Name:  "list",
+		Usage: "list the devices this tool serves",
+		Flags: []cli.Flag{jsonFlag()},
+		Action: func(c *cli.Context) error {
+			all, err := attach.List(c.Context)
+			if err != nil {
+				return err
+			}
+			if c.Bool("json") {
+				if all == nil {
+					all = []attach.Status{}
+				}
+				return writeJSON(stdout, all)
+			}
+			tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "DEVICE\tTARGET\tNQN\tNSID\tSTATE\tQUEUES\tPID")
+			for _, s := range all {
+				fmt.Fprintf(tw, "%s\t%s:%s\t%s\t%d\t%s\t%dx%d\t%d\n", s.Device, s.TrAddr, s.TrSvcID, s.NQN, s.NSID, s.State, s.Queues, s.QueueSize, s.PID)
+			}
+			return tw.Flush()
+		},
+	}
+}
+
+func statusCommand(stdout io.Writer) *cli.Command {
+	return &cli.Command{
+		Name:      "status",
+		Usage:     "show one device: controller state, keep-alive, reconnects, I/O in flight",
+		ArgsUsage: "DEVICE",
+		Flags:     []cli.Flag{jsonFlag()},
+		Action: func(c *cli.Context) error {
+			id, err := deviceArg(c)
+			if err != nil {
+				return err
+			}
+			s, err := attach.GetStatus(c.Context, id)
+			if err != nil {
+				return err
+			}
+			if c.Bool("json") {
+				return writeJSON(stdout, s)
+			}
+			tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+			for _, row := range [][2]string{
+				{"device", s.Device},
+				{"target", s.TrAddr + ":" + s.TrSvcID},
+				{"nqn", s.NQN},
+				{"hostnqn", s.HostNQN},
+				{"nsid", fmt.Sprint(s.NSID)},
+				{"state", fmt.Sprintf("%s since %s", s.State, s.StateSince.Format(time.RFC3339))},
+				{"queues", fmt.Sprintf("%d x %d", s.Queues, s.QueueSize)},
+				{"keep-alive rtt", s.KeepAliveRTT.String()},
+				{"reconnects", fmt.Sprint(s.Reconnects)},
+				{"in flight", fmt.Sprintf("%d (%d held)", s.InFlight, s.Held)},
+				{"pid", fmt.Sprint(s.PID)},
+				{"up since", s.Started.Format(time.RFC3339)},
+			} {
+				fmt.Fprintf(tw, "%s:\t%s\n", row[0], row[1])
+			}
+			return tw.Flush()
+		},
+	}
+}
+
+func discoverCommand(stdout io.Writer) *cli.Command {
+	return &cli.Command{
+		Name:  "discover",
+		Usage: "print the discovery log of a discovery controller",
+		Flags: append(connectFlags(), jsonFlag(),
+			&cli.DurationFlag{Name: "timeout", Value: 30 * time.Second, Usage: "give up after"}),
+		Action: func(c *cli.Context) error {
+			o := attach.Options{TrAddr: c.String("traddr"), TrSvcID: c.String("trsvcid")}
+			if err := o.ValidateTarget(); err != nil {
+				return err
+			}
+			host, err := nvmeof.LoadHostIdentity()
+			if err != nil {
+				return err
+			}
+			if q := c.String("hostnqn"); q != "" {
+				host.NQN = q
+			}
+			if id := c.String("hostid"); id != "" {
+				if host.ID, err = nvmeof.ParseUUID(id); err != nil {
+					return fmt.Errorf("%w: --hostid: %w", attach.ErrInvalidOptions, err)
+				}
+			}
+			ctx, cancel := context.WithTimeout(c.Context, c.Duration("timeout"))
+			defer cancel()
+			entries, err := nvmeof.Discover(ctx, o.Addr(), host)
+			if err != nil {
+				return fmt.Errorf("discover %s: %w", o.Addr(), err)
+			}
+			if c.Bool("json") {
+				return writeJSON(stdout, entries)
+			}
+			fmt.Fprintf(stdout, "Discovery Log Number of Records %d\n", len(entries))
+			for i, e := range entries {
+				fmt.Fprintf(stdout, "=====Discovery Log Entry %d======\n", i)
+				tw := tabwriter.NewWriter(stdout, 0, 4, 1, ' ', 0)
+				fmt.Fprintf(tw, "trtype:\t%d\nadrfam:\t%d\nsubtype:\t%d\nportid:\t%d\ntrsvcid:\t%s\nsubnqn:\t%s\ntraddr:\t%s\n",
+					e.TrType, e.AdrFam, e.SubType, e.PortID, e.TrSvcID, e.SubNQN, e.TrAddr)
+				if err := tw.Flush(); err != nil {
+					return err
+				}
+			}
+			return nil
+		},
+	}
+}
+
+func versionCommand(stdout io.Writer) *cli.Command {
+	return &cli.Command{
+		Name:  "version",
+		Usage: "print the version",
+		Action: func(*cli.Context) error {
+			v := "(devel)"
+			if bi, ok := debug.ReadBuildInfo(); ok {
+				v = bi.Main.Version
+				for _, s := range bi.Settings {
+					if s.Key == "vcs.revision" {
+						v += " " + s.Value
+					}
+				}
+			}
+			fmt.Fprintf(stdout, "ublk-nvmeof %s\n", v)
+			return nil
+		},
+	}
+}

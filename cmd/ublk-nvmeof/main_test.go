@@ -1,0 +1,316 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ublk-nvmeof/ublk-nvmeof/attach"
+	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/guest"
+)
+
+// The test binary doubles as the ublk-nvmeof command when this is set, so
+// tests run the real CLI as a separate process.
+const envRunMain = "UBLK_NVMEOF_TEST_RUN_MAIN"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(envRunMain) == "1" {
+		os.Args = append([]string{"ublk-nvmeof"}, os.Args[1:]...)
+		main()
+		return
+	}
+	os.Exit(m.Run())
+}
+
+// runCLI runs the command with args and returns its stdout, stderr and exit
+// status.
+func runCLI(t *testing.T, args ...string) (string, string, int) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], args...)
+	cmd.Env = append(os.Environ(), envRunMain+"=1")
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	code := 0
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	return stdout.String(), stderr.String(), code
+}
+
+func TestUsageErrors(t *testing.T) {
+	t.Setenv("UBLK_NVMEOF_RUN_DIR", t.TempDir())
+	for _, c := range []struct {
+		args []string
+		code int
+		msg  string
+	}{
+		{[]string{"attach"}, exitUsage, "--traddr is required"},
+		{[]string{"attach", "-a", "127.0.0.1"}, exitUsage, "--nqn is required"},
+		{[]string{"attach", "--bogus"}, exitUsage, "flag provided but not defined"},
+		{[]string{"attach", "-a", "127.0.0.1", "-n", "nqn.2026-11.x:y", "-s", "99999"}, exitUsage, "not a TCP port"},
+		{[]string{"attach", "-a", "127.0.0.1", "-n", "not-an-nqn"}, exitUsage, "does not start with \"nqn.\""},
+		{[]string{"attach", "-a", "127.0.0.1", "-n", "nqn.2026-11.x:y", "-Q", "4"}, exitUsage, "--queue-size 4"},
+		{[]string{"--log-format", "xml", "list"}, exitUsage, "--log-format"},
+		{[]string{"detach"}, exitUsage, "needs one DEVICE"},
+		{[]string{"detach", "/dev/sda"}, exitUsage, "not a ublk device"},
+		{[]string{"status", "5"}, exitNoDevice, "no ublk-nvmeof daemon serves /dev/ublkb5"},
+		{[]string{"discover"}, exitUsage, "--traddr is required"},
+	} {
+		_, stderr, code := runCLI(t, c.args...)
+		if code != c.code || !strings.Contains(stderr, c.msg) {
+			t.Errorf("%v: exit %d, stderr %q; want exit %d and %q", c.args, code, stderr, c.code, c.msg)
+		}
+		if n := strings.Count(strings.TrimSpace(stderr), "\n"); n != 0 {
+			t.Errorf("%v: error is %d lines, want one: %q", c.args, n+1, stderr)
+		}
+	}
+}
+
+func TestEnvironmentOptions(t *testing.T) {
+	// Every option also comes from the environment: a bad value there is
+	// reported like the flag.
+	t.Setenv("UBLK_NVMEOF_TRADDR", "127.0.0.1")
+	t.Setenv("UBLK_NVMEOF_NQN", "nqn.2026-11.x:y")
+	t.Setenv("UBLK_NVMEOF_QUEUE_SIZE", "2")
+	_, stderr, code := runCLI(t, "attach")
+	if code != exitUsage || !strings.Contains(stderr, "--queue-size 2") {
+		t.Errorf("exit %d, %q", code, stderr)
+	}
+}
+
+func TestVersion(t *testing.T) {
+	out, _, code := runCLI(t, "version")
+	if code != 0 || !strings.HasPrefix(out, "ublk-nvmeof ") {
+		t.Errorf("exit %d, %q", code, out)
+	}
+}
+
+// --- in the VM: the real CLI against the Linux nvmet-tcp target ---
+
+// daemon is a running `ublk-nvmeof attach`.
+type daemon struct {
+	cmd    *exec.Cmd
+	device string
+	stderr *bytes.Buffer
+	waited chan error
+}
+
+func startAttach(t *testing.T, args ...string) *daemon {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], append([]string{"attach"}, args...)...)
+	cmd.Env = append(os.Environ(), envRunMain+"=1")
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := &daemon{cmd: cmd, stderr: &bytes.Buffer{}, waited: make(chan error, 1)}
+	cmd.Stderr = d.stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	lines := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		if sc.Scan() {
+			lines <- sc.Text()
+		}
+		close(lines)
+		for sc.Scan() {
+		}
+		d.waited <- cmd.Wait()
+	}()
+	t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			_ = cmd.Process.Kill()
+			<-d.waited
+		}
+	})
+	select {
+	case l, ok := <-lines:
+		if !ok {
+			err := <-d.waited
+			d.waited <- err
+			t.Fatalf("attach exited before the device was ready: %v\n%s", err, d.stderr)
+		}
+		d.device = l
+	case <-time.After(60 * time.Second):
+		t.Fatalf("attach did not print a device within 60 s\n%s", d.stderr)
+	}
+	return d
+}
+
+func (d *daemon) wait(t *testing.T) int {
+	t.Helper()
+	select {
+	case err := <-d.waited:
+		d.waited <- err
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			return ee.ExitCode()
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		return 0
+	case <-time.After(2 * time.Minute):
+		t.Fatalf("attach did not exit\n%s", d.stderr)
+	}
+	return -1
+}
+
+func alignedBuf(t *testing.T, n int) []byte {
+	t.Helper()
+	b, err := unix.Mmap(-1, 0, n, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Munmap(b) })
+	return b
+}
+
+func directIO(t *testing.T, dev string, buf []byte, off int64, write bool) {
+	t.Helper()
+	f, err := os.OpenFile(dev, os.O_RDWR|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if write {
+		if _, err = f.WriteAt(buf, off); err == nil {
+			err = f.Sync()
+		}
+	} else {
+		_, err = f.ReadAt(buf, off)
+	}
+	if err != nil {
+		t.Fatalf("%s: %v", dev, err)
+	}
+}
+
+func ublkDevices(t *testing.T) []string {
+	t.Helper()
+	m, err := filepath.Glob("/dev/ublk[bc]*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// TestGuestAttachLinuxTarget: `ublk-nvmeof attach` against the Linux
+// nvmet-tcp target on a RAM disk: data written through /dev/ublkbN is on
+// the RAM disk and reads back; list and status show it; SIGTERM detaches
+// and removes the device.
+func TestGuestAttachLinuxTarget(t *testing.T) {
+	guest.Require(t)
+	t.Setenv("UBLK_NVMEOF_RUN_DIR", t.TempDir())
+	tg := guest.NewTarget(t, guest.TargetOptions{NQN: "nqn.2026-11.io.ublk-nvmeof:attach", Device: "/dev/ram0", Port: 4430})
+	d := startAttach(t, "-a", "127.0.0.1", "-s", "4430", "-n", tg.Opts.NQN, "-i", "2", "-Q", "64")
+	if !strings.HasPrefix(d.device, "/dev/ublkb") {
+		t.Fatalf("attach printed %q", d.device)
+	}
+	if err := guest.WaitFor(d.device, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+
+	const size = 4 << 20
+	const off = 3 << 20
+	pattern := alignedBuf(t, size)
+	if _, err := rand.Read(pattern); err != nil {
+		t.Fatal(err)
+	}
+	directIO(t, d.device, pattern, off, true)
+	onDisk := alignedBuf(t, size)
+	directIO(t, "/dev/ram0", onDisk, off, false)
+	if !bytes.Equal(onDisk, pattern) {
+		t.Fatal("the RAM disk behind the target differs from what was written through ublk")
+	}
+	back := alignedBuf(t, size)
+	directIO(t, d.device, back, off, false)
+	if !bytes.Equal(back, pattern) {
+		t.Fatal("read back through ublk differs from what was written")
+	}
+
+	out, stderr, code := runCLI(t, "list", "--json")
+	var list []attach.Status
+	if code != 0 || json.Unmarshal([]byte(out), &list) != nil || len(list) != 1 ||
+		list[0].Device != d.device || list[0].State != "LIVE" || list[0].Queues != 2 {
+		t.Fatalf("list: exit %d %q %s", code, out, stderr)
+	}
+	out, _, code = runCLI(t, "status", d.device)
+	if code != 0 || !strings.Contains(out, "LIVE") || !strings.Contains(out, tg.Opts.NQN) {
+		t.Fatalf("status: exit %d %q", code, out)
+	}
+
+	if err := d.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if code := d.wait(t); code != 0 {
+		t.Fatalf("attach exited %d after SIGTERM\n%s", code, d.stderr)
+	}
+	if devs := ublkDevices(t); len(devs) != 0 {
+		t.Fatalf("devices left after detach: %v", devs)
+	}
+	t.Logf("daemon log:\n%s", d.stderr)
+}
+
+// TestGuestAttachDetachCommand: `detach` drains and removes the device and
+// the daemon exits 0.
+func TestGuestAttachDetachCommand(t *testing.T) {
+	guest.Require(t)
+	t.Setenv("UBLK_NVMEOF_RUN_DIR", t.TempDir())
+	tg := guest.NewTarget(t, guest.TargetOptions{NQN: "nqn.2026-11.io.ublk-nvmeof:detach", Device: "/dev/ram1", Port: 4431, PortID: 2})
+	d := startAttach(t, "-a", "127.0.0.1", "-s", "4431", "-n", tg.Opts.NQN, "-i", "1")
+	if _, stderr, code := runCLI(t, "detach", d.device); code != 0 {
+		t.Fatalf("detach: exit %d %s", code, stderr)
+	}
+	if code := d.wait(t); code != 0 {
+		t.Fatalf("attach exited %d after detach\n%s", code, d.stderr)
+	}
+	if devs := ublkDevices(t); len(devs) != 0 {
+		t.Fatalf("devices left after detach: %v", devs)
+	}
+}
+
+// TestGuestAttachErrors: each failure has its exit status and one-line
+// message, and leaves no ublk device behind.
+func TestGuestAttachErrors(t *testing.T) {
+	guest.Require(t)
+	t.Setenv("UBLK_NVMEOF_RUN_DIR", t.TempDir())
+	tg := guest.NewTarget(t, guest.TargetOptions{NQN: "nqn.2026-11.io.ublk-nvmeof:errors", Device: "/dev/ram1", Port: 4432, PortID: 3})
+	for _, c := range []struct {
+		name string
+		args []string
+		code int
+		msg  string
+	}{
+		{"unreachable", []string{"-a", "127.0.0.1", "-s", "4499", "-n", tg.Opts.NQN}, exitUnreachable, "target unreachable"},
+		{"unknown NQN", []string{"-a", "127.0.0.1", "-s", "4432", "-n", "nqn.2026-11.io.ublk-nvmeof:nosuch"}, exitRejected, "rejected"},
+		{"no namespace", []string{"-a", "127.0.0.1", "-s", "4432", "-n", tg.Opts.NQN, "--nsid", "9"}, exitNoNamespace, "namespace not found"},
+	} {
+		_, stderr, code := runCLI(t, append([]string{"attach", "--ctrl-loss-tmo", "10", "--reconnect-delay", "1"}, c.args...)...)
+		// Logs come first; the error is the last line, and one line.
+		lines := strings.Split(strings.TrimSpace(stderr), "\n")
+		last := lines[len(lines)-1]
+		if code != c.code || !strings.HasPrefix(last, "ublk-nvmeof: ") || !strings.Contains(last, c.msg) {
+			t.Errorf("%s: exit %d, stderr %q; want exit %d and a last line with %q", c.name, code, stderr, c.code, c.msg)
+		}
+		if devs := ublkDevices(t); len(devs) != 0 {
+			t.Fatalf("%s: devices left: %v", c.name, devs)
+		}
+	}
+}
