@@ -57,6 +57,10 @@ type Config struct {
 	// host path. Dynamically linked programs need their libraries too
 	// (see HostProgram).
 	Files map[string]string
+	// GoPrograms are commands of this module built for the guest
+	// (CGO_ENABLED=0): guest path -> package, e.g.
+	// "/usr/bin/ublk-nvmeof": "./cmd/ublk-nvmeof".
+	GoPrograms map[string]string
 	// Race builds the guest test binaries with the race detector,
 	// statically linked (needs cgo and gcc on the host).
 	Race bool
@@ -193,6 +197,18 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	if err := goBuild(ctx, root, initBin, "./e2e/vm/internal/vminit"); err != nil {
 		return nil, err
 	}
+	files := map[string]string{}
+	for guestPath, pkg := range cfg.GoPrograms {
+		bin := filepath.Join(work, "progs", filepath.Base(guestPath))
+		if err := goBuild(ctx, root, bin, pkg); err != nil {
+			return nil, err
+		}
+		files[guestPath] = bin
+	}
+	for g, h := range cfg.Files {
+		files[g] = h
+	}
+	cfg.Files = files
 	cfg.progressf("built /init and %d guest test binaries in %v", len(bins), time.Since(t0).Round(time.Millisecond))
 
 	initrd := filepath.Join(work, "initrd.gz")

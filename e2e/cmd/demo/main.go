@@ -2,9 +2,11 @@
 // cannot run ublk itself: it boots the e2e VM (Debian's 6.12 kernel under
 // QEMU) and runs the demonstration there, printing progress and a summary.
 //
-// Until the attach command exists it runs the smoke tests: the kernel's
-// ublk driver answers, and a Linux nvmet-tcp target on a RAM disk serves
-// the Linux nvme-tcp initiator with verified data.
+// In the VM: a Linux nvmet-tcp target exports a RAM disk, `ublk-nvmeof
+// attach` exposes it as /dev/ublkbN, an ext4 file system is made and files
+// written and verified, list and status are shown, the device is detached,
+// and the kernel's own nvme-tcp initiator finds the same files (see
+// e2e.TestGuestDemo).
 package main
 
 import (
@@ -15,6 +17,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/ublk-nvmeof/ublk-nvmeof/e2e"
 	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/vm"
 )
 
@@ -25,12 +28,12 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	res, err := vm.Run(ctx, vm.Config{
-		Packages: []string{"./e2e", "./ublk"},
-		Run:      "^TestGuest(KernelModules|GetFeatures|KernelInitiatorLoopback)$",
-		Timeout:  10 * time.Minute,
-		Progress: os.Stdout,
-	})
+	cfg := e2e.VMConfig()
+	cfg.Packages = []string{"./e2e"}
+	cfg.Run = "^TestGuestDemo$"
+	cfg.Timeout = 10 * time.Minute
+	cfg.Progress = os.Stdout
+	res, err := vm.Run(ctx, cfg)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "demo: %v\n", err)
 		os.Exit(1)

@@ -1,0 +1,22 @@
+// Package e2e holds the end-to-end tests that run inside a VM with a real
+// kernel (package e2e/vm), TestVM, the host-side test that boots that VM
+// and runs every guest test of the module there, and the demo's guest side.
+package e2e
+
+import "github.com/ublk-nvmeof/ublk-nvmeof/e2e/vm"
+
+// DaemonPath is where the guest has the ublk-nvmeof command.
+const DaemonPath = "/usr/bin/ublk-nvmeof"
+
+// VMConfig is the VM every guest test of the module runs in: the real
+// ublk-nvmeof command at DaemonPath, and fio, nvme-cli and mkfs.ext4 from
+// the host.
+func VMConfig() vm.Config {
+	return vm.Config{
+		Packages: []string{"./..."},
+		Programs: []string{"fio", "nvme", "mkfs.ext4"},
+		GoPrograms: map[string]string{
+			DaemonPath: "./cmd/ublk-nvmeof",
+		},
+	}
+}
