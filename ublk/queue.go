@@ -79,13 +79,30 @@ func descStride() int {
 
 func roundUp(x, to int) int { return (x + to - 1) / to * to }
 
+// queueRingFlags suit a ring that one thread both submits to and waits on:
+// completions (ublk completes its commands through task work) are run when
+// that thread enters the kernel to wait anyway, instead of interrupting it
+// (COOP_TASKRUN 5.19, SINGLE_ISSUER 6.0, DEFER_TASKRUN 6.1). Measured in
+// the VM with the null backend: about twice the 4 KiB IOPS of a plain ring.
+const queueRingFlags = uapi.IORING_SETUP_COOP_TASKRUN | uapi.IORING_SETUP_SINGLE_ISSUER | uapi.IORING_SETUP_DEFER_TASKRUN
+
+// newQueueRing creates a queue's ring on the calling (locked) thread, with
+// queueRingFlags where the kernel knows them.
+func newQueueRing(entries uint32) (*uring.Ring, error) {
+	r, err := uring.New(entries, uring.WithFlags(queueRingFlags))
+	if errors.Is(err, unix.EINVAL) {
+		return uring.New(entries)
+	}
+	return r, err
+}
+
 // setup creates the queue's resources. On error, teardown releases what was
 // created.
 func (q *queue) setup() error {
 	var err error
 	// One SQE per tag plus the eventfd read; the CQ (2x by default) then
 	// can never overflow.
-	if q.ring, err = uring.New(uint32(q.depth + 1)); err != nil {
+	if q.ring, err = newQueueRing(uint32(q.depth + 1)); err != nil {
 		return fmt.Errorf("queue %d: %w", q.id, err)
 	}
 	off := int64(uapi.UBLKSRV_CMD_BUF_OFFSET + q.id*descStride())

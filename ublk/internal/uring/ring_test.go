@@ -2,6 +2,8 @@ package uring
 
 import (
 	"errors"
+	"runtime"
+	"sync"
 	"testing"
 	"time"
 
@@ -108,5 +110,69 @@ func TestReadIntoMmap(t *testing.T) {
 	c, ok := r.ReapCQE()
 	if !ok || c.UserData != 9 || c.Res != 5 || string(buf[:5]) != "hello" {
 		t.Fatalf("read CQE %+v ok=%v buf=%q", c, ok, buf[:5])
+	}
+}
+
+// An eventfd read posted on the ring wakes a thread blocked in Submit(1)
+// when another goroutine writes the eventfd: the queue loops' doorbell.
+// Checked with the default ring and with the task-run flags the queues use.
+func TestEventfdWake(t *testing.T) {
+	for _, flags := range []uint32{0, 1<<8 | 1<<12 | 1<<13} {
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			runtime.LockOSThread()
+			defer runtime.UnlockOSThread()
+			r, err := New(4, WithFlags(flags))
+			if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EPERM) {
+				t.Logf("flags %#x unsupported here: %v", flags, err)
+				return
+			}
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer r.Close()
+			efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer unix.Close(efd)
+			buf, err := unix.Mmap(-1, 0, 4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer unix.Munmap(buf)
+			s, _ := r.GetSQE()
+			PrepRead(s, efd, buf[:8], 0, 42)
+			if _, err := r.Submit(0); err != nil {
+				t.Error(err)
+				return
+			}
+			var wg sync.WaitGroup
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				unix.Write(efd, []byte{3, 0, 0, 0, 0, 0, 0, 0})
+			}()
+			var c CQE
+			for {
+				var ok bool
+				if c, ok = r.ReapCQE(); ok {
+					break
+				}
+				if _, err := r.Submit(1); err != nil {
+					t.Error(err)
+					break
+				}
+			}
+			wg.Wait()
+			if c.UserData != 42 || c.Res != 8 || buf[0] != 3 {
+				t.Errorf("flags %#x: CQE %+v, counter %d", flags, c, buf[0])
+			}
+		}()
+		<-done
 	}
 }
