@@ -108,6 +108,7 @@ type ctrlOp struct {
 
 var (
 	cmdGetFeatures       = ctrlOp{"GET_FEATURES", uapi.UBLK_U_CMD_GET_FEATURES, 0}
+	cmdGetQueueAffinity  = ctrlOp{"GET_QUEUE_AFFINITY", uapi.UBLK_U_CMD_GET_QUEUE_AFFINITY, uapi.UBLK_CMD_GET_QUEUE_AFFINITY}
 	cmdGetDevInfo        = ctrlOp{"GET_DEV_INFO", uapi.UBLK_U_CMD_GET_DEV_INFO, uapi.UBLK_CMD_GET_DEV_INFO}
 	cmdAddDev            = ctrlOp{"ADD_DEV", uapi.UBLK_U_CMD_ADD_DEV, uapi.UBLK_CMD_ADD_DEV}
 	cmdDelDev            = ctrlOp{"DEL_DEV", uapi.UBLK_U_CMD_DEL_DEV, uapi.UBLK_CMD_DEL_DEV}
@@ -138,10 +139,14 @@ type ctrlError struct {
 }
 
 func (e *ctrlError) Error() string {
-	if e.devID == ^uint32(0) {
-		return fmt.Sprintf("ublk %s: %v", e.op, e.err)
+	hint := ""
+	if errors.Is(e.err, unix.EPERM) {
+		hint = " (ublk control commands need root or CAP_SYS_ADMIN)"
 	}
-	return fmt.Sprintf("ublk %s (dev %d): %v", e.op, e.devID, e.err)
+	if e.devID == ^uint32(0) {
+		return fmt.Sprintf("ublk %s: %v%s", e.op, e.err, hint)
+	}
+	return fmt.Sprintf("ublk %s (dev %d): %v%s", e.op, e.devID, e.err, hint)
 }
 
 func (e *ctrlError) Unwrap() error { return e.err }

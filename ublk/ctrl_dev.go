@@ -96,6 +96,8 @@ func (c *Control) addDev(ctx context.Context, o Options) (DeviceInfo, error) {
 		ri.Flags |= uapi.UBLK_F_USER_RECOVERY
 	case RecoveryReissue:
 		ri.Flags |= uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE
+	case RecoveryFailIO:
+		ri.Flags |= uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_FAIL_IO
 	}
 	if c.features != 0 {
 		if want := Features(ri.Flags); !c.features.Has(want) {
@@ -119,6 +121,16 @@ func (c *Control) DeviceInfo(ctx context.Context, id int) (DeviceInfo, error) {
 		return DeviceInfo{}, err
 	}
 	return infoFromRaw(&ri), nil
+}
+
+// QueueAffinity returns the CPUs whose I/O blk-mq maps to queue q of
+// device id (GET_QUEUE_AFFINITY): where that queue's thread best runs.
+func (c *Control) QueueAffinity(ctx context.Context, id, q int) (unix.CPUSet, error) {
+	var set unix.CPUSet // 1024 CPUs, a multiple of sizeof(long) as the driver requires
+	cmd := devCmd(id)
+	cmd.Data[0] = uint64(q) // the queue goes in data[0], not queue_id
+	_, err := c.run(ctx, cmdGetQueueAffinity, cmd, asBytes(&set))
+	return set, err
 }
 
 func (c *Control) setParams(ctx context.Context, id int, p *Params) error {

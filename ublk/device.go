@@ -160,13 +160,22 @@ func (d *Device) startQueues(ctx context.Context, b Backend) error {
 	d.errs = make([]error, n)
 	d.done = make(chan struct{})
 	ready := make(chan error, n)
+	cpus := make([]*unix.CPUSet, n)
+	for i := range n {
+		// Best effort: without it the queue threads run anywhere.
+		if set, err := d.ctrl.QueueAffinity(ctx, d.info.ID, i); err == nil {
+			cpus[i] = &set
+		} else {
+			d.log.Debug("ublk: GET_QUEUE_AFFINITY", "queue", i, "err", err)
+		}
+	}
 	for i := range n {
 		q := newQueue(i, d.info.Depth, int(d.params.MaxIOBytes), d.cdev, encode, b, d.log)
 		d.queues[i] = q
 		d.wg.Add(1)
 		go func() {
 			defer d.wg.Done()
-			d.errs[i] = q.run(ready)
+			d.errs[i] = q.run(ready, cpus[i])
 		}()
 	}
 	go func() {
@@ -246,6 +255,24 @@ func (d *Device) BlockDevice() string { return d.info.BlockDevice() }
 // the device was stopped by someone else.
 func (d *Device) Done() <-chan struct{} { return d.done }
 
+// Err returns why the queues stopped serving, after Done is closed: nil
+// when they ended because the device was stopped (by Close or by someone
+// else), otherwise the queues' errors.
+func (d *Device) Err() error {
+	select {
+	case <-d.done:
+	default:
+		return nil
+	}
+	var errs []error
+	for i, err := range d.errs {
+		if err != nil && !errors.Is(err, errForced) {
+			errs = append(errs, fmt.Errorf("queue %d: %w", i, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
 // Close stops and deletes the device: STOP_DEV while the queues still
 // serve (it waits for in-flight I/O), then the queue goroutines end and
 // release their rings and mappings, /dev/ublkcN is closed, and DEL_DEV
@@ -278,10 +305,8 @@ func (d *Device) close(ctx context.Context) error {
 	// driver its daemon is gone, which fails the requests a stuck backend
 	// holds and so unblocks a STOP_DEV still running in the kernel.
 	d.stopQueues()
-	for i, err := range d.errs {
-		if err != nil && !errors.Is(err, errForced) {
-			errs = append(errs, fmt.Errorf("queue %d: %w", i, err))
-		}
+	if err := d.Err(); err != nil {
+		errs = append(errs, err)
 	}
 	d.closeCdev()
 	dctx := ctx

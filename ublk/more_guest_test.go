@@ -131,3 +131,51 @@ func TestGuestRecoverErrors(t *testing.T) {
 		t.Errorf("recovering a missing device: %v, want ENODEV", err)
 	}
 }
+
+// TestGuestMissingFeature: asking for a feature this kernel lacks fails
+// before anything is created, naming the feature and the release.
+func TestGuestMissingFeature(t *testing.T) {
+	guest.Require(t)
+	c := openControl(t)
+	f, _ := c.Features()
+	if f.Has(FeatureUserRecoveryFailIO) {
+		t.Skipf("this kernel has USER_RECOVERY_FAIL_IO (%v)", f)
+	}
+	before, _ := c.List(t.Context())
+	_, err := c.Create(t.Context(), Options{ID: AutoID, Depth: 4, Recovery: RecoveryFailIO, Params: Params{Size: mib}}, NullBackend{})
+	var fe *FeatureError
+	if !errors.Is(err, ErrNotSupported) || !errors.As(err, &fe) || fe.Feature != "UBLK_F_USER_RECOVERY_FAIL_IO" || fe.Since != "6.13" {
+		t.Fatalf("Create with RecoveryFailIO: %v", err)
+	}
+	t.Log(err)
+	after, _ := c.List(t.Context())
+	if len(after) != len(before) {
+		t.Errorf("devices before %v, after %v", before, after)
+	}
+}
+
+// TestGuestQueueAffinity: every CPU maps to exactly one queue.
+func TestGuestQueueAffinity(t *testing.T) {
+	guest.Require(t)
+	c := openControl(t)
+	n := min(2, possibleCPUs())
+	d := createDevice(t, c, Options{ID: AutoID, Queues: n, Depth: 4, Params: Params{Size: mib}}, NullBackend{})
+	total := 0
+	var union unix.CPUSet
+	for q := range n {
+		set, err := c.QueueAffinity(t.Context(), d.ID(), q)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("queue %d: %d CPUs", q, set.Count())
+		total += set.Count()
+		for cpu := range possibleCPUs() {
+			if set.IsSet(cpu) {
+				union.Set(cpu)
+			}
+		}
+	}
+	if total != possibleCPUs() || union.Count() != possibleCPUs() {
+		t.Errorf("queues cover %d CPUs (%d distinct), want each of %d once", total, union.Count(), possibleCPUs())
+	}
+}

@@ -68,6 +68,10 @@ const (
 	// requests in flight are reissued to the new daemon, so applications
 	// see no error. The backend must tolerate a write arriving twice.
 	RecoveryReissue
+	// RecoveryFailIO (UBLK_F_USER_RECOVERY_FAIL_IO, 6.13): the device
+	// stays recoverable, but I/O fails while there is no daemon instead
+	// of waiting.
+	RecoveryFailIO
 )
 
 // AutoID asks the kernel to choose the device number.
@@ -169,7 +173,7 @@ func (o Options) normalize() (Options, error) {
 			bad("Discard: set MaxDiscardSectors and/or MaxWriteZeroesSectors")
 		}
 	}
-	if o.Recovery < RecoveryNone || o.Recovery > RecoveryReissue {
+	if o.Recovery < RecoveryNone || o.Recovery > RecoveryFailIO {
 		bad("Recovery %d unknown", o.Recovery)
 	}
 	if len(errs) > 0 {

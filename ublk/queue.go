@@ -248,8 +248,15 @@ func (q *queue) prepWake() error {
 // or the device is otherwise going away) or forceStop is called. The OS
 // thread is never unlocked: it exits with the goroutine, which tells the
 // driver this queue's daemon is gone.
-func (q *queue) run(ready chan<- error) (err error) {
+func (q *queue) run(ready chan<- error, cpus *unix.CPUSet) (err error) {
 	runtime.LockOSThread()
+	if cpus != nil && cpus.Count() > 0 {
+		// Run where blk-mq submits this queue's requests: the driver
+		// hands them over through task work on this thread.
+		if err := unix.SchedSetaffinity(0, cpus); err != nil {
+			q.log.Debug("ublk: queue thread affinity", "queue", q.id, "err", err)
+		}
+	}
 	defer q.teardown()
 	if err := q.setup(); err != nil {
 		ready <- err
