@@ -34,6 +34,9 @@ type Options struct {
 	NSID     uint32 // namespace, default 1
 	DevID    int    // ublk device id; negative: the kernel picks
 	Recovery bool   // ublk user recovery (a restarted daemon takes the device over)
+	// Recover takes over the device a dead daemon left for the same
+	// target and namespace, if there is one, instead of creating one.
+	Recover bool
 }
 
 // Defaults as the Linux host (drivers/nvme/host/fabrics.h: NVMF_DEF_*).

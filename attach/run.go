@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle"
@@ -128,6 +129,7 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 	// stops and removes the block device too once it is registered. A
 	// controller that died on its own (ctrl_loss_tmo) is an error.
 	var backend *blockBackend
+	recorded := -1 // the device whose run record we wrote
 	defer func() {
 		select {
 		case <-lc.Done():
@@ -140,6 +142,13 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 		if backend != nil {
 			backend.wg.Wait() // every request was completed by the teardown
 		}
+		// The record goes with the device; after a crash it stays and
+		// tells the next daemon which device to take over.
+		if recorded >= 0 {
+			if _, infoErr := ctl.DeviceInfo(context.Background(), recorded); errors.Is(infoErr, syscall.ENODEV) {
+				_ = removeRecord(recorded)
+			}
+		}
 	}()
 
 	ns, queues := connector.first()
@@ -148,10 +157,10 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 	depth := min(o.QueueSize-1, 4096)
 	backend = &blockBackend{lc: lc}
 
-	dev, err := ctl.Create(ctx, ublk.Options{
+	dev, err := openDevice(ctx, ctl, o, ublk.Options{
 		ID: devID(o), Queues: queues, Depth: depth,
 		Params: params, Recovery: recovery,
-	}, backend)
+	}, backend, log)
 	if err != nil {
 		return err
 	}
@@ -186,6 +195,28 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 		return err
 	}
 	defer cs.Close()
+	if err := writeRecord(record{DevID: dev.ID(), TrAddr: o.TrAddr, TrSvcID: o.TrSvcID, NQN: o.NQN, NSID: o.NSID, Size: params.Size}); err != nil {
+		return fmt.Errorf("run record: %w", err)
+	}
+	recorded = dev.ID()
+	if rc.Notifier != nil {
+		wdCtx, stopWatchdog := context.WithCancel(context.Background())
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			// Healthy while the lifecycle answers and the controller is
+			// not dead: a wedged state machine blocks this check, and the
+			// missed watchdog makes systemd restart the service.
+			_ = rc.Notifier.Watchdog(wdCtx, func(context.Context) bool {
+				return lc.State() != lifecycle.StateDead
+			})
+		}()
+		defer func() {
+			stopWatchdog()
+			wg.Wait()
+		}()
+	}
 
 	log.Info("attached", "namespace", o.NSID, "size", params.Size, "block_size", params.LogicalBlockSize,
 		"queues", queues, "depth", depth)
@@ -219,6 +250,26 @@ type ublkBlock struct{ dev *ublk.Device }
 // ublk.Device does both in Close; Remove then has nothing left to do.
 func (b ublkBlock) Stop(ctx context.Context) error   { return b.dev.Close(ctx) }
 func (b ublkBlock) Remove(ctx context.Context) error { return b.dev.Close(ctx) }
+
+// openDevice takes over the device a dead daemon left for this target
+// (with Recover), or creates one.
+func openDevice(ctx context.Context, ctl *ublk.Control, o Options, uo ublk.Options, b ublk.Backend, log *slog.Logger) (*ublk.Device, error) {
+	if o.Recover {
+		r, found, err := findRecoverable(ctx, ctl, o)
+		if err != nil {
+			return nil, err
+		}
+		if found {
+			if r.Size != uo.Params.Size {
+				return nil, fmt.Errorf("/dev/ublkb%d was %d bytes, the namespace is now %d: not taking it over", r.DevID, r.Size, uo.Params.Size)
+			}
+			log.Info("recovering the device a dead daemon left", "device", fmt.Sprintf("/dev/ublkb%d", r.DevID))
+			return ctl.Recover(ctx, r.DevID, b)
+		}
+		log.Info("no device to recover; creating one")
+	}
+	return ctl.Create(ctx, uo, b)
+}
 
 func devID(o Options) int {
 	if o.DevID < 0 {
