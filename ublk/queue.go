@@ -38,20 +38,20 @@ type queue struct {
 
 	reqs []Request // one per tag
 
-	// Owned by the loop goroutine.
+	// Owned by the loop goroutine (bufs: see teardown).
 	ring  *uring.Ring
-	descs []byte // read-only mmap of the queue's ublksrv_io_desc array
-	bufs  []byte // depth*maxIO bytes of anonymous mmap: the tag buffers
-	wake  []byte // 8-byte landing area of the eventfd read (mmap'd page)
-	efd   int    // eventfd: other goroutines' doorbell
+	descs []byte       // read-only mmap of the queue's ublksrv_io_desc array
+	bufs  []byte       // depth*maxIO bytes of anonymous mmap: the tag buffers
+	wake  []byte       // 8-byte landing area of the eventfd read (mmap'd page)
+	efd   int          // eventfd: other goroutines' doorbell
+	spare []completion // drained completion list, reused as the next one
 
 	mu          sync.Mutex
-	done        []completion  // completed by the Backend, not yet committed
-	dispatching bool          // loop is inside Backend.Serve calls; it drains done afterwards
-	closed      bool          // loop gone: drop completions, never touch efd
-	stop        bool          // forced stop requested
-	owned       int           // requests held by the Backend
-	drained     chan struct{} // closed when owned drops to 0 after closed
+	done        []completion // completed by the Backend, not yet committed
+	dispatching bool         // loop is inside Backend.Serve calls; it drains done afterwards
+	closed      bool         // loop gone: drop completions, never touch efd
+	stop        bool         // forced stop requested
+	owned       int          // requests held by the Backend
 }
 
 func newQueue(id, depth, maxIO, cdev int, encode bool, b Backend, log *slog.Logger) *queue {
@@ -284,6 +284,7 @@ func (q *queue) run(ready chan<- error, cpus *unix.CPUSet) (err error) {
 func (q *queue) loop() error {
 	live := q.depth // tags whose fetch the driver has not aborted
 	var fetched []int
+	var tagErr error // first command the driver refused
 	for {
 		if _, err := q.ring.Submit(1); err != nil {
 			return fmt.Errorf("queue %d: %w", q.id, err)
@@ -314,13 +315,18 @@ func (q *queue) loop() error {
 				// accept. The tag is lost to us; the device can
 				// only be stopped.
 				q.log.Error("ublk: I/O command failed", "queue", q.id, "tag", tag, "err", unix.Errno(-cqe.Res))
+				if tagErr == nil {
+					tagErr = fmt.Errorf("queue %d tag %d: %w", q.id, tag, unix.Errno(-cqe.Res))
+				}
 				live--
 			}
 		}
 		q.dispatch(fetched)
+		// Swap the completion list with the spare one (drained by the
+		// previous iteration): no allocation per batch.
 		q.mu.Lock()
 		done := q.done
-		q.done = nil
+		q.done, q.spare = q.spare[:0], nil
 		stop := q.stop
 		q.mu.Unlock()
 		for _, c := range done {
@@ -328,11 +334,16 @@ func (q *queue) loop() error {
 				return fmt.Errorf("queue %d: %w", q.id, err)
 			}
 		}
+		q.spare = done
 		if stop {
+			// Hand back what the backend already finished, so those
+			// requests complete rather than wait for the driver to
+			// notice the thread is gone.
+			q.ring.Submit(0)
 			return errForced
 		}
 		if live == 0 {
-			return nil
+			return tagErr
 		}
 	}
 }
