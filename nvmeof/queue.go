@@ -168,6 +168,7 @@ type sendItem struct {
 	ttag   uint16
 	offset uint32
 	length uint32
+	sent   chan struct{} // H2CTermReq: closed once written
 }
 
 type queueState int
@@ -711,17 +712,21 @@ func (q *Queue) readLoop(rd *pdu.Reader) error {
 // sendTermReq tells the controller why we are closing the connection. It
 // is best effort with a short deadline: the writer may hold the socket.
 func (q *Queue) sendTermReq(pe *pdu.ProtocolError) {
+	sent := make(chan struct{})
 	q.mu.Lock()
 	live := q.state == queueLive
 	if live {
-		q.sendq = append(q.sendq, sendItem{req: nil, offset: uint32(pe.FES), length: pe.FEI})
+		q.sendq = append(q.sendq, sendItem{req: nil, offset: uint32(pe.FES), length: pe.FEI, sent: sent})
 	}
 	q.mu.Unlock()
 	q.wakeWriter()
 	if live {
 		// Give the writer a moment to send it before the socket closes.
+		t := time.NewTimer(50 * time.Millisecond)
+		defer t.Stop()
 		select {
-		case <-time.After(50 * time.Millisecond):
+		case <-sent:
+		case <-t.C:
 		case <-q.failed:
 		}
 	}
@@ -763,6 +768,7 @@ func (q *Queue) writer() {
 			}
 			if it.req == nil {
 				bw.Flush()
+				close(it.sent)
 				continue
 			}
 			q.mu.Lock()
