@@ -297,3 +297,53 @@ func TestConnectRejected(t *testing.T) {
 		t.Fatalf("invalid NQN: %v", err)
 	}
 }
+
+// TestDoWaitsForSlot: more synchronous callers than command slots all
+// succeed; Submit alone reports ErrQueueFull.
+func TestDoWaitsForSlot(t *testing.T) {
+	tt := startTarget(t, target.Config{}, 9, 1<<20)
+	c := connect(t, tt, nvmeof.ControllerConfig{QueueSize: 4})
+	ctx := testCtx(t)
+	ns, err := c.Namespace(ctx, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q := c.IOQueues()[0]
+	if q.Size() != 4 {
+		t.Fatalf("queue size %d", q.Size())
+	}
+	remove := tt.InjectFault(target.Fault{QID: 1, Delay: 20 * time.Millisecond})
+	var wg sync.WaitGroup
+	errs := make(chan error, 32)
+	for i := range 32 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs <- q.Write(ctx, ns, uint64(i), make([]byte, 512), false)
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	remove()
+
+	// Fill every slot with held commands: the next Submit is refused.
+	tt.InjectFault(target.Fault{QID: 1, Delay: time.Hour})
+	for range 4 {
+		var req nvmeof.Request
+		ns.PrepareFlush(&req)
+		r := req
+		if err := q.Submit(&r, func(error) {}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var req nvmeof.Request
+	ns.PrepareFlush(&req)
+	if err := q.Submit(&req, func(error) {}); !errors.Is(err, nvmeof.ErrQueueFull) {
+		t.Fatalf("Submit on a full queue: %v", err)
+	}
+}

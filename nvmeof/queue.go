@@ -204,6 +204,7 @@ type Queue struct {
 	free      []uint16
 	sendq     []sendItem
 	sendWake  chan struct{}
+	slotFreed chan struct{} // closed when a slot frees; made by waiters in Do
 	writerOut chan struct{} // closed when the writer has exited
 	timerOut  chan struct{}
 
@@ -458,10 +459,35 @@ func (q *Queue) Submit(req *Request, done func(error)) error {
 // accounted to the queue until it completes; with a data buffer Do always
 // waits for the completion (bounded by the command timeout), because the
 // queue may still write into or read from req.Data.
+//
+// When every command slot is in use, Do waits for one to free up (as a
+// block layer waits for a tag); Submit returns ErrQueueFull instead.
 func (q *Queue) Do(ctx context.Context, req *Request) error {
 	ch := make(chan error, 1)
-	if err := q.Submit(req, func(err error) { ch <- err }); err != nil {
-		return err
+	for {
+		err := q.Submit(req, func(err error) { ch <- err })
+		if err == nil {
+			break
+		}
+		if err != ErrQueueFull {
+			return err
+		}
+		q.mu.Lock()
+		if len(q.free) > 0 {
+			q.mu.Unlock()
+			continue
+		}
+		if q.slotFreed == nil {
+			q.slotFreed = make(chan struct{})
+		}
+		freed := q.slotFreed
+		q.mu.Unlock()
+		select {
+		case <-freed:
+		case <-q.failed:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
 	}
 	if len(req.Data) > 0 {
 		return <-ch
@@ -550,6 +576,10 @@ func (q *Queue) releaseLocked(r *Request) {
 	slot := r.cid & 0x0fff
 	q.slots[slot] = nil
 	q.free = append(q.free, slot)
+	if q.slotFreed != nil {
+		close(q.slotFreed)
+		q.slotFreed = nil
+	}
 }
 
 // complete calls the done callback of a request already removed from the
