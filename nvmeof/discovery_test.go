@@ -163,3 +163,30 @@ func TestManyQueuesFileBackend(t *testing.T) {
 		}
 	}
 }
+
+// TestDiscoveryPaginated: a log larger than one transfer (MDTS 1: 8 KiB)
+// is read in pieces and reassembled.
+func TestDiscoveryPaginated(t *testing.T) {
+	tt := startTarget(t, target.Config{MDTS: 1}, 9, 1<<20)
+	for i := range 20 {
+		if _, err := tt.AddSubsystem(fmt.Sprintf("nqn.2026-11.io.ublk-nvmeof:page%02d", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c := connect(t, tt, nvmeof.ControllerConfig{SubsysNQN: nvme.NVME_DISC_SUBSYS_NAME, NoKeepAlive: true})
+	if c.MaxTransfer() != 8192 {
+		t.Fatalf("max transfer %d, want 8192", c.MaxTransfer())
+	}
+	entries, err := c.DiscoveryLog(testCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(entries) != 21 {
+		t.Fatalf("%d entries, want 21", len(entries))
+	}
+	for i, e := range entries[:20] {
+		if want := fmt.Sprintf("nqn.2026-11.io.ublk-nvmeof:page%02d", i); e.SubNQN != want {
+			t.Fatalf("entry %d: %s, want %s", i, e.SubNQN, want)
+		}
+	}
+}
