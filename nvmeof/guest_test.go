@@ -2,11 +2,13 @@ package nvmeof_test
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -198,5 +200,94 @@ func TestGuestLinuxHostAgainstTarget(t *testing.T) {
 				t.Fatalf("target controllers %v left after the kernel disconnected", ids)
 			}
 		})
+	}
+}
+
+// TestGuestLinuxTargetHotRemove: the Linux target disables the namespace
+// (I/O fails with a status, a namespace-changed event arrives), then
+// removes the port under load (every command in flight fails with a path
+// error, the failure is reported, teardown does not hang).
+func TestGuestLinuxTargetHotRemove(t *testing.T) {
+	guest.Require(t)
+	const port = 4432
+	tg := guest.NewTarget(t, guest.TargetOptions{NQN: "nqn.2026-11.io.ublk-nvmeof:nvmeof-hotremove", Port: port, PortID: 32})
+	ctx := testCtx(t)
+	f := newFailures()
+	events := make(chan nvmeof.AsyncEvent, 10)
+	c, err := nvmeof.Connect(ctx, nvmeof.ControllerConfig{Addr: "127.0.0.1:" + strconv.Itoa(port), SubsysNQN: tg.Opts.NQN,
+		Host: testHost, OnFailure: f.record, OnEvent: func(e nvmeof.AsyncEvent) { events <- e }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ns, err := c.Namespace(ctx, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q := c.IOQueues()[0]
+
+	if err := tg.SetNamespaceEnabled(false); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case e := <-events:
+		t.Logf("event: %v", e)
+		if e.Info != nvme.NVME_AER_NOTICE_NS_CHANGED {
+			t.Fatalf("event %v", e)
+		}
+	case <-time.After(hangDeadline):
+		t.Fatal("no namespace-changed event")
+	}
+	err = q.Read(ctx, ns, 0, make([]byte, 4096))
+	var st nvme.Status
+	if !errors.As(err, &st) {
+		t.Fatalf("read from a disabled namespace: %v, want a status", err)
+	}
+	t.Logf("read from a disabled namespace: %v", err)
+	if err := tg.SetNamespaceEnabled(true); err != nil {
+		t.Fatal(err)
+	}
+	<-events
+
+	// Reads in flight while the port goes away.
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	var pathErrs atomic.Int32
+	for i := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, 64<<10)
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				err := q.Read(ctx, ns, uint64(i*128), buf)
+				if err != nil {
+					if !nvmeof.IsPathError(err) {
+						t.Errorf("read: %v, want a path error", err)
+					}
+					pathErrs.Add(1)
+					return
+				}
+			}
+		}()
+	}
+	time.Sleep(200 * time.Millisecond)
+	if err := tg.UnlinkPort(); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("reported: %v", f.wait(t))
+	close(stop)
+	wg.Wait()
+	if pathErrs.Load() == 0 {
+		t.Fatal("no read saw the port go")
+	}
+	c.Shutdown()
+	c.WaitIdle()
+	if err := tg.LinkPort(); err != nil {
+		t.Fatal(err)
 	}
 }

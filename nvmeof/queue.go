@@ -396,7 +396,8 @@ func (q *Queue) putLocked() {
 // Submit sends req; done is called exactly once with nil, an nvme.Status
 // or a *QueueError, from a queue goroutine and without any queue lock held
 // (so done may call Submit again). done must not block: it delays every
-// other completion of the queue. If Submit returns an error, done is not
+// other completion of the queue, and must not call Wait or Close (they
+// wait for done to return). If Submit returns an error, done is not
 // called.
 func (q *Queue) Submit(req *Request, done func(error)) error {
 	if !q.get() {

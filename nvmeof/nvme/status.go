@@ -188,3 +188,8 @@ func (s Status) Err() error {
 // DoNotRetry reports the DNR bit; lifecycle stops reconnecting after a
 // Connect that failed with it.
 func (s Status) DoNotRetry() bool { return s.DNR() }
+
+// PathRelated reports a Path Related Status (SCT 3, nvme_is_path_error):
+// the command failed on this path, e.g. nvmet's Internal Path Error for a
+// disabled namespace. Unless DNR is set it may succeed later or elsewhere.
+func (s Status) PathRelated() bool { return s&NVME_SCT_MASK == NVME_SCT_PATH }
