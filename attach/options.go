@@ -37,6 +37,8 @@ type Options struct {
 	// Recover takes over the device a dead daemon left for the same
 	// target and namespace, if there is one, instead of creating one.
 	Recover bool
+	// MustRecover makes the absence of such a device an error.
+	MustRecover bool
 }
 
 // Defaults as the Linux host (drivers/nvme/host/fabrics.h: NVMF_DEF_*).

@@ -254,7 +254,7 @@ func (b ublkBlock) Remove(ctx context.Context) error { return b.dev.Close(ctx) }
 // openDevice takes over the device a dead daemon left for this target
 // (with Recover), or creates one.
 func openDevice(ctx context.Context, ctl *ublk.Control, o Options, uo ublk.Options, b ublk.Backend, log *slog.Logger) (*ublk.Device, error) {
-	if o.Recover {
+	if o.Recover || o.MustRecover {
 		r, found, err := findRecoverable(ctx, ctl, o)
 		if err != nil {
 			return nil, err
@@ -265,6 +265,9 @@ func openDevice(ctx context.Context, ctl *ublk.Control, o Options, uo ublk.Optio
 			}
 			log.Info("recovering the device a dead daemon left", "device", fmt.Sprintf("/dev/ublkb%d", r.DevID))
 			return ctl.Recover(ctx, r.DevID, b)
+		}
+		if o.MustRecover {
+			return nil, fmt.Errorf("%w: no device left by a dead daemon for %s namespace %d", ErrNoSuchDevice, o.NQN, o.NSID)
 		}
 		log.Info("no device to recover; creating one")
 	}

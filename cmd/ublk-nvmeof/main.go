@@ -107,10 +107,12 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		Before: func(c *cli.Context) error { return setupLogging(c, stderr) },
 		Commands: []*cli.Command{
 			attachCommand(stdout),
+			recoverCommand(stdout),
 			detachCommand(),
 			listCommand(stdout),
 			statusCommand(stdout),
 			discoverCommand(stdout),
+			serveCommand(stdout),
 			versionCommand(stdout),
 		},
 	}
@@ -147,6 +149,16 @@ func connectFlags() []cli.Flag {
 }
 
 func attachCommand(stdout io.Writer) *cli.Command {
+	return connectCommand(stdout, "attach", "connect to an NVMe/TCP controller and expose a namespace as /dev/ublkbN (runs until signalled)", false)
+}
+
+// recoverCommand is attach that must take over a device a crashed daemon
+// left for the target (ublk user recovery).
+func recoverCommand(stdout io.Writer) *cli.Command {
+	return connectCommand(stdout, "recover", "take over the device a crashed daemon left for this target and serve it (runs until signalled)", true)
+}
+
+func connectCommand(stdout io.Writer, name, usage string, mustRecover bool) *cli.Command {
 	d := attach.DefaultOptions()
 	flags := append(connectFlags(),
 		&cli.StringFlag{Name: "nqn", Aliases: []string{"n"}, Usage: "subsystem NQN", EnvVars: env("NQN")},
@@ -165,8 +177,8 @@ func attachCommand(stdout io.Writer) *cli.Command {
 		&cli.BoolFlag{Name: "recover", Usage: "take over the device a crashed daemon left for this target, if any", EnvVars: env("RECOVER")},
 	)
 	return &cli.Command{
-		Name:  "attach",
-		Usage: "connect to an NVMe/TCP controller and expose a namespace as /dev/ublkbN (runs until signalled)",
+		Name:  name,
+		Usage: usage,
 		Flags: flags,
 		Action: func(c *cli.Context) error {
 			if c.NArg() > 0 {
@@ -182,7 +194,7 @@ func attachCommand(stdout io.Writer) *cli.Command {
 				FastIOFailTmo:  seconds(c.Int("fast-io-fail-tmo")),
 				HdrDigest:      c.Bool("hdr-digest"), DataDigest: c.Bool("data-digest"),
 				NSID: uint32(c.Uint("nsid")), DevID: c.Int("dev-id"), Recovery: c.Bool("recovery"),
-				Recover: c.Bool("recover"),
+				Recover: c.Bool("recover"), MustRecover: mustRecover,
 			}
 			if err := o.Validate(); err != nil {
 				return err

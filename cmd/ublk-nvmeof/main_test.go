@@ -314,6 +314,14 @@ func TestGuestAttachErrors(t *testing.T) {
 			t.Fatalf("%s: devices left: %v", c.name, devs)
 		}
 	}
+	// recover with no device left by a dead daemon.
+	_, stderr, code := runCLI(t, "recover", "-a", "127.0.0.1", "-s", "4432", "-n", tg.Opts.NQN)
+	if code != exitNoDevice || !strings.Contains(stderr, "no device left by a dead daemon") {
+		t.Errorf("recover without a dead daemon: exit %d %q", code, stderr)
+	}
+	if devs := ublkDevices(t); len(devs) != 0 {
+		t.Fatalf("recover: devices left: %v", devs)
+	}
 }
 
 // TestGuestRecoverAfterKill: the daemon is SIGKILLed while a writer is
@@ -405,5 +413,140 @@ func TestGuestRecoverAfterKill(t *testing.T) {
 	}
 	if devs := ublkDevices(t); len(devs) != 0 {
 		t.Fatalf("devices left: %v", devs)
+	}
+}
+
+// TestServeAndDiscover: `serve` exports memory on a free port; `discover`
+// against it lists the subsystem; SIGTERM stops it with status 0. No root
+// needed: both ends are this module's.
+func TestServeAndDiscover(t *testing.T) {
+	const nqn = "nqn.2026-11.io.ublk-nvmeof:serve-test"
+	cmd := exec.Command(os.Args[0], "serve", "--listen", "127.0.0.1:0", "--nqn", nqn, "--size", "8M", "--block-size", "4096")
+	cmd.Env = append(os.Environ(), envRunMain+"=1")
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if cmd.ProcessState == nil {
+			_ = cmd.Process.Kill()
+			_ = cmd.Wait()
+		}
+	}()
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil {
+		t.Fatalf("serve printed nothing: %v\n%s", err, stderr.String())
+	}
+	// "serving NQN namespace 1 (N bytes) on ADDR"
+	f := strings.Fields(line)
+	if len(f) < 2 || f[1] != nqn || !strings.Contains(line, "(8388608 bytes)") {
+		t.Fatalf("serve printed %q", line)
+	}
+	host, port, ok := strings.Cut(f[len(f)-1], ":")
+	if !ok {
+		t.Fatalf("no address in %q", line)
+	}
+
+	out, errOut, code := runCLI(t, "discover", "-a", host, "-s", port, "--json")
+	var entries []struct{ SubNQN, TrAddr, TrSvcID string }
+	if code != 0 || json.Unmarshal([]byte(out), &entries) != nil {
+		t.Fatalf("discover: exit %d %q %s", code, out, errOut)
+	}
+	found := false
+	for _, e := range entries {
+		if e.SubNQN == nqn && e.TrSvcID == port {
+			found = true
+		}
+	}
+	if !found {
+		t.Fatalf("discovery log %+v lacks %s", entries, nqn)
+	}
+	out, _, code = runCLI(t, "discover", "-a", host, "-s", port)
+	if code != 0 || !strings.Contains(out, "subnqn:") || !strings.Contains(out, nqn) {
+		t.Fatalf("discover (human): exit %d %q", code, out)
+	}
+
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("serve after SIGTERM: %v\n%s", err, stderr.String())
+	}
+
+	// Bad input: one line, usage status.
+	for _, args := range [][]string{
+		{"serve", "--nqn", "bad"},
+		{"serve", "--nqn", nqn},
+		{"serve", "--nqn", nqn, "--size", "lots"},
+		{"serve", "--nqn", nqn, "--size", "1M", "--block-size", "1000"},
+	} {
+		if _, stderr, code := runCLI(t, args...); code != exitUsage || strings.Count(strings.TrimSpace(stderr), "\n") != 0 {
+			t.Errorf("%v: exit %d %q", args, code, stderr)
+		}
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	for in, want := range map[string]int64{"512": 512, "4k": 4096, "64M": 64 << 20, "1G": 1 << 30, "2GB": 2 << 30} {
+		if got, err := parseSize(in); err != nil || got != want {
+			t.Errorf("%q: %d, %v", in, got, err)
+		}
+	}
+	for _, bad := range []string{"", "M", "-1", "0", "1.5G", "9999999999T"} {
+		if _, err := parseSize(bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+}
+
+// TestGuestAttachToServe: both ends of this module in a real kernel:
+// `attach` to the in-process target of `serve`, data verified.
+func TestGuestAttachToServe(t *testing.T) {
+	guest.Require(t)
+	t.Setenv("UBLK_NVMEOF_RUN_DIR", t.TempDir())
+	const nqn = "nqn.2026-11.io.ublk-nvmeof:serve"
+	srv := exec.Command(os.Args[0], "serve", "--listen", "127.0.0.1:4440", "--nqn", nqn, "--size", "16M", "--block-size", "4096")
+	srv.Env = append(os.Environ(), envRunMain+"=1")
+	stdout, err := srv.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		_ = srv.Process.Signal(syscall.SIGTERM)
+		_ = srv.Wait()
+	}()
+	if _, err := bufio.NewReader(stdout).ReadString('\n'); err != nil {
+		t.Fatalf("serve did not start: %v", err)
+	}
+	d := startAttach(t, "-a", "127.0.0.1", "-s", "4440", "-n", nqn, "-i", "2", "-G", "-g")
+	if err := guest.WaitFor(d.device, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := os.ReadFile("/sys/block/" + filepath.Base(d.device) + "/queue/logical_block_size"); err != nil || strings.TrimSpace(string(b)) != "4096" {
+		t.Errorf("logical block size %q, %v; want 4096 from the namespace", b, err)
+	}
+	pattern := alignedBuf(t, 2<<20)
+	if _, err := rand.Read(pattern); err != nil {
+		t.Fatal(err)
+	}
+	directIO(t, d.device, pattern, 1<<20, true)
+	back := alignedBuf(t, 2<<20)
+	directIO(t, d.device, back, 1<<20, false)
+	if !bytes.Equal(back, pattern) {
+		t.Fatal("read back through ublk from the in-process target differs")
+	}
+	if _, stderr, code := runCLI(t, "detach", d.device); code != 0 {
+		t.Fatalf("detach: exit %d %s", code, stderr)
+	}
+	if code := d.wait(t); code != 0 {
+		t.Fatalf("attach exited %d\n%s", code, d.stderr)
 	}
 }
