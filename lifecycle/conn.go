@@ -19,8 +19,8 @@ import (
 // error and wakes the controller, it never blocks or tears anything down.
 //
 // A Connect that fails must have released everything it set up. An error
-// whose chain has a method DoNotRetry() bool returning true (a Connect
-// response with the DNR bit set) stops reconnect attempts.
+// whose chain has a method DoNotRetry() bool or DNR() bool returning true
+// (a Connect response with the DNR bit set) stops reconnect attempts.
 type Connector interface {
 	Connect(ctx context.Context, onError func(error)) (Conn, error)
 }
@@ -124,8 +124,14 @@ var (
 	ErrLinkDown = errors.New("link to target down")
 )
 
-// isDNR reports whether err carries the Do Not Retry bit.
+// isDNR reports whether err carries the Do Not Retry bit: an error in its
+// chain has a method DoNotRetry() bool or DNR() bool (nvme.Status) that
+// returns true.
 func isDNR(err error) bool {
 	var d interface{ DoNotRetry() bool }
-	return errors.As(err, &d) && d.DoNotRetry()
+	if errors.As(err, &d) && d.DoNotRetry() {
+		return true
+	}
+	var s interface{ DNR() bool }
+	return errors.As(err, &s) && s.DNR()
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"runtime"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -15,6 +16,10 @@ import (
 var quiet = slog.New(slog.DiscardHandler)
 
 type harness struct {
+	mu      sync.Mutex
+	entered map[State]int // transitions into each state, from an observer
+	moved   chan struct{} // signalled by the observer
+
 	t   *testing.T
 	v   *violations
 	tgt *fakeTarget
@@ -38,6 +43,17 @@ func newHarness(t *testing.T, tweak func(*Options, *fakeTarget)) *harness {
 		t.Fatal(err)
 	}
 	h.c = c
+	h.entered = map[State]int{}
+	h.moved = make(chan struct{}, 1)
+	c.States().Observe(func(tr Transition) {
+		h.mu.Lock()
+		h.entered[tr.To]++
+		h.mu.Unlock()
+		select {
+		case h.moved <- struct{}{}:
+		default:
+		}
+	})
 	if err := c.Start(context.Background()); err != nil {
 		t.Fatalf("Start: %v", err)
 	}
@@ -102,18 +118,14 @@ func (h *harness) doWrite(lba, val uint64) <-chan error {
 func (h *harness) waitEntered(s State, n int) {
 	h.t.Helper()
 	for {
-		_, ch := h.c.States().Watch()
-		k := 0
-		for _, tr := range h.c.States().History() {
-			if tr.To == s {
-				k++
-			}
-		}
+		h.mu.Lock()
+		k := h.entered[s]
+		h.mu.Unlock()
 		if k >= n {
 			return
 		}
 		select {
-		case <-ch:
+		case <-h.moved:
 		case <-time.After(20 * time.Second):
 			h.t.Fatalf("state %v, waiting to enter %v", h.c.State(), s)
 		}
