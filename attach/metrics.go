@@ -24,20 +24,21 @@ type Metrics struct {
 	errors   *prometheus.CounterVec   // failed I/Os by queue, op
 	latency  *prometheus.HistogramVec // seconds, by op
 	inflight *prometheus.GaugeVec     // by queue
-	held     prometheus.Gauge         // I/Os held while the controller recovers
 
 	state        *prometheus.GaugeVec // 1 for the current state, 0 for the others
 	keepAliveRTT prometheus.Gauge
 	reconnects   prometheus.Counter
 
+	constLabels prometheus.Labels
+
 	mu        sync.Mutex
 	lastState string
 }
 
-// NewMetrics registers the metrics with labels naming the device.
-func NewMetrics(device, nqn string) *Metrics {
+// NewMetrics registers the metrics with labels naming the target.
+func NewMetrics(target, nqn string) *Metrics {
 	reg := prometheus.NewRegistry()
-	constLabels := prometheus.Labels{"device": device, "nqn": nqn}
+	constLabels := prometheus.Labels{"target": target, "nqn": nqn}
 	m := &Metrics{
 		reg: reg,
 		ios: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -61,10 +62,6 @@ func NewMetrics(device, nqn string) *Metrics {
 			Namespace: "ublk_nvmeof", Name: "io_in_flight", ConstLabels: constLabels,
 			Help: "I/O requests in flight, by hardware queue.",
 		}, []string{"queue"}),
-		held: prometheus.NewGauge(prometheus.GaugeOpts{
-			Namespace: "ublk_nvmeof", Name: "io_held", ConstLabels: constLabels,
-			Help: "I/O requests held while the controller reconnects.",
-		}),
 		state: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Namespace: "ublk_nvmeof", Name: "controller_state", ConstLabels: constLabels,
 			Help: "1 for the controller's current lifecycle state.",
@@ -78,7 +75,8 @@ func NewMetrics(device, nqn string) *Metrics {
 			Help: "Associations made after the first (successful reconnects).",
 		}),
 	}
-	reg.MustRegister(m.ios, m.bytes, m.errors, m.latency, m.inflight, m.held, m.state, m.keepAliveRTT, m.reconnects,
+	m.constLabels = constLabels
+	reg.MustRegister(m.ios, m.bytes, m.errors, m.latency, m.inflight, m.state, m.keepAliveRTT, m.reconnects,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -101,8 +99,13 @@ func (m *Metrics) IODone(queue int, op string, n int, took time.Duration, err er
 	m.latency.WithLabelValues(op).Observe(took.Seconds())
 }
 
-// SetHeld sets the number of held I/Os.
-func (m *Metrics) SetHeld(n int) { m.held.Set(float64(n)) }
+// HeldFrom makes the io_held gauge read held() at every scrape.
+func (m *Metrics) HeldFrom(held func() int) {
+	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: "ublk_nvmeof", Name: "io_held", ConstLabels: m.constLabels,
+		Help: "I/O requests held while the controller reconnects.",
+	}, func() float64 { return float64(held()) }))
+}
 
 // SetState records a lifecycle state change.
 func (m *Metrics) SetState(state string) {

@@ -12,7 +12,7 @@ import (
 )
 
 func TestMetricsCountIO(t *testing.T) {
-	m := NewMetrics("/dev/ublkb0", "nqn.test")
+	m := NewMetrics("127.0.0.1:4420", "nqn.test")
 	m.IOStarted(1)
 	m.IOStarted(1)
 	m.IODone(1, "read", 4096, 50*time.Microsecond, nil)
@@ -40,9 +40,10 @@ func TestMetricsCountIO(t *testing.T) {
 }
 
 func TestMetricsServer(t *testing.T) {
-	m := NewMetrics("/dev/ublkb0", "nqn.test")
+	m := NewMetrics("127.0.0.1:4420", "nqn.test")
 	m.Reconnected()
 	m.KeepAliveDone(3 * time.Millisecond)
+	m.HeldFrom(func() int { return 7 })
 	s, err := ServeMetrics("127.0.0.1:0", m)
 	if err != nil {
 		t.Fatal(err)
@@ -57,8 +58,9 @@ func TestMetricsServer(t *testing.T) {
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	for _, want := range []string{
-		`ublk_nvmeof_reconnects_total{device="/dev/ublkb0",nqn="nqn.test"} 1`,
-		`ublk_nvmeof_keep_alive_rtt_seconds{device="/dev/ublkb0",nqn="nqn.test"} 0.003`,
+		`ublk_nvmeof_reconnects_total{nqn="nqn.test",target="127.0.0.1:4420"} 1`,
+		`ublk_nvmeof_keep_alive_rtt_seconds{nqn="nqn.test",target="127.0.0.1:4420"} 0.003`,
+		`ublk_nvmeof_io_held{nqn="nqn.test",target="127.0.0.1:4420"} 7`,
 		"go_goroutines",
 	} {
 		if !strings.Contains(string(body), want) {

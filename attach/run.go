@@ -87,7 +87,16 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 		}
 	}
 
+	// Metrics exist from the start so that they see the first connect.
 	var metrics *Metrics
+	if rc.MetricsAddr != "" {
+		metrics = NewMetrics(o.Addr(), o.NQN)
+		ms, err := ServeMetrics(rc.MetricsAddr, metrics)
+		if err != nil {
+			return fmt.Errorf("%w: --metrics-addr: %w", ErrInvalidOptions, err)
+		}
+		defer ms.Close()
+	}
 	status := &statusTracker{st: Status{
 		PID: os.Getpid(), TrAddr: o.TrAddr, TrSvcID: o.TrSvcID, NQN: o.NQN, HostNQN: host.NQN,
 		NSID: o.NSID, QueueSize: o.QueueSize, Started: time.Now(), DevID: -1,
@@ -100,8 +109,13 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 			HeaderDigest: o.HdrDigest, DataDigest: o.DataDigest,
 			Logger: log,
 		},
-		nsid:  o.NSID,
-		kaRTT: status.keepAlive,
+		nsid: o.NSID,
+		kaRTT: func(rtt time.Duration) {
+			status.keepAlive(rtt)
+			if metrics != nil {
+				metrics.KeepAliveDone(rtt)
+			}
+		},
 	}
 	lopts := lifecycle.DefaultOptions()
 	lopts.ReconnectDelay = o.ReconnectDelay
@@ -113,9 +127,12 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 		return err
 	}
 	lc.States().Observe(func(tr lifecycle.Transition) {
-		status.state(tr)
+		reconnected := status.state(tr)
 		if metrics != nil {
 			metrics.SetState(tr.To.String())
+			if reconnected {
+				metrics.Reconnected()
+			}
 		}
 		if rc.Notifier != nil {
 			_ = rc.Notifier.Status(fmt.Sprintf("controller %v (%s)", tr.To, tr.Reason))
@@ -155,7 +172,7 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 	params := blockParams(ns)
 	status.setQueues(queues)
 	depth := min(o.QueueSize-1, 4096)
-	backend = &blockBackend{lc: lc}
+	backend = &blockBackend{lc: lc, metrics: metrics}
 
 	dev, err := openDevice(ctx, ctl, o, ublk.Options{
 		ID: devID(o), Queues: queues, Depth: depth,
@@ -176,15 +193,8 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 	status.setDevice(dev.ID(), device)
 	log = log.With("device", device)
 
-	if rc.MetricsAddr != "" {
-		metrics = NewMetrics(device, o.NQN)
-		metrics.SetState(lc.State().String())
-		backend.metrics = metrics
-		ms, err := ServeMetrics(rc.MetricsAddr, metrics)
-		if err != nil {
-			return fmt.Errorf("%w: --metrics-addr: %w", ErrInvalidOptions, err)
-		}
-		defer ms.Close()
+	if metrics != nil {
+		metrics.HeldFrom(lc.Held)
 	}
 	detach := make(chan struct{})
 	var detachOnce sync.Once
@@ -355,16 +365,20 @@ type statusTracker struct {
 	wasLive bool
 }
 
-func (s *statusTracker) state(tr lifecycle.Transition) {
+// state records a transition and reports whether it was a reconnect (LIVE
+// again after the first time).
+func (s *statusTracker) state(tr lifecycle.Transition) (reconnected bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.st.State, s.st.StateSince = tr.To.String(), tr.Time
 	if tr.To == lifecycle.StateLive {
-		if s.wasLive {
+		reconnected = s.wasLive
+		if reconnected {
 			s.st.Reconnects++
 		}
 		s.wasLive = true
 	}
+	return reconnected
 }
 
 func (s *statusTracker) keepAlive(rtt time.Duration) {

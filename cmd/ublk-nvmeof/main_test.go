@@ -7,9 +7,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -220,7 +223,7 @@ func TestGuestAttachLinuxTarget(t *testing.T) {
 	guest.Require(t)
 	t.Setenv("UBLK_NVMEOF_RUN_DIR", t.TempDir())
 	tg := guest.NewTarget(t, guest.TargetOptions{NQN: "nqn.2026-11.io.ublk-nvmeof:attach", Device: "/dev/ram0", Port: 4430})
-	d := startAttach(t, "-a", "127.0.0.1", "-s", "4430", "-n", tg.Opts.NQN, "-i", "2", "-Q", "64")
+	d := startAttach(t, "-a", "127.0.0.1", "-s", "4430", "-n", tg.Opts.NQN, "-i", "2", "-Q", "64", "--metrics-addr", "127.0.0.1:9782")
 	if !strings.HasPrefix(d.device, "/dev/ublkb") {
 		t.Fatalf("attach printed %q", d.device)
 	}
@@ -244,6 +247,23 @@ func TestGuestAttachLinuxTarget(t *testing.T) {
 	directIO(t, d.device, back, off, false)
 	if !bytes.Equal(back, pattern) {
 		t.Fatal("read back through ublk differs from what was written")
+	}
+
+	resp, err := http.Get("http://127.0.0.1:9782/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metrics, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, re := range []string{
+		`ublk_nvmeof_io_total\{nqn="[^"]+",op="WRITE",queue="\d",target="127.0.0.1:4430"\} [1-9]`,
+		`ublk_nvmeof_io_bytes_total\{nqn="[^"]+",op="READ",queue="\d",target="[^"]+"\} [1-9]`,
+		`ublk_nvmeof_controller_state\{nqn="[^"]+",state="LIVE",target="[^"]+"\} 1`,
+		`ublk_nvmeof_io_held\{[^}]+\} 0`,
+	} {
+		if !regexp.MustCompile(re).Match(metrics) {
+			t.Errorf("/metrics lacks %s", re)
+		}
 	}
 
 	out, stderr, code := runCLI(t, "list", "--json")
