@@ -99,16 +99,23 @@ func (c *Control) Recover(ctx context.Context, id int, b Backend) (*Device, erro
 	if err != nil {
 		return nil, err
 	}
+	var busy error
 	for {
 		err = c.startUserRecovery(ctx, id)
-		if !errors.Is(err, unix.EBUSY) {
+		if errors.Is(err, unix.EBUSY) {
+			busy = err
+		} else if err != nil && busy != nil && ctx.Err() != nil {
+			// The deadline struck during a retry: the device was
+			// busy all along, which is the useful part.
+			err = busy
+		} else {
 			break
 		}
 		// The old daemon's /dev/ublkcN is still open or the queue is
 		// not quiesced yet: both finish asynchronously after it died.
 		select {
 		case <-ctx.Done():
-			return nil, fmt.Errorf("%w (device %d still busy: is its old daemon alive?)", err, id)
+			return nil, fmt.Errorf("%w (device %d still busy: is its old daemon alive?)", busy, id)
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
