@@ -452,8 +452,15 @@ func (q *Queue) Submit(req *Request, done func(error)) error {
 	q.sendq = append(q.sendq, sendItem{req: req})
 	q.mu.Unlock()
 	q.wakeWriter()
+	if testHookSubmitted != nil {
+		testHookSubmitted(q)
+	}
 	return nil
 }
+
+// testHookSubmitted, set only by tests, runs at the end of a successful
+// Submit, still inside it: the command may already have completed.
+var testHookSubmitted func(q *Queue)
 
 // Do submits req and waits for its completion. If ctx ends first and req
 // has no data buffer, Do returns ctx.Err() at once and the command stays
