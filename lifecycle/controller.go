@@ -35,6 +35,12 @@ type Options struct {
 	// KATO.
 	LinkWatch LinkWatcher
 
+	// TeardownHook, if set, is called on the supervisor goroutine before
+	// (done false) and after (done true) every teardown step: for tracing,
+	// and for tests that land a completion at an exact point of teardown.
+	// It delays teardown for as long as it runs.
+	TeardownHook func(step Step, done bool)
+
 	Clock  clock.Clock  // nil: the real clock
 	Logger *slog.Logger // nil: slog.Default()
 }
@@ -96,9 +102,8 @@ type Controller struct {
 	idle       *sync.Cond    // signalled when inflight drops to zero
 	cause      error         // why the controller was deleted
 
-	// hook, if set (tests only, see export_test.go), is called before and
-	// after every teardown step.
-	hook func(step Step, after bool)
+	// hook is Options.TeardownHook.
+	hook func(step Step, done bool)
 }
 
 // New returns a controller in state NEW. Call Start to connect.
@@ -127,6 +132,7 @@ func New(connector Connector, opts Options) (*Controller, error) {
 		deleteReq: make(chan struct{}),
 		done:      make(chan struct{}),
 		wake:      make(chan struct{}),
+		hook:      opts.TeardownHook,
 	}
 	c.idle = sync.NewCond(&c.mu)
 	c.ctx, c.cancel = context.WithCancel(context.Background())
