@@ -1,7 +1,3 @@
-// Package lifecycle is the controller state machine and the one place that
-// orders connect, error recovery, reconnect and teardown of an NVMe/TCP
-// controller and the block device in front of it (see shared/DESIGN.md,
-// "Controller lifecycle").
 package lifecycle
 
 import (

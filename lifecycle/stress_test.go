@@ -14,7 +14,7 @@ import (
 	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle/clock"
 )
 
-var soak = flag.Int("soak", 0, "connect → I/O → teardown cycles for the stress tests (0: 2000, 200 with -short)")
+var soak = flag.Int("soak", 0, "connect → I/O → teardown cycles for the stress tests (0: 2000, 1000 with -short)")
 
 var (
 	verbose    = flag.Bool("stress.v", false, "log every stress cycle's seed")
@@ -26,7 +26,7 @@ func stressCycles() int {
 	case *soak > 0:
 		return *soak
 	case testing.Short():
-		return 200
+		return 1000
 	}
 	return 2000
 }

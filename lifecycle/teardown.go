@@ -164,9 +164,7 @@ func (c *Controller) Do(ctx context.Context, fn func(Conn) error) error {
 		if err != nil {
 			return err
 		}
-		err = fn(conn)
-		// fn has returned: its last touch of conn is behind it.
-		c.exit()
+		err = c.call(conn, fn)
 		if err == nil || !conn.IsPathError(err) {
 			return err
 		}
@@ -222,6 +220,13 @@ func (c *Controller) Held() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.held
+}
+
+// call runs fn with the reference taken by enter and drops it when fn has
+// returned, its last touch of conn behind it, even if fn panics.
+func (c *Controller) call(conn Conn, fn func(Conn) error) error {
+	defer c.exit()
+	return fn(conn)
 }
 
 func (c *Controller) exit() {

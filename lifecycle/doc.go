@@ -1,0 +1,52 @@
+// Package lifecycle is the controller state machine and the one place that
+// orders connect, error recovery, reconnect and teardown of an NVMe/TCP
+// controller and the block device in front of it (shared/DESIGN.md,
+// "Controller lifecycle").
+//
+// States and transitions are the Linux host's (nvme_change_ctrl_state):
+//
+//	to          allowed from
+//	CONNECTING  NEW, RESETTING
+//	LIVE        CONNECTING
+//	RESETTING   NEW, LIVE
+//	DELETING    LIVE, RESETTING, CONNECTING
+//	DEAD        DELETING
+//
+// One unexported function, StateMachine.change, changes state; a
+// transition the table forbids is rejected with *IllegalTransitionError.
+// Every transition is recorded with its reason and time (History) and
+// delivered, in order, to observers (Observe): logs, metrics, tests.
+//
+// A Controller's supervisor goroutine does everything that changes the
+// association: Start makes the first one; an error reported by the
+// association (socket error, command timeout, C2HTermReq), a failed or
+// timed-out keep-alive, a link going down (Options.LinkWatch) or a path
+// error on I/O starts error recovery: RESETTING, teardown, CONNECTING,
+// then a reconnect every reconnect_delay until ctrl_loss_tmo; a Connect
+// rejected with DNR, a different namespace found on reconnect, or
+// ctrl_loss_tmo delete the controller. Everything else only signals the
+// supervisor, so no callback ever tears down inline, and keep-alive's
+// failure is a channel the supervisor selects on: no self-join.
+//
+// Teardown is in teardown.go, in DESIGN.md's order, once: change state (no
+// new submissions), stop keep-alive synchronously, quiesce the ublk side,
+// shut the sockets, wait until every completion handler and every Do
+// caller has returned, free the I/O queues, then the admin queue; on
+// delete, remove the block device.
+//
+// Wiring: the nvmeof side is lifecycle/nvmeofconn (a Connector and the
+// Conn it returns). The ublk side implements Block (Stop: STOP_DEV, Remove:
+// DEL_DEV and closing) and sends every I/O through Controller.Do, which
+// holds it while the controller recovers and fails it with an error
+// wrapping EIO when fast_io_fail_tmo expires or the controller is deleted:
+//
+//	c, _ := lifecycle.New(&nvmeofconn.Connector{Config: cfg, NSID: 1}, lifecycle.DefaultOptions())
+//	if err := c.Start(ctx); err != nil { ... }
+//	c.SetBlock(dev)
+//	err := c.Do(ctx, func(conn lifecycle.Conn) error {
+//		n := conn.(*nvmeofconn.Conn)
+//		return n.IOQueue(q).Write(ctx, n.NS(), lba, buf, false)
+//	})
+//	...
+//	c.Delete() // or <-c.Done() when it deleted itself; c.Err() says why
+package lifecycle
