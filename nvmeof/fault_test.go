@@ -376,3 +376,46 @@ func TestStalledTarget(t *testing.T) {
 		t.Fatalf("write to a stalled target: %v", err)
 	}
 }
+
+// TestDigestErrors: with digests negotiated, a corrupted header digest or
+// data digest from the controller fails the queue with an error.
+func TestDigestErrors(t *testing.T) {
+	o := pdu.Options{HeaderDigest: true, DataDigest: true}
+	cases := map[string]func(cmd *nvme.Command) []byte{
+		"header digest": func(cmd *nvme.Command) []byte {
+			var cqe nvme.Completion
+			cqe.SetCommandID(cmd.CommandID())
+			h := pdu.Header{CommonHeader: pdu.CommonHeader{Type: pdu.TypeCapsuleResp}, Resp: cqe}
+			b := pdu.Append(nil, &h, nil, o)
+			b[len(b)-1] ^= 0xff
+			return b
+		},
+		"data digest": func(cmd *nvme.Command) []byte {
+			h := pdu.Header{CommonHeader: pdu.CommonHeader{Type: pdu.TypeC2HData, Flags: pdu.NVME_TCP_F_DATA_LAST | pdu.NVME_TCP_F_DATA_SUCCESS},
+				Data: pdu.DataHeader{CommandID: cmd.CommandID()}}
+			b := pdu.Append(nil, &h, make([]byte, 512), o)
+			b[len(b)-1] ^= 0xff
+			return b
+		},
+	}
+	for name, reply := range cases {
+		t.Run(name, func(t *testing.T) {
+			tt := startTarget(t, target.Config{}, 9, 1<<20)
+			c := connect(t, tt, nvmeof.ControllerConfig{HeaderDigest: true, DataDigest: true})
+			ns, err := c.Namespace(testCtx(t), 1)
+			if err != nil {
+				t.Fatal(err)
+			}
+			tt.InjectFault(target.Fault{QID: 1, Match: target.MatchOpcode(nvme.NVME_CMD_READ), Reply: reply, Times: 1})
+			q := c.IOQueues()[0]
+			if err := q.Read(testCtx(t), ns, 0, make([]byte, 512)); !nvmeof.IsPathError(err) {
+				t.Fatalf("read: %v, want a path error", err)
+			}
+			qerr := waitFailed(t, q.Queue)
+			var pe *pdu.ProtocolError
+			if !errors.As(qerr, &pe) && !errors.Is(qerr, pdu.ErrDataDigest) {
+				t.Fatalf("queue failed with %v, want a digest error", qerr)
+			}
+		})
+	}
+}

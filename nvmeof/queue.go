@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -301,6 +302,8 @@ func (q *Queue) initConnection(ctx context.Context, rd *pdu.Reader) error {
 	if err := rd.ReadHeader(&h); err != nil {
 		if ctx.Err() != nil {
 			err = ctx.Err()
+		} else if errors.Is(err, os.ErrDeadlineExceeded) {
+			err = fmt.Errorf("no answer before the connect deadline: %w", err)
 		}
 		return fmt.Errorf("nvmeof: queue %d: receive ICResp: %w", q.cfg.QID, err)
 	}
