@@ -419,3 +419,30 @@ func TestDigestErrors(t *testing.T) {
 		})
 	}
 }
+
+// TestTrafficBasedKeepAlive: with TBKAS, I/O alone keeps the controller
+// alive; once the I/O stops, the target deletes it after KATO.
+func TestTrafficBasedKeepAlive(t *testing.T) {
+	tt := startTarget(t, target.Config{TBKAS: true}, 9, 1<<20)
+	f := newFailures()
+	c := connect(t, tt, nvmeof.ControllerConfig{KATO: 300 * time.Millisecond, OnFailure: f.record})
+	ctx := testCtx(t)
+	ns, err := c.Namespace(ctx, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q := c.IOQueues()[0]
+	for range 20 {
+		if err := q.Read(ctx, ns, 0, make([]byte, 512)); err != nil {
+			t.Fatalf("read with traffic as keep-alive: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if len(tt.Controllers()) != 1 {
+		t.Fatal("controller deleted while I/O flowed")
+	}
+	f.wait(t) // no traffic, no keep-alive: deleted
+	if len(tt.Controllers()) != 0 {
+		t.Fatal("controller still there")
+	}
+}
