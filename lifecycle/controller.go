@@ -97,10 +97,19 @@ type Controller struct {
 	block      Block
 	failfast   bool          // fast_io_fail_tmo expired while reconnecting
 	wake       chan struct{} // closed and replaced when state or failfast changes
-	inflight   int           // Do callers holding conn
 	held       int           // Do callers waiting for LIVE
-	idle       *sync.Cond    // signalled when inflight drops to zero
-	cause      error         // why the controller was deleted
+	idle       *sync.Cond    // signalled when inflight drops to zero while draining
+
+	// The I/O fast path, without c.mu (like percpu_ref_tryget_live on
+	// q_usage_counter): a Do caller counts itself in inflight, then
+	// loads live; it may use the association only if live was set.
+	// Teardown clears live first (step 1) and waits for inflight to reach
+	// zero (step 4): with both atomic, either the caller saw nil, or
+	// teardown sees it counted.
+	live     atomic.Pointer[liveConn] // set only while LIVE
+	inflight atomic.Int64             // Do callers between enter and exit
+	draining atomic.Bool              // teardown waits for inflight to drop to zero
+	cause    error                    // why the controller was deleted
 
 	// hook is Options.TeardownHook.
 	hook func(step Step, done bool)
@@ -265,7 +274,19 @@ func (c *Controller) goLive(conn Conn, reason string) {
 	if err := c.setState(StateLive, reason); err != nil {
 		panic(err) // CONNECTING -> LIVE is always allowed; only the supervisor changes state
 	}
+	// Open the fast path, and wake the I/O that found LIVE before it was
+	// open.
+	c.mu.Lock()
+	c.live.Store(&liveConn{conn: conn, gen: c.gen})
+	c.broadcastLocked()
+	c.mu.Unlock()
 	c.startKeepAlive(conn)
+}
+
+// liveConn is the association I/O may use, with its generation.
+type liveConn struct {
+	conn Conn
+	gen  uint64
 }
 
 func (c *Controller) startKeepAlive(conn Conn) {

@@ -564,3 +564,30 @@ func TestStaleErrorIgnored(t *testing.T) {
 	}
 	h.finish()
 }
+
+// BenchmarkDoParallel measures the I/O gate alone: Do on a LIVE controller
+// with a function that does nothing.
+func BenchmarkDoParallel(b *testing.B) {
+	v := &violations{}
+	tgt := newFakeTarget(v)
+	opts := DefaultOptions()
+	opts.Logger = quiet
+	c, err := New(tgt, opts)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := c.Start(context.Background()); err != nil {
+		b.Fatal(err)
+	}
+	defer c.Delete()
+	ctx := context.Background()
+	nop := func(Conn) error { return nil }
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if err := c.Do(ctx, nop); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+}

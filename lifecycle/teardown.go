@@ -70,6 +70,9 @@ func (c *Controller) teardown(mode teardownMode, reason string) {
 		if mode == teardownDelete {
 			to = StateDeleting
 		}
+		// Close the fast path first: from here enter takes the slow
+		// path, which holds or fails the I/O by state.
+		c.live.Store(nil)
 		if err := c.setState(to, reason); err != nil {
 			panic(err) // the supervisor only tears down from a state the table allows
 		}
@@ -121,9 +124,11 @@ func (c *Controller) releaseConn(conn Conn) {
 	c.step(StepWaitCompletions, func() {
 		conn.WaitIdle()
 		c.mu.Lock()
-		for c.inflight > 0 {
+		c.draining.Store(true)
+		for c.inflight.Load() > 0 {
 			c.idle.Wait()
 		}
+		c.draining.Store(false)
 		c.mu.Unlock()
 	})
 	c.step(StepFreeIOQueues, conn.FreeIOQueues)
@@ -182,13 +187,20 @@ func (c *Controller) Do(ctx context.Context, fn func(Conn) error) error {
 // next association, not on the one that failed it).
 func (c *Controller) enter(ctx context.Context, failedGen uint64) (Conn, uint64, error) {
 	for {
+		// Fast path: count ourselves in, then look.
+		c.inflight.Add(1)
+		if l := c.live.Load(); l != nil && l.gen != failedGen {
+			return l.conn, l.gen, nil
+		}
+		c.exit()
+
+		// Slow path: decide by state, or wait for it to change.
 		c.mu.Lock()
-		switch s := c.sm.State(); {
-		case s == StateLive && c.conn != nil && (failedGen == 0 || c.gen != failedGen):
-			c.inflight++
-			conn, gen := c.conn, c.gen
+		if l := c.live.Load(); l != nil && l.gen != failedGen {
 			c.mu.Unlock()
-			return conn, gen, nil
+			continue
+		}
+		switch s := c.sm.State(); {
 		case s == StateDeleting || s == StateDead:
 			c.mu.Unlock()
 			return nil, 0, ErrDeleted
@@ -230,10 +242,9 @@ func (c *Controller) call(conn Conn, fn func(Conn) error) error {
 }
 
 func (c *Controller) exit() {
-	c.mu.Lock()
-	c.inflight--
-	if c.inflight == 0 {
+	if c.inflight.Add(-1) == 0 && c.draining.Load() {
+		c.mu.Lock()
 		c.idle.Broadcast()
+		c.mu.Unlock()
 	}
-	c.mu.Unlock()
 }
