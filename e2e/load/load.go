@@ -14,7 +14,6 @@ package load
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -22,7 +21,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -366,14 +364,13 @@ func (l *Load) Mismatches() []string {
 	return slices.Clone(l.mismatchMsg)
 }
 
-// OnlyErrno reports whether every failed I/O failed with one of errnos;
-// if not, it returns the first that did not.
-func (l *Load) OnlyErrno(errnos ...syscall.Errno) (IOError, bool) {
+// OnlyErrors reports whether allowed accepts the error of every failed
+// I/O; if not, it returns the first it does not accept.
+func (l *Load) OnlyErrors(allowed func(error) bool) (IOError, bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for _, e := range l.errs {
-		var en syscall.Errno
-		if !errors.As(e.Err, &en) || !slices.Contains(errnos, en) {
+		if !allowed(e.Err) {
 			return e, false
 		}
 	}
