@@ -591,3 +591,56 @@ func BenchmarkDoParallel(b *testing.B) {
 		}
 	})
 }
+
+// Keep-alive runs only while LIVE: none is sent while the controller waits
+// to reconnect, however many keep-alive periods pass.
+func TestNoKeepAliveWhileReconnecting(t *testing.T) {
+	h := newHarness(t, func(o *Options, _ *fakeTarget) { o.ReconnectDelay = time.Minute })
+	first := h.tgt.lastConn()
+	first.onError(errSocket)
+	h.waitState(StateConnecting)
+	for i := 0; i < 20; i++ {
+		h.clk.WaitTimers(1)
+		h.clk.Advance(2 * time.Second) // KATO/2 each time, short of reconnect_delay
+	}
+	first.mu.Lock()
+	n := first.kaWritten
+	first.mu.Unlock()
+	if n != 0 {
+		t.Fatalf("%d keep-alives sent on the failed association", n)
+	}
+	if h.tgt.connectCount() != 1 {
+		t.Fatalf("reconnected before reconnect_delay")
+	}
+	h.clk.Advance(time.Minute)
+	h.waitState(StateLive)
+	h.finish()
+}
+
+// Delete from many goroutines at once, while recovering with I/O held.
+func TestConcurrentDelete(t *testing.T) {
+	h := newHarness(t, nil)
+	h.tgt.lastConn().onError(errSocket)
+	h.waitState(StateConnecting)
+	res := h.doWrite(1, 1)
+	waitFor(t, "the write to be held", func() bool { return h.c.Held() == 1 })
+	var wg sync.WaitGroup
+	for i := 0; i < 8; i++ {
+		wg.Add(1)
+		go func() { defer wg.Done(); h.c.Delete() }()
+	}
+	wg.Wait()
+	if err := <-res; !errors.Is(err, ErrDeleted) {
+		t.Fatalf("held write: %v", err)
+	}
+	deleting := 0
+	for _, tr := range h.c.States().History() {
+		if tr.To == StateDeleting {
+			deleting++
+		}
+	}
+	if deleting != 1 {
+		t.Fatalf("entered DELETING %d times", deleting)
+	}
+	h.finish()
+}

@@ -91,7 +91,9 @@ const historyLen = 64
 // Observers are called in transition order, never with the machine's lock
 // held, so an observer may read the state (and even cause a further
 // transition: it is delivered after the current one). An observer must not
-// block for long: it delays the goroutine that changed the state.
+// block for long: it delays the goroutine that changed the state. For a
+// Controller that goroutine is the supervisor, so an observer must never
+// call Controller.Do or Controller.Delete, which wait for it.
 type StateMachine struct {
 	clk clock.Clock
 
