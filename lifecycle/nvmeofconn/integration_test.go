@@ -16,6 +16,7 @@ import (
 	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle"
 	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle/nvmeofconn"
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof"
+	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/nvme"
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/target"
 )
 
@@ -496,3 +497,42 @@ func TestStressOverTCP(t *testing.T) {
 		t.Fatal("no write acknowledged")
 	}
 }
+
+// Faults on an I/O command: the target drops the response (the command
+// times out), closes the connection when the command arrives, or stalls
+// past the timeout. Each starts recovery, and the write is retried on the
+// next association and acknowledged; it is on the target at the end.
+func TestIOFaultsRecover(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		fault target.Fault
+	}{
+		{"dropped-response", target.Fault{QID: target.AnyQueue, Match: isWrite, Drop: true, Times: 1}},
+		{"closed-connection", target.Fault{QID: target.AnyQueue, Match: isWrite, Close: true, Times: 1}},
+		{"stalled-connection", target.Fault{QID: target.AnyQueue, Match: isWrite, Stall: 1500 * time.Millisecond, Times: 1}},
+		// A PDU of an unknown type: a protocol error on the host.
+		{"hostile-reply", target.Fault{QID: target.AnyQueue, Match: isWrite, Times: 1,
+			Reply: func(*nvme.Command) []byte { return []byte{0x7f, 0, 8, 0, 8, 0, 0, 0} }}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newRig(t, target.Config{}, 5*time.Second)
+			r.conn.Config.IOTimeout = 500 * time.Millisecond
+			c := r.start(nil)
+			sc := countStates(c)
+			remove := r.tg.InjectFault(tc.fault)
+			defer remove()
+			if err := write(c, 0, 9, 99); err != nil {
+				t.Fatalf("write: %v", err)
+			}
+			if sc.get(lifecycle.StateResetting) < 1 {
+				t.Fatal("the fault did not start recovery")
+			}
+			if got := r.stored(9); got != 99 {
+				t.Fatalf("block 9 = %d", got)
+			}
+			c.Delete()
+		})
+	}
+}
+
+func isWrite(cmd *nvme.Command) bool { return cmd.Opcode() == nvme.NVME_CMD_WRITE }
