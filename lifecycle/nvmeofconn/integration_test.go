@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"log/slog"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -513,6 +514,10 @@ func TestIOFaultsRecover(t *testing.T) {
 		// A PDU of an unknown type: a protocol error on the host.
 		{"hostile-reply", target.Fault{QID: target.AnyQueue, Match: isWrite, Times: 1,
 			Reply: func(*nvme.Command) []byte { return []byte{0x7f, 0, 8, 0, 8, 0, 0, 0} }}},
+		// The controller terminates the connection: C2HTermReq (type 3,
+		// HLEN 24) with FES 1, invalid PDU header field.
+		{"c2h-termreq", target.Fault{QID: target.AnyQueue, Match: isWrite, Times: 1,
+			Reply: func(*nvme.Command) []byte { return append([]byte{3, 0, 24, 0, 24, 0, 0, 0, 1, 0}, make([]byte, 14)...) }}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := newRig(t, target.Config{}, 5*time.Second)
@@ -526,6 +531,17 @@ func TestIOFaultsRecover(t *testing.T) {
 			}
 			if sc.get(lifecycle.StateResetting) < 1 {
 				t.Fatal("the fault did not start recovery")
+			}
+			if tc.name == "c2h-termreq" {
+				var reason string
+				for _, tr := range c.States().History() {
+					if tr.To == lifecycle.StateResetting {
+						reason = tr.Reason
+					}
+				}
+				if !strings.Contains(reason, "C2HTermReq") {
+					t.Fatalf("recovery reason %q, want the C2HTermReq", reason)
+				}
 			}
 			if got := r.stored(9); got != 99 {
 				t.Fatalf("block 9 = %d", got)
