@@ -186,13 +186,15 @@ func (w *Watcher) Watch(ctx context.Context, down func(error)) error {
 		select {
 		case <-ctx.Done():
 			return nil
-		case u, ok := <-links:
+		case _, ok := <-links:
 			if !ok {
 				return errors.New("linkwatch: link subscription ended")
 			}
-			l := linkFromAttrs(u.Attrs())
-			l.Deleted = u.Header.Type == unix.RTM_DELLINK
-			if err := t.linkChanged(l); err != nil {
+			// Decide on the current state, not the update's: updates
+			// can arrive after a lookup that already saw a newer
+			// state, and a stale "down" must not count as a new
+			// failure.
+			if err := t.routeChanged(); err != nil {
 				down(err)
 			}
 		case _, ok := <-routes:
