@@ -27,6 +27,14 @@ package ublk
 // read of the range must return zeros (WRITE_ZEROES with FlagNoUnmap must
 // keep the blocks allocated).
 //
+// The driver puts no deadline on a request of a live daemon (for
+// privileged devices its block-layer timer just re-arms), so a backend may
+// hold requests as long as it needs, e.g. while it reconnects; it must
+// complete them eventually, or Device.Close reports STOP_DEV as stuck.
+// Requests still held when the queues are forced down are failed (or, with
+// recovery, requeued) by the driver once it sees the queue threads exit;
+// completing them afterwards is harmless.
+//
 // A device with RecoveryReissue may see a request that a previous daemon
 // already executed: writes must be idempotent (they are for block
 // storage).
