@@ -594,7 +594,28 @@ func (s *scenario) verifyBehindTarget() {
 			s.t.Error(err)
 		}
 	}()
-	s.verify(kc.NamespaceDevice(s.opts.NSID), "the kernel's nvme-tcp initiator")
+	dev := kc.NamespaceDevice(s.opts.NSID)
+	if err := waitOpenable(dev); err != nil {
+		s.t.Errorf("kernel initiator: %v", err)
+		return
+	}
+	s.verify(dev, "the kernel's nvme-tcp initiator")
+}
+
+// waitOpenable waits until a block device that just appeared can be
+// opened: its node can be there a moment before the disk is (ENXIO).
+func waitOpenable(dev string) error {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		f, err := os.Open(dev)
+		if err == nil {
+			return f.Close()
+		}
+		if !errors.Is(err, syscall.ENXIO) || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 // detach sends SIGTERM and checks a clean exit, the device gone and the
