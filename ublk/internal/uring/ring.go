@@ -205,6 +205,9 @@ func (r *Ring) Submit(waitNr uint32) (int, error) {
 	// Release store: the SQE contents must be visible before the tail.
 	atomic.StoreUint32(r.sqTail, tail)
 	toSubmit := tail - atomic.LoadUint32(r.sqHead)
+	if toSubmit == 0 && waitNr == 0 {
+		return 0, nil // nothing for the kernel to do: save the syscall
+	}
 	var flags uintptr
 	if waitNr > 0 {
 		flags = uapi.IORING_ENTER_GETEVENTS
