@@ -118,8 +118,8 @@ func possibleCPUs() int {
 func (o Options) normalize() (Options, error) {
 	var errs []error
 	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
-	if o.ID < AutoID || o.ID > 1<<20 {
-		bad("ID %d out of range (AutoID or 0..%d)", o.ID, 1<<20)
+	if o.ID < AutoID || o.ID >= 1<<20 { // UBLK_MAX_UBLKS (one minor each)
+		bad("ID %d out of range (AutoID or 0..%d)", o.ID, 1<<20-1)
 	}
 	if o.Queues == 0 {
 		o.Queues = 1
