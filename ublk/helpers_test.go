@@ -136,8 +136,11 @@ type countingBackend struct {
 	fua     atomic.Int64
 	noUnmap atomic.Int64
 	perQ    [64]atomic.Int64
-	work    chan *Request
-	wg      sync.WaitGroup
+	// inflight counts requests between Serve and Complete; maxInflight
+	// is its high-water mark.
+	inflight, maxInflight atomic.Int64
+	work                  chan *Request
+	wg                    sync.WaitGroup
 }
 
 func newCountingBackend(t *testing.T, size uint64, workers int) *countingBackend {
@@ -151,7 +154,9 @@ func newCountingBackend(t *testing.T, size uint64, workers int) *countingBackend
 		go func() {
 			defer b.wg.Done()
 			for r := range b.work {
-				r.Complete(b.mem.Do(r))
+				err := b.mem.Do(r)
+				b.inflight.Add(-1)
+				r.Complete(err)
 			}
 		}()
 	}
@@ -174,8 +179,13 @@ func (b *countingBackend) Serve(r *Request) {
 	if r.Flags&FlagNoUnmap != 0 {
 		b.noUnmap.Add(1)
 	}
+	n := b.inflight.Add(1)
+	for m := b.maxInflight.Load(); n > m && !b.maxInflight.CompareAndSwap(m, n); m = b.maxInflight.Load() {
+	}
 	if cap(b.work) == 0 {
-		r.Complete(b.mem.Do(r))
+		err := b.mem.Do(r)
+		b.inflight.Add(-1)
+		r.Complete(err)
 		return
 	}
 	b.work <- r
