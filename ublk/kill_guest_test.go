@@ -19,6 +19,7 @@ import (
 // write.
 type writer struct {
 	f      *os.File
+	first  int // first block it writes
 	blocks int
 	acked  atomic.Int64
 	mu     sync.Mutex
@@ -31,7 +32,12 @@ type writer struct {
 const wblock = 64 << 10
 
 func startWriter(t *testing.T, path string, blocks int) *writer {
-	w := &writer{blocks: blocks, seeds: map[int]byte{}, stop: make(chan struct{}), done: make(chan struct{})}
+	return startWriterAt(t, path, 0, blocks)
+}
+
+// startWriterAt writes blocks first .. first+blocks-1.
+func startWriterAt(t *testing.T, path string, first, blocks int) *writer {
+	w := &writer{first: first, blocks: blocks, seeds: map[int]byte{}, stop: make(chan struct{}), done: make(chan struct{})}
 	f, err := os.OpenFile(path, os.O_RDWR|unix.O_DIRECT, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -46,7 +52,7 @@ func startWriter(t *testing.T, path string, blocks int) *writer {
 				return
 			default:
 			}
-			blk := i % blocks
+			blk := w.first + i%blocks
 			seed := byte(i/blocks + 1)
 			off := int64(blk) * wblock
 			pattern(buf, seed, off)
@@ -119,12 +125,19 @@ func TestGuestRecoveryAfterSIGKILL(t *testing.T) {
 	a := startDaemon(t, envHelper+"=create", envFile+"="+file, fmt.Sprintf("%s=%d", envRecovery, RecoveryReissue))
 	bdev := fmt.Sprintf("/dev/ublkb%d", a.id)
 	openBlock(t, bdev, os.O_RDONLY).Close() // wait for the node
-	w := startWriter(t, bdev, 8*mib/wblock)
+	// Four writers on disjoint blocks keep several requests in flight
+	// when the daemon dies: all of them must be reissued.
+	const nw, per = 4, 8 * mib / wblock / 4
+	var ws []*writer
+	for i := range nw {
+		ws = append(ws, startWriterAt(t, bdev, i*per, per))
+	}
+	w := ws[0]
 	if !w.waitAcked(30) {
 		t.Fatalf("writer made no progress before the kill: %v", w.finish())
 	}
 	a.kill(t)
-	t.Logf("daemon %d killed after %d writes", a.cmd.Process.Pid, w.acked.Load())
+	t.Logf("daemon %d killed after %d writes of writer 0", a.cmd.Process.Pid, w.acked.Load())
 	info, err := c.DeviceInfo(t.Context(), a.id)
 	if err != nil {
 		t.Fatalf("device gone after its daemon died, despite recovery: %v", err)
@@ -138,15 +151,19 @@ func TestGuestRecoveryAfterSIGKILL(t *testing.T) {
 	if !w.waitAcked(30) {
 		t.Fatalf("writer made no progress after recovery: %v", w.finish())
 	}
-	if err := w.finish(); err != nil {
-		t.Fatalf("the writer saw an I/O error across the daemon's death: %v", err)
+	for i, w := range ws {
+		if err := w.finish(); err != nil {
+			t.Fatalf("writer %d saw an I/O error across the daemon's death: %v", i, err)
+		}
+		t.Logf("writer %d: %d writes acknowledged", i, w.acked.Load())
 	}
-	t.Logf("%d writes acknowledged in total", w.acked.Load())
 	info, err = c.DeviceInfo(t.Context(), a.id)
 	if err != nil || info.State != StateLive || info.DaemonPID != b.cmd.Process.Pid {
 		t.Errorf("device after recovery: %+v, %v; want LIVE served by pid %d", info, err, b.cmd.Process.Pid)
 	}
-	w.verify(t, bdev)
+	for _, w := range ws {
+		w.verify(t, bdev)
+	}
 	b.stop(t)
 	assertGone(t, c, a.id)
 }
