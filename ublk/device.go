@@ -25,6 +25,8 @@ type Device struct {
 	errs   []error        // per queue loop result, written before wg.Done
 	done   chan struct{}  // closed when every queue loop returned
 
+	stopOnce  sync.Once
+	stopErr   error
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -280,19 +282,22 @@ func (d *Device) Err() error {
 	return errors.Join(errs...)
 }
 
-// Close stops and deletes the device: STOP_DEV while the queues still
-// serve (it waits for in-flight I/O), then the queue goroutines end and
-// release their rings and mappings, /dev/ublkcN is closed, and DEL_DEV
-// removes the device. If a kernel call does not return before ctx ends (or
-// DefaultCommandTimeout without a deadline) the error says which, and the
-// queues are forced down so nothing in this process hangs. Close is
-// idempotent.
-func (d *Device) Close(ctx context.Context) error {
-	d.closeOnce.Do(func() { d.closeErr = d.close(ctx) })
-	return d.closeErr
+// Stop ends serving without deleting the device: STOP_DEV while the queues
+// still serve (it removes /dev/ublkbN and waits for in-flight I/O, so the
+// Backend must keep completing requests until Stop returns), then the
+// queue goroutines end and release their rings and mappings. If STOP_DEV
+// does not return before ctx ends (or DefaultCommandTimeout without a
+// deadline) the error wraps ErrTimeout and the queues are forced down, so
+// nothing in this process hangs. Stop is idempotent; Close calls it.
+//
+// Stop lets a caller order teardown as DESIGN.md does: quiesce the block
+// device first, then shut the backend down, then Close to delete.
+func (d *Device) Stop(ctx context.Context) error {
+	d.stopOnce.Do(func() { d.stopErr = d.stop(ctx) })
+	return d.stopErr
 }
 
-func (d *Device) close(ctx context.Context) error {
+func (d *Device) stop(ctx context.Context) error {
 	var errs []error
 	err := d.ctrl.stopDev(ctx, d.info.ID)
 	if err != nil && !errors.Is(err, unix.ENODEV) {
@@ -315,10 +320,28 @@ func (d *Device) close(ctx context.Context) error {
 	if err := d.Err(); err != nil {
 		errs = append(errs, err)
 	}
+	return errors.Join(errs...)
+}
+
+// Close stops the device (see Stop) unless that was done, closes
+// /dev/ublkcN and deletes the device (DEL_DEV, which waits until every
+// opener of /dev/ublkbN closed it). The deadline rules are Stop's; DEL_DEV
+// is attempted even when ctx has already ended, with a short budget of its
+// own, because a device left behind is the worse outcome. Close is
+// idempotent.
+func (d *Device) Close(ctx context.Context) error {
+	d.closeOnce.Do(func() { d.closeErr = d.close(ctx) })
+	return d.closeErr
+}
+
+func (d *Device) close(ctx context.Context) error {
+	var errs []error
+	if err := d.Stop(ctx); err != nil {
+		errs = append(errs, err)
+	}
 	d.closeCdev()
 	dctx := ctx
 	if ctx.Err() != nil {
-		// Still try to delete: a device left behind is the worse outcome.
 		var cancel context.CancelFunc
 		dctx, cancel = context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()

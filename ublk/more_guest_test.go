@@ -3,6 +3,7 @@ package ublk
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"slices"
 	"testing"
@@ -178,4 +179,34 @@ func TestGuestQueueAffinity(t *testing.T) {
 	if total != possibleCPUs() || union.Count() != possibleCPUs() {
 		t.Errorf("queues cover %d CPUs (%d distinct), want each of %d once", total, union.Count(), possibleCPUs())
 	}
+}
+
+// TestGuestStopThenClose: Stop removes the block device and ends the
+// queues but keeps the device, which Close then deletes.
+func TestGuestStopThenClose(t *testing.T) {
+	guest.Require(t)
+	c := openControl(t)
+	d, err := c.Create(t.Context(), Options{ID: AutoID, Queues: 2, Depth: 8, Params: Params{Size: mib}}, NullBackend{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Stop(t.Context()); err != nil {
+		t.Fatalf("Stop: %v", err)
+	}
+	select {
+	case <-d.Done():
+	default:
+		t.Error("queues still running after Stop")
+	}
+	if _, err := os.Stat(fmt.Sprintf("/sys/block/ublkb%d", d.ID())); err == nil {
+		t.Error("block device still present after Stop")
+	}
+	info, err := c.DeviceInfo(t.Context(), d.ID())
+	if err != nil || info.State != StateDead {
+		t.Errorf("device after Stop: %+v, %v; want it present and DEAD", info, err)
+	}
+	if err := d.Close(t.Context()); err != nil {
+		t.Fatalf("Close after Stop: %v", err)
+	}
+	assertGone(t, c, d.ID())
 }
