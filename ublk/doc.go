@@ -45,7 +45,10 @@
 // fetches and for the partition scan's reads). Close: STOP_DEV while the
 // queues still serve (it drains in-flight I/O), the queues see every fetch
 // aborted (-ENODEV) and exit, closing their rings and unmapping; then
-// /dev/ublkcN is closed and DEL_DEV removes the device. DEL_DEV waits until
+// /dev/ublkcN is closed and DEL_DEV removes the device. Stop does the first
+// half alone (the block device goes, the device stays until Close), for
+// callers that must quiesce the block side before shutting their backend
+// down. DEL_DEV waits until
 // every opener of /dev/ublkbN closed it. Every error path undoes what was
 // done: no device, fd, mapping or goroutine is left behind.
 //
