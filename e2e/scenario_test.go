@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netns"
+	"go.uber.org/goleak"
 
 	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/guest"
 	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/load"
@@ -449,6 +450,7 @@ const (
 // starts from) and creates the target exporting it.
 func newScenario(t *testing.T, opts guest.TargetOptions) *scenario {
 	t.Helper()
+	checkNoLeaks(t)
 	t.Setenv("UBLK_NVMEOF_RUN_DIR", t.TempDir())
 	s := &scenario{t: t, tl: newTimeline(), opts: opts}
 	// The timeline is printed however the test ends.
@@ -663,4 +665,17 @@ func TestScenarioSoak(t *testing.T) {
 	cfg.TestTimeout = time.Duration(cycles)*3*time.Second + 5*time.Minute
 	cfg.Timeout = cfg.TestTimeout + 5*time.Minute
 	vm.RunT(t, cfg)
+}
+
+// checkNoLeaks fails t if goroutines it started outlive it. Registered
+// first, it runs after every other cleanup (the daemon killed and waited
+// for, the load stopped).
+func checkNoLeaks(t *testing.T) {
+	t.Helper()
+	opt := goleak.IgnoreCurrent()
+	t.Cleanup(func() {
+		if err := goleak.Find(opt); err != nil {
+			t.Errorf("goroutines left behind by the test: %v", err)
+		}
+	})
 }

@@ -450,6 +450,7 @@ func testTargetRebuilt(t *testing.T, same bool) {
 		name, port, portID = "rebuilt-other", 4448, 18
 	}
 	opts := guest.TargetOptions{NQN: scenarioNQN(name), Device: "/dev/ram0", Addr: "127.0.0.1", Port: port, PortID: portID, NSID: 1}
+	checkNoLeaks(t)
 	t.Setenv("UBLK_NVMEOF_RUN_DIR", t.TempDir())
 	s := &scenario{t: t, tl: newTimeline(), opts: opts}
 	t.Cleanup(func() { t.Logf("timeline:\n%s", s.tl) })
@@ -540,6 +541,7 @@ func testDetachCycles(t *testing.T, part int) {
 			t.Fatalf("%s=%q: %v", envSoakCycles, v, err)
 		}
 	}
+	checkNoLeaks(t)
 	t.Setenv("UBLK_NVMEOF_RUN_DIR", t.TempDir())
 	opts := guest.TargetOptions{NQN: scenarioNQN(fmt.Sprintf("cycles-%d", part)), Device: "/dev/ram1", Port: 4449 + part, PortID: 19 + part}
 	tg := guest.NewTarget(t, opts)
