@@ -194,6 +194,11 @@ type Queue struct {
 
 	inCapsuleMax atomic.Int64 // largest in-capsule write
 
+	// minTimeout is the shortest command timeout seen, which sets how
+	// often the timer looks; timeoutShortened tells the timer it dropped.
+	minTimeout       atomic.Int64
+	timeoutShortened chan struct{}
+
 	mu        sync.Mutex
 	state     queueState
 	err       error // *QueueError once failed
@@ -255,7 +260,10 @@ func NewQueue(ctx context.Context, conn net.Conn, cfg QueueConfig) (*Queue, erro
 		sendWake:  make(chan struct{}, 1),
 		writerOut: make(chan struct{}),
 		timerOut:  make(chan struct{}),
+
+		timeoutShortened: make(chan struct{}, 1),
 	}
+	q.minTimeout.Store(int64(cfg.Timeout))
 	for i := cfg.Size - 1; i >= 0; i-- {
 		q.free = append(q.free, uint16(i))
 	}
@@ -428,6 +436,15 @@ func (q *Queue) Submit(req *Request, done func(error)) error {
 	req.deadline = time.Time{}
 	if timeout > 0 {
 		req.deadline = time.Now().Add(timeout)
+		for cur := q.minTimeout.Load(); int64(timeout) < cur; cur = q.minTimeout.Load() {
+			if q.minTimeout.CompareAndSwap(cur, int64(timeout)) {
+				select {
+				case q.timeoutShortened <- struct{}{}:
+				default:
+				}
+				break
+			}
+		}
 	}
 
 	q.mu.Lock()
@@ -888,13 +905,24 @@ func (q *Queue) writeData(w *bufio.Writer, hdr, data []byte, o pdu.Options) erro
 func (q *Queue) timer() {
 	defer q.put()
 	defer close(q.timerOut)
-	period := min(max(q.cfg.Timeout/8, 10*time.Millisecond), time.Second)
-	t := time.NewTicker(period)
+	// Check at an eighth of the shortest timeout in use, so a command
+	// with a short timeout (a Keep Alive bounded by KATO on an admin queue
+	// with a long default) is not late by more than that.
+	period := func() time.Duration {
+		return min(max(time.Duration(q.minTimeout.Load())/8, 10*time.Millisecond), time.Second)
+	}
+	cur := period()
+	t := time.NewTicker(cur)
 	defer t.Stop()
 	for {
 		select {
 		case <-q.failed:
 			return
+		case <-q.timeoutShortened:
+			if p := period(); p != cur {
+				cur = p
+				t.Reset(cur)
+			}
 		case now := <-t.C:
 			q.mu.Lock()
 			var expired *Request
