@@ -18,13 +18,13 @@ package e2e
 // and g longer: E2E_SOAK_CYCLES=1000 go test -count=1 -v -run TestScenarioSoak ./e2e/
 
 import (
-	"encoding/json"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -534,10 +534,10 @@ func TestGuestScenarioDetachCycles2(t *testing.T) {
 }
 
 func testDetachCycles(t *testing.T, part int) {
-	cycles := 100
+	n := 100
 	if v := os.Getenv(envSoakCycles); v != "" {
 		var err error
-		if cycles, err = strconv.Atoi(v); err != nil {
+		if n, err = strconv.Atoi(v); err != nil {
 			t.Fatalf("%s=%q: %v", envSoakCycles, v, err)
 		}
 	}
@@ -547,33 +547,25 @@ func testDetachCycles(t *testing.T, part int) {
 	tg := guest.NewTarget(t, opts)
 	opts = tg.Opts
 	const blocks = 64 // 256 KiB
-	// Keep-alives go out on a grid from LIVE: every KATO/2, or KATO/4 when
-	// the target has traffic-based keep-alive (nvmet does), and a tick is
-	// skipped when other commands completed since the previous one. The
-	// load stops and its data is read back first; the detach is aimed at
-	// the second tick after that (the first may still be skipped), plus an
-	// offset swept over the cycles from 1 ms before to 6.25 ms after, so
-	// that it lands while a keep-alive is being sent or is in flight.
-	const period = time.Second / 4
+	c := &cycles{capture: startKACapture(t, opts.Port)}
 	start := time.Now()
 	var last *load.Load
-	var ph cyclePhases
-	for i := 0; i < cycles; i++ {
+	for i := 0; i < n; i++ {
 		tl := newTimeline()
-		offset := time.Duration(i%15)*500*time.Microsecond - time.Millisecond
+		offset := time.Duration(i%15)*300*time.Microsecond - time.Millisecond
 		if part == 2 {
-			offset += 250 * time.Microsecond
+			offset += 150 * time.Microsecond
 		}
-		if !detachCycle(t, tl, tg, part*1000+i, blocks, period, offset, &last, &ph) {
+		if !c.cycle(t, tl, tg, part*1000+i, blocks, offset, &last) {
 			t.Logf("cycle %d failed; its timeline:\n%s", i, tl)
 			return
 		}
 		if i%50 == 49 {
-			t.Logf("%d cycles in %v (%v)", i+1, time.Since(start).Round(time.Millisecond), &ph)
+			t.Logf("%d cycles in %v (%v)", i+1, time.Since(start).Round(time.Millisecond), c)
 		}
 	}
-	t.Logf("%d attach -> load -> detach cycles in %v, each detach aimed at a keep-alive (offsets -1..+6.25 ms); in all: %v",
-		cycles, time.Since(start).Round(time.Millisecond), &ph)
+	t.Logf("%d attach -> load -> detach cycles in %v, each detach aimed at a keep-alive seen on the wire (offsets -1..+3.35 ms): %v",
+		n, time.Since(start).Round(time.Millisecond), c)
 	// The last cycle's data through the kernel initiator too.
 	kc, err := guest.ConnectKernel(tg)
 	if err != nil {
@@ -598,18 +590,37 @@ const envSoakCycles = "UBLK_NVMEOF_E2E_SOAK_CYCLES"
 
 // detachCycle is one cycle of TestGuestScenarioDetachCycles; it reports
 // whether t is still fine.
-// cyclePhases adds up where the cycles' time goes.
-type cyclePhases struct {
-	attach, io, aim, detach, check time.Duration
+// cycles is the state of the detach cycles: the keep-alive capture, the
+// keep-alive period found on the wire, and what the cycles did.
+type cycles struct {
+	capture *kaCapture
+	period  time.Duration // 0 until measured
+
+	n, inFlight, unseen  int             // cycles; detaches that landed on a keep-alive in flight; cycles with no keep-alive seen to aim at
+	sentAfter            int             // cycles where a keep-alive went out within 20 ms after SIGTERM
+	corr                 time.Duration   // aim correction learnt from the cycles so far
+	offsets              []time.Duration // of the keep-alive nearest to each SIGTERM, from it
+	rtt                  time.Duration   // the longest keep-alive round trip seen
+	attach, io, aim, end time.Duration   // time spent in each phase
 }
 
-func (p *cyclePhases) String() string {
-	return fmt.Sprintf("attach %v, load and read-back %v, waiting for the keep-alive tick %v, detach %v, checks %v",
-		p.attach.Round(time.Millisecond), p.io.Round(time.Millisecond), p.aim.Round(time.Millisecond),
-		p.detach.Round(time.Millisecond), p.check.Round(time.Millisecond))
+func (c *cycles) String() string {
+	o := slices.Clone(c.offsets)
+	slices.Sort(o)
+	spread := "none"
+	if len(o) > 0 {
+		spread = fmt.Sprintf("min %v, median %v, max %v", o[0], o[len(o)/2], o[len(o)-1])
+	}
+	return fmt.Sprintf("%d of %d detaches landed while a keep-alive was in flight, %d just before one went out (within 20 ms); "+
+		"nearest keep-alive after SIGTERM: %s; aim correction %v; longest keep-alive round trip %v, period %v, %d cycles without a keep-alive to aim at; "+
+		"time in attach %v, load and read-back %v, aiming %v, detach and checks %v",
+		c.inFlight, c.n, c.sentAfter, spread, c.corr, c.rtt, c.period, c.unseen,
+		c.attach.Round(time.Millisecond), c.io.Round(time.Millisecond), c.aim.Round(time.Millisecond), c.end.Round(time.Millisecond))
 }
 
-func detachCycle(t *testing.T, tl *timeline, tg *guest.Target, i, blocks int, period, offset time.Duration, last **load.Load, ph *cyclePhases) bool {
+// cycle is one attach -> load -> detach; it reports whether t is still
+// fine.
+func (c *cycles) cycle(t *testing.T, tl *timeline, tg *guest.Target, i, blocks int, offset time.Duration, last **load.Load) bool {
 	t.Helper()
 	opts := tg.Opts
 	mark := time.Now()
@@ -623,7 +634,7 @@ func detachCycle(t *testing.T, tl *timeline, tg *guest.Target, i, blocks int, pe
 	}
 	d := startDaemon(t, tl, noNetns, "-a", opts.Addr, "-s", strconv.Itoa(opts.Port), "-n", opts.NQN,
 		"-i", "2", "-k", "1", "-c", "1", "-l", "3")
-	phase(&ph.attach)
+	phase(&c.attach)
 	l, err := load.Start(load.Config{Path: d.device, Blocks: blocks, RandomJobs: 1, SequentialJobs: 1,
 		ReadPercent: 30, MaxIOBlocks: 4, Direct: true, Run: uint64(1000000 + i)})
 	if err != nil {
@@ -644,31 +655,79 @@ func detachCycle(t *testing.T, tl *timeline, tg *guest.Target, i, blocks int, pe
 		t.Errorf("cycle %d: through the ublk device: %v", i, err)
 		return false
 	}
-	if d.live.IsZero() {
-		t.Errorf("cycle %d: no LIVE time in the daemon's log\n%s", i, d.Log())
-		return false
+	idle := time.Now()
+	phase(&c.io)
+
+	// Aim: keep-alives go out every KATO/2, or KATO/4 with traffic-based
+	// keep-alive (nvmet has it), skipping a tick when other commands
+	// completed since the previous one. Wait for the first one sent after
+	// the traffic stopped, then send SIGTERM one period after it, plus an
+	// offset the cycles sweep, so that it lands just before, while, or
+	// just after the next keep-alive is on the wire.
+	k1, ok := c.capture.waitAfter(idle, 3*time.Second)
+	if ok && c.period == 0 {
+		// The period, once, as the daemon really keeps it (each timer
+		// fires a little late): the mean gap between idle keep-alives.
+		var gaps []time.Duration
+		for len(gaps) < 4 {
+			k2, ok2 := c.capture.waitAfter(k1.sent, 3*time.Second)
+			if !ok2 {
+				break
+			}
+			gaps = append(gaps, k2.sent.Sub(k1.sent))
+			k1 = k2
+		}
+		if len(gaps) > 0 {
+			var sum time.Duration
+			for _, g := range gaps {
+				sum += g
+			}
+			c.period = sum / time.Duration(len(gaps))
+			t.Logf("keep-alive gaps while idle: %v; aiming with a period of %v", gaps, c.period)
+		}
 	}
-	phase(&ph.io)
-	if i%1000 == 0 {
-		// Once per test: how long a keep-alive is in flight, the window
-		// the detaches aim at (read after two idle periods, so that one
-		// was sent; the control socket is no NVMe traffic).
-		time.Sleep(3 * period)
-		out, err := exec.Command(DaemonPath, "status", "--json", d.device).Output()
-		t.Logf("keep-alive round trip before the first detach: %s (err %v)", keepAliveRTT(out), err)
-		mark = time.Now()
+	at := time.Now()
+	if ok && c.period > 0 {
+		at = k1.sent.Add(c.period + c.corr + offset)
+		time.Sleep(time.Until(at)) // timing the fault, not waiting for a condition
+	} else {
+		c.unseen++
 	}
-	ticks := time.Since(d.live)/period + 2
-	at := d.live.Add(ticks*period + offset)
-	time.Sleep(time.Until(at)) // timing the fault, not waiting for a condition
-	phase(&ph.aim)
-	tl.add("SIGTERM aimed at keep-alive tick %d %+v", ticks, offset)
+	phase(&c.aim)
+	sigterm := time.Now()
 	d.signal(syscall.SIGTERM)
 	if code := d.wait(); code != 0 {
 		t.Errorf("cycle %d: the daemon exited %d after SIGTERM\n%s", i, code, d.Log())
 		return false
 	}
-	phase(&ph.detach)
+	c.n++
+	if k, inFlight := c.capture.inFlightAt(sigterm); inFlight {
+		c.inFlight++
+		tl.add("SIGTERM %v after a keep-alive was sent, before its response", sigterm.Sub(k.sent))
+	}
+	if k, ok := c.capture.nearest(sigterm); ok {
+		d := k.sent.Sub(sigterm)
+		c.offsets = append(c.offsets, d)
+		if absDuration(d) < 20*time.Millisecond {
+			// Feedback: the signal went out at -d from the keep-alive,
+			// it was meant to go at offset; correct half the error (the
+			// sleep wakes late, the keep-alive timer fires late).
+			c.corr -= (-d - offset) / 2
+		}
+		if d > 0 && d < 20*time.Millisecond {
+			// The keep-alive went out after the signal, while the daemon
+			// was beginning its teardown.
+			c.sentAfter++
+		}
+	}
+	c.capture.mu.Lock()
+	for _, k := range c.capture.kas {
+		if !k.answered.IsZero() {
+			c.rtt = max(c.rtt, k.answered.Sub(k.sent))
+		}
+	}
+	c.capture.kas = nil // this cycle's are done with
+	c.capture.mu.Unlock()
 	d.checkClean()
 	if !gone(d.device) {
 		t.Errorf("cycle %d: %s still there after the daemon exited", i, d.device)
@@ -681,17 +740,6 @@ func detachCycle(t *testing.T, tl *timeline, tg *guest.Target, i, blocks int, pe
 		t.Errorf("cycle %d: on the RAM disk: %v", i, err)
 		return false
 	}
-	phase(&ph.check)
+	phase(&c.end)
 	return !t.Failed()
-}
-
-// keepAliveRTT picks keep_alive_rtt_ns out of `status --json`.
-func keepAliveRTT(statusJSON []byte) string {
-	var st struct {
-		RTT time.Duration `json:"keep_alive_rtt_ns"`
-	}
-	if err := json.Unmarshal(statusJSON, &st); err != nil {
-		return fmt.Sprintf("unreadable status %q", statusJSON)
-	}
-	return st.RTT.String()
 }
