@@ -543,7 +543,7 @@ func testDetachCycles(t *testing.T, part int) {
 	}
 	checkNoLeaks(t)
 	t.Setenv("UBLK_NVMEOF_RUN_DIR", t.TempDir())
-	opts := guest.TargetOptions{NQN: scenarioNQN(fmt.Sprintf("cycles-%d", part)), Device: "/dev/ram1", Port: 4449 + part, PortID: 19 + part}
+	opts := guest.TargetOptions{NQN: scenarioNQN(fmt.Sprintf("cycles-%d", part)), Device: "/dev/ram1", Port: 4459 + part, PortID: 19 + part}
 	tg := guest.NewTarget(t, opts)
 	opts = tg.Opts
 	const blocks = 64 // 256 KiB
@@ -599,6 +599,8 @@ type cycles struct {
 	n, inFlight, unseen  int             // cycles; detaches that landed on a keep-alive in flight; cycles with no keep-alive seen to aim at
 	sentAfter            int             // cycles where a keep-alive went out within 20 ms after SIGTERM
 	corr                 time.Duration   // aim correction learnt from the cycles so far
+	cutOff               int             // keep-alives near a SIGTERM that the teardown cut off before their response
+	atTeardown           int             // cycles where a keep-alive may have been in flight as the teardown began
 	offsets              []time.Duration // of the keep-alive nearest to each SIGTERM, from it
 	rtt                  time.Duration   // the longest keep-alive round trip seen
 	attach, io, aim, end time.Duration   // time spent in each phase
@@ -612,9 +614,10 @@ func (c *cycles) String() string {
 		spread = fmt.Sprintf("min %v, median %v, max %v", o[0], o[len(o)/2], o[len(o)-1])
 	}
 	return fmt.Sprintf("%d of %d detaches landed while a keep-alive was in flight, %d just before one went out (within 20 ms); "+
+		"in %d the teardown began (LIVE -> DELETING, logged to the millisecond) while a keep-alive may have been in flight; %d keep-alives cut off by the teardown before their response; "+
 		"nearest keep-alive after SIGTERM: %s; aim correction %v; longest keep-alive round trip %v, period %v, %d cycles without a keep-alive to aim at; "+
 		"time in attach %v, load and read-back %v, aiming %v, detach and checks %v",
-		c.inFlight, c.n, c.sentAfter, spread, c.corr, c.rtt, c.period, c.unseen,
+		c.inFlight, c.n, c.sentAfter, c.atTeardown, c.cutOff, spread, c.corr, c.rtt, c.period, c.unseen,
 		c.attach.Round(time.Millisecond), c.io.Round(time.Millisecond), c.aim.Round(time.Millisecond), c.end.Round(time.Millisecond))
 }
 
@@ -659,11 +662,13 @@ func (c *cycles) cycle(t *testing.T, tl *timeline, tg *guest.Target, i, blocks i
 	phase(&c.io)
 
 	// Aim: keep-alives go out every KATO/2, or KATO/4 with traffic-based
-	// keep-alive (nvmet has it), skipping a tick when other commands
-	// completed since the previous one. Wait for the first one sent after
-	// the traffic stopped, then send SIGTERM one period after it, plus an
-	// offset the cycles sweep, so that it lands just before, while, or
-	// just after the next keep-alive is on the wire.
+	// keep-alive, skipping a tick when other commands completed since the
+	// previous one. Wait for the first one sent after the traffic stopped
+	// and send SIGTERM so that the teardown begins one period after it
+	// plus an offset the cycles sweep: just before, while, or just after
+	// the next keep-alive is on the wire. c.corr learns, from the cycles
+	// so far, how late the sleep wakes and how long the daemon takes from
+	// the signal to the teardown.
 	k1, ok := c.capture.waitAfter(idle, 3*time.Second)
 	if ok && c.period == 0 {
 		// The period, once, as the daemon really keeps it (each timer
@@ -705,25 +710,47 @@ func (c *cycles) cycle(t *testing.T, tl *timeline, tg *guest.Target, i, blocks i
 		c.inFlight++
 		tl.add("SIGTERM %v after a keep-alive was sent, before its response", sigterm.Sub(k.sent))
 	}
+	del, hasDel := d.firstState("DELETING")
+	if hasDel && !del.logged.IsZero() {
+		// Feedback: the teardown began (logged to the millisecond:
+		// take the middle) at td from the nearest keep-alive; it was
+		// meant to begin at offset. Correct half the error.
+		began := del.logged.Add(500 * time.Microsecond)
+		if k, ok := c.capture.nearest(began); ok {
+			if td := began.Sub(k.sent); absDuration(td) < 20*time.Millisecond {
+				c.corr -= (td - offset) / 2
+			}
+		}
+	}
 	if k, ok := c.capture.nearest(sigterm); ok {
 		d := k.sent.Sub(sigterm)
 		c.offsets = append(c.offsets, d)
-		if absDuration(d) < 20*time.Millisecond {
-			// Feedback: the signal went out at -d from the keep-alive,
-			// it was meant to go at offset; correct half the error (the
-			// sleep wakes late, the keep-alive timer fires late).
-			c.corr -= (-d - offset) / 2
-		}
 		if d > 0 && d < 20*time.Millisecond {
 			// The keep-alive went out after the signal, while the daemon
 			// was beginning its teardown.
 			c.sentAfter++
 		}
 	}
+	// The teardown began at the daemon's LIVE -> DELETING, which it logged
+	// with millisecond precision and the test read a moment later: a
+	// keep-alive sent before the line arrived and not answered before the
+	// logged time may have been in flight when keep-alive was stopped.
 	c.capture.mu.Lock()
+	for _, k := range c.capture.kas {
+		if hasDel && !del.logged.IsZero() && k.sent.Before(del.at) && (k.answered.IsZero() || k.answered.After(del.logged)) {
+			c.atTeardown++
+			tl.add("a keep-alive (sent %v after SIGTERM) may have been in flight as the teardown began", k.sent.Sub(sigterm))
+			break
+		}
+	}
 	for _, k := range c.capture.kas {
 		if !k.answered.IsZero() {
 			c.rtt = max(c.rtt, k.answered.Sub(k.sent))
+		} else if k.sent.After(sigterm.Add(-20 * time.Millisecond)) {
+			// Never answered: the teardown shut the admin queue down
+			// while this keep-alive was in flight, the seed's race.
+			c.cutOff++
+			tl.add("a keep-alive sent %v after SIGTERM was cut off by the teardown", k.sent.Sub(sigterm))
 		}
 	}
 	c.capture.kas = nil // this cycle's are done with
