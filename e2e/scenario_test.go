@@ -82,7 +82,6 @@ type daemon struct {
 	tl     *timeline
 	cmd    *exec.Cmd
 	device string
-	live   time.Time // the daemon's own time of its first LIVE
 
 	mu     sync.Mutex
 	log    bytes.Buffer
@@ -176,9 +175,6 @@ func startDaemon(t *testing.T, tl *timeline, ns netns.NsHandle, args ...string) 
 	}
 	if err := guest.WaitFor(d.device, 10*time.Second); err != nil {
 		t.Fatal(err)
-	}
-	if sc, ok := d.firstState("LIVE"); ok {
-		d.live = sc.logged
 	}
 	tl.add("device %s ready", d.device)
 	return d
@@ -633,9 +629,11 @@ func (s *scenario) detach(d *daemon) {
 		s.t.Errorf("%s still exists after the daemon exited", d.device)
 	}
 	d.checkClean()
+	waitUntil(s.t, "the target to see the host disconnect", func() bool { return targetConnections(s.t, s.opts.Port) == 0 })
+	s.tl.add("target: no connection left on port %d", s.opts.Port)
 }
 
-// pastFiles lists leftover ublk devices.
+// ublkDevices lists the ublk device nodes there are.
 func ublkDevices(t *testing.T) []string {
 	t.Helper()
 	m, err := filepath.Glob("/dev/ublk[bc]*")
