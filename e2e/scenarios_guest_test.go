@@ -695,8 +695,10 @@ func (c *cycles) cycle(t *testing.T, tl *timeline, tg *guest.Target, i, blocks i
 		}
 	}
 	at := time.Now()
+	var next time.Time // when the next keep-alive is due
 	if ok && c.period > 0 {
-		at = k1.sent.Add(c.period + c.corr + offset)
+		next = k1.sent.Add(c.period)
+		at = next.Add(c.corr + offset)
 		time.Sleep(time.Until(at)) // timing the fault, not waiting for a condition
 	} else {
 		c.unseen++
@@ -714,15 +716,15 @@ func (c *cycles) cycle(t *testing.T, tl *timeline, tg *guest.Target, i, blocks i
 		tl.add("SIGTERM %v after a keep-alive was sent, before its response", sigterm.Sub(k.sent))
 	}
 	del, hasDel := d.firstState("DELETING")
-	if hasDel && !del.logged.IsZero() {
-		// Feedback: the teardown began (logged to the millisecond:
-		// take the middle) at td from the nearest keep-alive; it was
-		// meant to begin at offset. Correct half the error.
+	if hasDel && !del.logged.IsZero() && !next.IsZero() {
+		// Feedback: the teardown began (logged to the millisecond: take
+		// the middle) at td from when the keep-alive was due; it was
+		// meant to begin at offset. Correct half the error. (Against
+		// the due time, not the keep-alive seen: a teardown that began
+		// first stopped it from being sent at all.)
 		began := del.logged.Add(500 * time.Microsecond)
-		if k, ok := c.capture.nearest(began); ok {
-			if td := began.Sub(k.sent); absDuration(td) < 20*time.Millisecond {
-				c.corr -= (td - offset) / 2
-			}
+		if td := began.Sub(next); absDuration(td) < 100*time.Millisecond {
+			c.corr -= (td - offset) / 2
 		}
 	}
 	if k, ok := c.capture.nearest(sigterm); ok {
