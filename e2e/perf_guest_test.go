@@ -1,0 +1,169 @@
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/guest"
+	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/perf"
+)
+
+// TestGuestPerfVersusKernel measures fio on /dev/ublkbN (ublk-nvmeof) and on
+// /dev/nvmeXnY (the kernel's nvme-tcp initiator), both connected to the same
+// Linux nvmet-tcp target on a RAM disk in this boot, and prints a table with
+// the ratio of each row. It asserts only that fio ran and verified nothing
+// failed; the numbers are for reading (make bench writes them to docs/).
+// E2E_PERF_RUNTIME sets each job's runtime (default 2s: CI's short mode).
+func TestGuestPerfVersusKernel(t *testing.T) {
+	guest.Require(t)
+	t.Setenv("UBLK_NVMEOF_RUN_DIR", t.TempDir())
+	runtime := 2 * time.Second
+	if v := os.Getenv("E2E_PERF_RUNTIME"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			t.Fatalf("E2E_PERF_RUNTIME: %v", err)
+		}
+		runtime = d
+	}
+
+	const nqn = "nqn.2026-11.io.ublk-nvmeof:perf"
+	tg := guest.NewTarget(t, guest.TargetOptions{NQN: nqn, Device: "/dev/ram0", Port: 4450, PortID: 7})
+	kc, err := guest.ConnectKernel(tg, "nr_io_queues=2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := kc.Disconnect(); err != nil {
+			t.Error(err)
+		}
+	}()
+	kernelDev := kc.NamespaceDevice(1)
+
+	daemon := exec.Command(DaemonPath, "--log-level", "warn", "attach", "-a", "127.0.0.1", "-s", "4450", "-n", nqn, "-i", "2")
+	stdout, err := daemon.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs bytes.Buffer
+	daemon.Stderr = &logs
+	if err := daemon.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	devCh := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		if sc.Scan() {
+			devCh <- sc.Text()
+		}
+		close(devCh)
+		for sc.Scan() {
+		}
+		exited <- daemon.Wait()
+	}()
+	defer func() {
+		_ = daemon.Process.Signal(os.Interrupt)
+		select {
+		case err := <-exited:
+			if err != nil {
+				t.Errorf("daemon: %v\n%s", err, logs.String())
+			}
+		case <-time.After(time.Minute):
+			_ = daemon.Process.Kill()
+			<-exited
+			t.Error("daemon did not exit after SIGINT")
+		}
+	}()
+	ublkDev, ok := <-devCh
+	if !ok {
+		t.Fatalf("attach failed\n%s", logs.String())
+	}
+	if err := guest.WaitFor(ublkDev, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	// Fill the RAM disk once, so reads of both devices read data.
+	if out, err := exec.Command("fio", "--name=fill", "--filename="+kernelDev, "--direct=1", "--rw=write", "--bs=1M",
+		"--size=48M", "--ioengine=psync").CombinedOutput(); err != nil {
+		t.Fatalf("fill: %v\n%s", err, out)
+	}
+
+	var rows []perf.Row
+	for _, jobs := range []int{1, 2} {
+		for _, w := range perf.Workloads {
+			row := perf.Row{Workload: w, Jobs: jobs}
+			// Alternate which device goes first, so neither always runs on
+			// a warmer (or more fragmented) machine.
+			order := []string{"kernel", "ublk"}
+			if len(rows)%2 == 1 {
+				order = []string{"ublk", "kernel"}
+			}
+			for _, which := range order {
+				dev := kernelDev
+				if which == "ublk" {
+					dev = ublkDev
+				}
+				res, err := runFio(dev, w, jobs, runtime)
+				if err != nil {
+					t.Fatalf("%s on %s: %v\ndaemon log:\n%s", w.Name, dev, err, logs.String())
+				}
+				if which == "ublk" {
+					row.Ublk = res
+				} else {
+					row.Kernel = res
+				}
+			}
+			rows = append(rows, row)
+		}
+	}
+	rep := perf.Report{
+		Runtime: runtime.String(), Kernel: kernelRelease(), CPUs: cpus(),
+		KernelDevice: kernelDev, UblkDevice: ublkDev, Rows: rows,
+	}
+	t.Logf("\n%s", rep.Table())
+	js, err := json.Marshal(rep)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The host-side bench command finds the results by this prefix.
+	t.Logf("%s%s", perf.JSONPrefix, js)
+}
+
+// runFio runs one fio job and returns what it measured.
+func runFio(dev string, w perf.Workload, jobs int, runtime time.Duration) (perf.Result, error) {
+	args := []string{
+		"--name=" + w.Name, "--filename=" + dev, "--direct=1", "--ioengine=libaio",
+		"--rw=" + w.RW, "--bs=" + strconv.Itoa(w.BlockSize), "--iodepth=" + strconv.Itoa(w.QueueDepth),
+		"--numjobs=" + strconv.Itoa(jobs), "--size=32M", "--time_based", "--runtime=" + fmt.Sprint(int(runtime.Seconds())),
+		"--ramp_time=0", "--group_reporting", "--output-format=json",
+	}
+	if strings.HasPrefix(w.RW, "rand") {
+		args = append(args, "--randrepeat=0", "--norandommap")
+	}
+	out, err := exec.Command("fio", args...).Output()
+	if err != nil {
+		var stderr string
+		if ee, ok := err.(*exec.ExitError); ok {
+			stderr = string(ee.Stderr)
+		}
+		return perf.Result{}, fmt.Errorf("fio: %v\n%s%s", err, out, stderr)
+	}
+	return perf.ParseFio(out)
+}
+
+func kernelRelease() string {
+	b, _ := os.ReadFile("/proc/sys/kernel/osrelease")
+	return strings.TrimSpace(string(b))
+}
+
+func cpus() int {
+	b, _ := os.ReadFile("/proc/cpuinfo")
+	return strings.Count(string(b), "processor\t:")
+}
