@@ -39,6 +39,9 @@ type Options struct {
 	Recover bool
 	// MustRecover makes the absence of such a device an error.
 	MustRecover bool
+	// LinkWatch watches the link and route towards TrAddr (netlink): a
+	// link going down starts recovery at once instead of after KATO.
+	LinkWatch bool
 }
 
 // Defaults as the Linux host (drivers/nvme/host/fabrics.h: NVMF_DEF_*).

@@ -6,12 +6,14 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle"
+	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle/linkwatch"
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof"
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/nvme"
 	"github.com/ublk-nvmeof/ublk-nvmeof/ublk"
@@ -122,6 +124,13 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 	lopts.CtrlLossTmo = o.CtrlLossTmo
 	lopts.FastIOFailTmo = o.FastIOFailTmo
 	lopts.Logger = log
+	if o.LinkWatch {
+		addr, err := resolveTarget(ctx, o.TrAddr)
+		if err != nil {
+			return fmt.Errorf("%w: --link-watch: %w", ErrUnreachable, err)
+		}
+		lopts.LinkWatch = &linkwatch.Watcher{Addr: addr, Logger: log}
+	}
 	lc, err := lifecycle.New(connector, lopts)
 	if err != nil {
 		return err
@@ -147,15 +156,17 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 	// controller that died on its own (ctrl_loss_tmo) is an error.
 	var backend *blockBackend
 	recorded := -1 // the device whose run record we wrote
+	lost := false  // set when the controller deleted itself, not asked to
 	defer func() {
-		select {
-		case <-lc.Done():
+		if lost {
+			<-lc.Done()
 			if err == nil {
 				err = fmt.Errorf("%w: %w", ErrControllerLost, lc.Err())
 			}
-		default:
-			lc.Delete()
 		}
+		// Idempotent; waits until DEAD. After an early error it tears the
+		// controller (and the device, once registered) down.
+		lc.Delete()
 		if backend != nil {
 			backend.wg.Wait() // every request was completed by the teardown
 		}
@@ -243,8 +254,15 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 	case <-detach:
 		log.Info("detaching: requested")
 	case <-lc.Done():
-		return nil // the deferred check reports why
+		lost = true // the deferred check reports why
+		return nil
 	case <-dev.Done():
+		// lifecycle stops the device itself when the controller is lost
+		// (ctrl_loss_tmo, another namespace): that is not a detach.
+		if st := lc.State(); st == lifecycle.StateDeleting || st == lifecycle.StateDead {
+			lost = true
+			return nil
+		}
 		log.Warn("the ublk device was stopped from outside")
 	}
 	if rc.Notifier != nil {
@@ -253,12 +271,12 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 	return nil
 }
 
-// ublkBlock is the ublk device as lifecycle stops and removes it.
+// ublkBlock is the ublk device as lifecycle stops and removes it: Stop is
+// DESIGN.md's teardown step 3 (STOP_DEV, serving until it returns), Remove
+// its step 6 (rings, mappings, /dev/ublkcN, DEL_DEV), after the queues.
 type ublkBlock struct{ dev *ublk.Device }
 
-// Stop stops the device (STOP_DEV, serving until it returns) and deletes it.
-// ublk.Device does both in Close; Remove then has nothing left to do.
-func (b ublkBlock) Stop(ctx context.Context) error   { return b.dev.Close(ctx) }
+func (b ublkBlock) Stop(ctx context.Context) error   { return b.dev.Stop(ctx) }
 func (b ublkBlock) Remove(ctx context.Context) error { return b.dev.Close(ctx) }
 
 // openDevice takes over the device a dead daemon left for this target
@@ -282,6 +300,21 @@ func openDevice(ctx context.Context, ctl *ublk.Control, o Options, uo ublk.Optio
 		log.Info("no device to recover; creating one")
 	}
 	return ctl.Create(ctx, uo, b)
+}
+
+// resolveTarget returns traddr's IP address (the first one, for a name).
+func resolveTarget(ctx context.Context, traddr string) (netip.Addr, error) {
+	if a, err := netip.ParseAddr(traddr); err == nil {
+		return a.Unmap(), nil
+	}
+	addrs, err := net.DefaultResolver.LookupNetIP(ctx, "ip", traddr)
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	if len(addrs) == 0 {
+		return netip.Addr{}, fmt.Errorf("%s has no address", traddr)
+	}
+	return addrs[0].Unmap(), nil
 }
 
 func devID(o Options) int {

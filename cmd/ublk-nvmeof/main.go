@@ -174,6 +174,7 @@ func connectCommand(stdout io.Writer, name, usage string, mustRecover bool) *cli
 		&cli.IntFlag{Name: "dev-id", Value: -1, Usage: "ublk device number N of /dev/ublkbN (-1: the kernel picks)", EnvVars: env("DEV_ID")},
 		&cli.BoolFlag{Name: "recovery", Value: true, Usage: "ublk user recovery: the device survives a daemon crash", EnvVars: env("RECOVERY")},
 		&cli.StringFlag{Name: "metrics-addr", Usage: "serve Prometheus metrics on host:port", EnvVars: env("METRICS_ADDR")},
+		&cli.BoolFlag{Name: "link-watch", Usage: "watch the link and route to the target: recover at once when it goes down", EnvVars: env("LINK_WATCH")},
 		&cli.BoolFlag{Name: "recover", Usage: "take over the device a crashed daemon left for this target, if any", EnvVars: env("RECOVER")},
 	)
 	return &cli.Command{
@@ -194,7 +195,7 @@ func connectCommand(stdout io.Writer, name, usage string, mustRecover bool) *cli
 				FastIOFailTmo:  seconds(c.Int("fast-io-fail-tmo")),
 				HdrDigest:      c.Bool("hdr-digest"), DataDigest: c.Bool("data-digest"),
 				NSID: uint32(c.Uint("nsid")), DevID: c.Int("dev-id"), Recovery: c.Bool("recovery"),
-				Recover: c.Bool("recover"), MustRecover: mustRecover,
+				Recover: c.Bool("recover"), MustRecover: mustRecover, LinkWatch: c.Bool("link-watch"),
 			}
 			if err := o.Validate(); err != nil {
 				return err
