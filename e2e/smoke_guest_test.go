@@ -7,8 +7,6 @@ import (
 	"os/exec"
 	"testing"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/guest"
 )
 
@@ -22,37 +20,6 @@ func TestGuestKernelModules(t *testing.T) {
 		if _, err := os.Stat(p); err != nil {
 			t.Errorf("%v", err)
 		}
-	}
-}
-
-// alignedBuf returns page-aligned memory, as O_DIRECT needs.
-func alignedBuf(t *testing.T, n int) []byte {
-	t.Helper()
-	b, err := unix.Mmap(-1, 0, n, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = unix.Munmap(b) })
-	return b
-}
-
-func directIO(t *testing.T, dev string, buf []byte, off int64, write bool) {
-	t.Helper()
-	f, err := os.OpenFile(dev, os.O_RDWR|unix.O_DIRECT, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if write {
-		_, err = f.WriteAt(buf, off)
-		if err == nil {
-			err = f.Sync()
-		}
-	} else {
-		_, err = f.ReadAt(buf, off)
-	}
-	if err != nil {
-		t.Fatalf("%s: %v", dev, err)
 	}
 }
 
@@ -75,19 +42,19 @@ func TestGuestKernelInitiatorLoopback(t *testing.T) {
 
 	const size = 4 << 20
 	const off = 1 << 20
-	pattern := alignedBuf(t, size)
+	pattern := guest.AlignedBuf(t, size)
 	if _, err := rand.Read(pattern); err != nil {
 		t.Fatal(err)
 	}
-	directIO(t, dev, pattern, off, true)
+	guest.DirectIO(t, dev, pattern, off, true)
 
-	onDisk := alignedBuf(t, size)
-	directIO(t, "/dev/ram0", onDisk, off, false)
+	onDisk := guest.AlignedBuf(t, size)
+	guest.DirectIO(t, "/dev/ram0", onDisk, off, false)
 	if !bytes.Equal(onDisk, pattern) {
 		t.Fatal("RAM disk content differs from what was written through nvme-tcp")
 	}
-	back := alignedBuf(t, size)
-	directIO(t, dev, back, off, false)
+	back := guest.AlignedBuf(t, size)
+	guest.DirectIO(t, dev, back, off, false)
 	if !bytes.Equal(back, pattern) {
 		t.Fatal("read back through nvme-tcp differs from what was written")
 	}

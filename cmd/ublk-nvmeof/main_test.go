@@ -177,35 +177,6 @@ func (d *daemon) wait(t *testing.T) int {
 	return -1
 }
 
-func alignedBuf(t *testing.T, n int) []byte {
-	t.Helper()
-	b, err := unix.Mmap(-1, 0, n, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = unix.Munmap(b) })
-	return b
-}
-
-func directIO(t *testing.T, dev string, buf []byte, off int64, write bool) {
-	t.Helper()
-	f, err := os.OpenFile(dev, os.O_RDWR|unix.O_DIRECT, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if write {
-		if _, err = f.WriteAt(buf, off); err == nil {
-			err = f.Sync()
-		}
-	} else {
-		_, err = f.ReadAt(buf, off)
-	}
-	if err != nil {
-		t.Fatalf("%s: %v", dev, err)
-	}
-}
-
 func ublkDevices(t *testing.T) []string {
 	t.Helper()
 	m, err := filepath.Glob("/dev/ublk[bc]*")
@@ -233,18 +204,18 @@ func TestGuestAttachLinuxTarget(t *testing.T) {
 
 	const size = 4 << 20
 	const off = 3 << 20
-	pattern := alignedBuf(t, size)
+	pattern := guest.AlignedBuf(t, size)
 	if _, err := rand.Read(pattern); err != nil {
 		t.Fatal(err)
 	}
-	directIO(t, d.device, pattern, off, true)
-	onDisk := alignedBuf(t, size)
-	directIO(t, "/dev/ram0", onDisk, off, false)
+	guest.DirectIO(t, d.device, pattern, off, true)
+	onDisk := guest.AlignedBuf(t, size)
+	guest.DirectIO(t, "/dev/ram0", onDisk, off, false)
 	if !bytes.Equal(onDisk, pattern) {
 		t.Fatal("the RAM disk behind the target differs from what was written through ublk")
 	}
-	back := alignedBuf(t, size)
-	directIO(t, d.device, back, off, false)
+	back := guest.AlignedBuf(t, size)
+	guest.DirectIO(t, d.device, back, off, false)
 	if !bytes.Equal(back, pattern) {
 		t.Fatal("read back through ublk differs from what was written")
 	}
@@ -371,7 +342,7 @@ func TestGuestRecoverAfterKill(t *testing.T) {
 	acked := make(chan int, blocks)
 	writerErr := make(chan error, 1)
 	go func() {
-		buf := alignedBuf(t, block)
+		buf := guest.AlignedBuf(t, block)
 		for i := 0; i < blocks; i++ {
 			stamp(buf, i)
 			if _, err := f.WriteAt(buf, int64(i)*block); err != nil {
@@ -413,8 +384,8 @@ func TestGuestRecoverAfterKill(t *testing.T) {
 	if err := f.Sync(); err != nil {
 		t.Fatal(err)
 	}
-	buf := alignedBuf(t, block)
-	want := alignedBuf(t, block)
+	buf := guest.AlignedBuf(t, block)
+	want := guest.AlignedBuf(t, block)
 	for i := 0; i < blocks; i++ {
 		if _, err := f.ReadAt(buf, int64(i)*block); err != nil {
 			t.Fatalf("read block %d: %v", i, err)
@@ -553,13 +524,13 @@ func TestGuestAttachToServe(t *testing.T) {
 	if b, err := os.ReadFile("/sys/block/" + filepath.Base(d.device) + "/queue/logical_block_size"); err != nil || strings.TrimSpace(string(b)) != "4096" {
 		t.Errorf("logical block size %q, %v; want 4096 from the namespace", b, err)
 	}
-	pattern := alignedBuf(t, 2<<20)
+	pattern := guest.AlignedBuf(t, 2<<20)
 	if _, err := rand.Read(pattern); err != nil {
 		t.Fatal(err)
 	}
-	directIO(t, d.device, pattern, 1<<20, true)
-	back := alignedBuf(t, 2<<20)
-	directIO(t, d.device, back, 1<<20, false)
+	guest.DirectIO(t, d.device, pattern, 1<<20, true)
+	back := guest.AlignedBuf(t, 2<<20)
+	guest.DirectIO(t, d.device, back, 1<<20, false)
 	if !bytes.Equal(back, pattern) {
 		t.Fatal("read back through ublk from the in-process target differs")
 	}
