@@ -1,8 +1,6 @@
 package e2e
 
 import (
-	"bufio"
-	"bytes"
 	"crypto/rand"
 	"crypto/sha256"
 	"fmt"
@@ -35,52 +33,15 @@ func TestGuestDemo(t *testing.T) {
 	tg := guest.NewTarget(t, guest.TargetOptions{NQN: nqn, Device: "/dev/ram0"})
 
 	step("ublk-nvmeof attach -a 127.0.0.1 -s 4420 -n %s", nqn)
-	daemon := exec.Command(DaemonPath, "attach", "-a", "127.0.0.1", "-s", "4420", "-n", nqn, "-k", "5")
-	stdout, err := daemon.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var logs bytes.Buffer
-	daemon.Stderr = &logs
-	if err := daemon.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	devCh := make(chan string, 1)
-	go func() {
-		sc := bufio.NewScanner(stdout)
-		if sc.Scan() {
-			devCh <- sc.Text()
-		}
-		close(devCh)
-		for sc.Scan() {
-		}
-		exited <- daemon.Wait()
-	}()
-	defer func() {
-		if daemon.ProcessState == nil {
-			_ = daemon.Process.Kill()
-			<-exited
-		}
-	}()
-	var dev string
-	select {
-	case dev = <-devCh:
-	case <-time.After(time.Minute):
-	}
-	if dev == "" {
-		t.Fatalf("attach did not report a device\n%s", logs.String())
-	}
-	if err := guest.WaitFor(dev, 10*time.Second); err != nil {
-		t.Fatal(err)
-	}
+	daemon := startAttached(t, "attach", "-a", "127.0.0.1", "-s", "4420", "-n", nqn, "-k", "5")
+	dev := daemon.Device
 	step("device ready: %s (%s after start)", dev, time.Since(start).Round(time.Millisecond))
 
 	run := func(name string, args ...string) string {
 		t.Helper()
 		out, err := exec.Command(name, args...).CombinedOutput()
 		if err != nil {
-			t.Fatalf("%s %s: %v\n%s\ndaemon log:\n%s", name, strings.Join(args, " "), err, out, logs.String())
+			t.Fatalf("%s %s: %v\n%s\ndaemon log:\n%s", name, strings.Join(args, " "), err, out, daemon.Logs())
 		}
 		return string(out)
 	}
@@ -143,13 +104,8 @@ func TestGuestDemo(t *testing.T) {
 
 	step("ublk-nvmeof detach %s", dev)
 	run(DaemonPath, "detach", dev)
-	select {
-	case err := <-exited:
-		if err != nil {
-			t.Fatalf("daemon exited with %v\n%s", err, logs.String())
-		}
-	case <-time.After(time.Minute):
-		t.Fatal("daemon did not exit after detach")
+	if err := daemon.wait(t); err != nil {
+		t.Fatalf("daemon exited with %v\n%s", err, daemon.Logs())
 	}
 	if _, err := os.Stat(dev); err == nil {
 		t.Fatalf("%s still exists after detach", dev)
@@ -173,5 +129,5 @@ func TestGuestDemo(t *testing.T) {
 	step("summary: target %s on /dev/ram0; %s attached, ext4 made, %d MiB written and verified twice, detached; "+
 		"data confirmed through the kernel initiator; %s in all",
 		nqn, dev, files*size>>20, time.Since(start).Round(time.Millisecond))
-	t.Logf("daemon log:\n%s", logs.String())
+	t.Logf("daemon log:\n%s", daemon.Logs())
 }

@@ -1,8 +1,6 @@
 package e2e
 
 import (
-	"bufio"
-	"bytes"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -47,48 +45,9 @@ func TestGuestPerfVersusKernel(t *testing.T) {
 	}()
 	kernelDev := kc.NamespaceDevice(1)
 
-	daemon := exec.Command(DaemonPath, "--log-level", "warn", "attach", "-a", "127.0.0.1", "-s", "4450", "-n", nqn, "-i", "2")
-	stdout, err := daemon.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var logs bytes.Buffer
-	daemon.Stderr = &logs
-	if err := daemon.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	devCh := make(chan string, 1)
-	go func() {
-		sc := bufio.NewScanner(stdout)
-		if sc.Scan() {
-			devCh <- sc.Text()
-		}
-		close(devCh)
-		for sc.Scan() {
-		}
-		exited <- daemon.Wait()
-	}()
-	defer func() {
-		_ = daemon.Process.Signal(os.Interrupt)
-		select {
-		case err := <-exited:
-			if err != nil {
-				t.Errorf("daemon: %v\n%s", err, logs.String())
-			}
-		case <-time.After(time.Minute):
-			_ = daemon.Process.Kill()
-			<-exited
-			t.Error("daemon did not exit after SIGINT")
-		}
-	}()
-	ublkDev, ok := <-devCh
-	if !ok {
-		t.Fatalf("attach failed\n%s", logs.String())
-	}
-	if err := guest.WaitFor(ublkDev, 10*time.Second); err != nil {
-		t.Fatal(err)
-	}
+	daemon := startAttached(t, "--log-level", "warn", "attach", "-a", "127.0.0.1", "-s", "4450", "-n", nqn, "-i", "2")
+	defer daemon.stop(t)
+	ublkDev := daemon.Device
 	// Fill the RAM disk once, so reads of both devices read data.
 	if out, err := exec.Command("fio", "--name=fill", "--filename="+kernelDev, "--direct=1", "--rw=write", "--bs=1M",
 		"--size=48M", "--ioengine=psync").CombinedOutput(); err != nil {
@@ -112,7 +71,7 @@ func TestGuestPerfVersusKernel(t *testing.T) {
 				}
 				res, err := runFio(dev, w, jobs, runtime)
 				if err != nil {
-					t.Fatalf("%s on %s: %v\ndaemon log:\n%s", w.Name, dev, err, logs.String())
+					t.Fatalf("%s on %s: %v\ndaemon log:\n%s", w.Name, dev, err, daemon.Logs())
 				}
 				if which == "ublk" {
 					row.Ublk = res
