@@ -21,7 +21,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -331,13 +330,9 @@ func TestGuestScenarioLinkCut(t *testing.T) {
 }
 
 // e, faster: with the link watch the same cut is noticed when the link goes
-// down, not a keep-alive timeout later. It needs the watch on the CLI.
+// down, not a keep-alive timeout later (attach --link-watch).
 func TestGuestScenarioLinkCutLinkWatch(t *testing.T) {
 	guest.Require(t)
-	help, _ := exec.Command(DaemonPath, "attach", "--help").CombinedOutput()
-	if !strings.Contains(string(help), "link-watch") {
-		t.Skip("ublk-nvmeof attach has no --link-watch flag: lifecycle/linkwatch is not wired into the CLI yet")
-	}
 	ns, link := newHostNetns(t)
 	s := newScenario(t, guest.TargetOptions{NQN: scenarioNQN("link-watch"), Device: "/dev/ram0", Addr: targetIP, Port: 4445, PortID: 15})
 	// A long keep-alive timeout: detection within it is the link watch's.
