@@ -163,8 +163,13 @@ func (c *Controller) step(s Step, fn func()) {
 // fn must not keep the Conn, or anything from it, after it returns: the
 // association may be freed as soon as every Do caller has returned.
 func (c *Controller) Do(ctx context.Context, fn func(Conn) error) error {
-	var failedGen uint64 // the association the last try failed on
-	for retries := 0; ; retries++ {
+	return c.do(ctx, 0, 0, fn)
+}
+
+// do is Do for an I/O that has already failed on the path `retries` times,
+// the last time on association failedGen (0: none).
+func (c *Controller) do(ctx context.Context, failedGen uint64, retries int, fn func(Conn) error) error {
+	for ; ; retries++ {
 		conn, gen, err := c.enter(ctx, failedGen)
 		if err != nil {
 			return err

@@ -1,0 +1,53 @@
+package lifecycle
+
+import (
+	"context"
+	"fmt"
+)
+
+// Ref is a usage reference on the live association, taken without waiting
+// by TryEnter: the asynchronous form of Do, for the I/O fast path. A block
+// request started on the association from the ublk queue thread completes
+// on the association's own goroutine; neither blocks on the other.
+type Ref struct {
+	c    *Controller
+	conn Conn
+	gen  uint64
+}
+
+// TryEnter takes a reference on the live association if the controller is
+// LIVE, without waiting and without taking a lock (the same fast path as
+// Do's). ok is false otherwise: the caller then takes the slow path, Do,
+// which holds the I/O while the controller recovers.
+//
+// The caller must call Exit exactly once, after its last touch of Conn: for
+// a command it started asynchronously, from the command's completion
+// handler. Teardown waits for that (StepWaitCompletions) after it has shut
+// the sockets, so a started command always gets its completion.
+func (c *Controller) TryEnter() (Ref, bool) {
+	c.inflight.Add(1)
+	if l := c.live.Load(); l != nil {
+		return Ref{c: c, conn: l.conn, gen: l.gen}, true
+	}
+	c.exit()
+	return Ref{}, false
+}
+
+// Conn is the association the reference is on.
+func (r Ref) Conn() Conn { return r.conn }
+
+// Exit drops the reference.
+func (r Ref) Exit() { r.c.exit() }
+
+// Retry finishes, as Do would, an I/O that failed with the path error err
+// on r's association: it reports err (recovery starts), then runs fn on a
+// later association, holding the I/O while the controller recovers, up to
+// Options.MaxRetries tries in all after the first. Call it after r.Exit,
+// on a goroutine that may block.
+func (c *Controller) Retry(ctx context.Context, r Ref, err error, fn func(Conn) error) error {
+	c.reportError(r.gen, err)
+	if c.opts.MaxRetries == 0 {
+		return fmt.Errorf("%w: %v", ErrRetriesExhausted, err)
+	}
+	return c.do(ctx, r.gen, 1, fn)
+}
