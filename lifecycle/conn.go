@@ -26,8 +26,9 @@ type Connector interface {
 }
 
 // Conn is one association. lifecycle calls the teardown methods in this
-// order, once each, from one goroutine: Shutdown, WaitIdle, FreeIOQueues,
-// FreeAdminQueue.
+// order, once each: Shutdown, WaitIdle, FreeIOQueues, FreeAdminQueue;
+// Shutdown may come from the goroutine calling Controller.Hurry, the others
+// come from the supervisor. A Conn must be comparable (a pointer).
 type Conn interface {
 	// KeepAlive sends one Keep Alive on the admin queue; see
 	// keepalive.Sender for what it must do when ctx is cancelled.
@@ -72,7 +73,8 @@ type Block interface {
 	// returns.
 	Stop(ctx context.Context) error
 	// Remove closes the rings, unmaps, closes /dev/ublkcN and deletes the
-	// device (DEL_DEV).
+	// device (DEL_DEV). ctx ends when the delete is hurried
+	// (Controller.Hurry): stop waiting for the device's openers then.
 	Remove(ctx context.Context) error
 }
 

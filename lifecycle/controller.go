@@ -83,6 +83,14 @@ type Controller struct {
 	kick      chan struct{} // capacity 1: an error was reported
 	deleteReq chan struct{} // closed by Delete
 	delOnce   sync.Once
+	// hurry is cancelled by Hurry: the delete stops waiting for the
+	// target and for the block device's openers.
+	hurry       context.Context
+	hurryCancel context.CancelFunc
+	// shutMu orders Hurry's socket shutdown against teardown's step 4, so
+	// that each association is shut down once, and before WaitIdle.
+	shutMu sync.Mutex
+	shut   Conn // the association whose sockets were shut last
 	done      chan struct{} // closed when the supervisor has returned (DEAD)
 	started   atomic.Bool
 
@@ -145,6 +153,7 @@ func New(connector Connector, opts Options) (*Controller, error) {
 	}
 	c.idle = sync.NewCond(&c.mu)
 	c.ctx, c.cancel = context.WithCancel(context.Background())
+	c.hurry, c.hurryCancel = context.WithCancel(context.Background())
 	c.sm.Observe(func(tr Transition) {
 		c.log.Info("controller state", "from", tr.From, "to", tr.To, "reason", tr.Reason)
 	})
@@ -211,14 +220,56 @@ func (c *Controller) Start(ctx context.Context) error {
 // is DEAD. It may be called at any time, from any goroutine, any number of
 // times.
 func (c *Controller) Delete() {
-	c.delOnce.Do(func() {
-		close(c.deleteReq)
-		c.cancel()
-	})
+	c.requestDelete()
 	if !c.started.Load() {
 		return
 	}
 	<-c.done
+}
+
+func (c *Controller) requestDelete() {
+	c.delOnce.Do(func() {
+		close(c.deleteReq)
+		c.cancel()
+	})
+}
+
+// Hurry makes the delete immediate (an operator's second SIGTERM): it
+// requests deletion, if that was not done, and stops waiting for the
+// target. The live association's sockets are shut now, so every command in
+// flight fails at once instead of when the target answers or its timeout
+// fires; the controller is DELETING, so the I/O fails with EIO and is not
+// retried, and held I/O fails as in any delete. Removing the block device
+// no longer waits for its openers beyond a short budget.
+//
+// The teardown order is kept: Hurry only does step 4's socket shutdown
+// early, which frees nothing and makes STOP_DEV's drain (step 3) quick;
+// the queues are still freed only after every completion handler and Do
+// caller has returned. Hurry may be called at any time, from any
+// goroutine, any number of times; it does not wait (Delete or Done does).
+func (c *Controller) Hurry() {
+	c.hurryCancel()
+	c.requestDelete()
+	c.mu.Lock()
+	conn := c.conn
+	c.mu.Unlock()
+	if conn != nil {
+		c.log.Warn("deleting in a hurry: shutting the sockets, failing I/O in flight")
+		c.shutdown(conn)
+	}
+}
+
+// shutdown shuts conn's sockets unless that was done already: by Hurry,
+// or by teardown if Hurry came after conn was released (then Shutdown is
+// not called on freed queues).
+func (c *Controller) shutdown(conn Conn) {
+	c.shutMu.Lock()
+	defer c.shutMu.Unlock()
+	if c.shut == conn {
+		return
+	}
+	c.shut = conn
+	conn.Shutdown()
 }
 
 // setState changes the state and wakes every I/O waiting on it.
@@ -351,6 +402,14 @@ func (c *Controller) run() {
 // or a delete request.
 func (c *Controller) waitForTrouble() (cause error, deleted bool) {
 	for {
+		// A delete wins over an error reported at the same time: Hurry
+		// shuts the sockets right after requesting it, and the I/O
+		// failing from that must not start a recovery.
+		select {
+		case <-c.deleteReq:
+			return nil, true
+		default:
+		}
 		c.mu.Lock()
 		err := c.pendingErr
 		c.mu.Unlock()

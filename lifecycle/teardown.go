@@ -108,7 +108,9 @@ func (c *Controller) teardown(mode teardownMode, reason string) {
 	// 6. Delete only: remove the block device.
 	c.step(StepRemoveBlock, func() {
 		if mode == teardownDelete && block != nil {
-			if err := block.Remove(context.Background()); err != nil {
+			// Ends with Hurry: DEL_DEV then does not wait for the
+			// device's openers (the device is gone from /dev anyway).
+			if err := block.Remove(c.hurry); err != nil {
 				c.log.Error("removing block device", "err", err)
 			}
 		}
@@ -120,7 +122,7 @@ func (c *Controller) teardown(mode teardownMode, reason string) {
 // Keep-alive must already be stopped. It also releases an association that
 // was never published (a reconnect onto a different namespace).
 func (c *Controller) releaseConn(conn Conn) {
-	c.step(StepShutdownSockets, conn.Shutdown)
+	c.step(StepShutdownSockets, func() { c.shutdown(conn) })
 	c.step(StepWaitCompletions, func() {
 		conn.WaitIdle()
 		c.mu.Lock()
