@@ -89,10 +89,10 @@ type Controller struct {
 	hurryCancel context.CancelFunc
 	// shutMu orders Hurry's socket shutdown against teardown's step 4, so
 	// that each association is shut down once, and before WaitIdle.
-	shutMu sync.Mutex
-	shut   Conn // the association whose sockets were shut last
-	done      chan struct{} // closed when the supervisor has returned (DEAD)
-	started   atomic.Bool
+	shutMu  sync.Mutex
+	shut    Conn          // the association whose sockets were shut last
+	done    chan struct{} // closed when the supervisor has returned (DEAD)
+	started atomic.Bool
 
 	// Owned by the supervisor goroutine (and Start before it runs).
 	keeper *keepalive.Keeper
