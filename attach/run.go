@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -31,6 +32,11 @@ var (
 	// ErrControllerLost: the controller went away for longer than
 	// ctrl_loss_tmo (or a reconnect found another namespace).
 	ErrControllerLost = errors.New("controller lost")
+	// ErrDetachedImmediately: RunConfig.Hurry made the detach immediate.
+	// The device, sockets and goroutines are gone as after any detach,
+	// but I/O that was in flight or held was failed with EIO instead of
+	// drained.
+	ErrDetachedImmediately = errors.New("detached immediately: I/O in flight or held was failed with EIO")
 )
 
 // RunConfig is how Run reports and what it serves besides the device.
@@ -42,6 +48,10 @@ type RunConfig struct {
 	Notifier *ServiceNotifier
 	// MetricsAddr, if set, serves Prometheus metrics at /metrics.
 	MetricsAddr string
+	// Hurry, closed while detaching (a second SIGTERM), makes the detach
+	// immediate: lifecycle.Controller.Hurry. Run then returns
+	// ErrDetachedImmediately. nil: never.
+	Hurry <-chan struct{}
 }
 
 // teardownTimeout bounds a graceful teardown (drain, disconnect, delete).
@@ -157,6 +167,22 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 	var backend *blockBackend
 	recorded := -1 // the device whose run record we wrote
 	lost := false  // set when the controller deleted itself, not asked to
+	// rc.Hurry makes whatever teardown is under way, or the next one,
+	// immediate. The goroutine ends with the controller; the deferred
+	// teardown below joins it.
+	var hurried atomic.Bool
+	var hurryWG sync.WaitGroup
+	hurryWG.Add(1)
+	go func() {
+		defer hurryWG.Done()
+		select {
+		case <-rc.Hurry:
+			hurried.Store(true)
+			log.Warn("detaching immediately: failing the I/O in flight and held with EIO")
+			lc.Hurry()
+		case <-lc.Done():
+		}
+	}()
 	defer func() {
 		if lost {
 			<-lc.Done()
@@ -167,6 +193,10 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 		// Idempotent; waits until DEAD. After an early error it tears the
 		// controller (and the device, once registered) down.
 		lc.Delete()
+		hurryWG.Wait()
+		if hurried.Load() && err == nil {
+			err = ErrDetachedImmediately
+		}
 		if backend != nil {
 			backend.wg.Wait() // every request was completed by the teardown
 		}

@@ -41,6 +41,11 @@ const (
 	exitNoNamespace = 7 // the namespace does not exist
 	exitLost        = 8 // the controller was lost (ctrl_loss_tmo expired)
 	exitNoDevice    = 9 // detach/status: no daemon serves that device
+	// A second SIGTERM/SIGINT made the detach immediate: the device is
+	// gone as after a graceful detach, but I/O in flight or held was
+	// failed with EIO. Not 0, because applications may have seen errors;
+	// the unit lists it in SuccessExitStatus (a requested stop).
+	exitImmediate = 10
 )
 
 func exitCode(err error) int {
@@ -63,17 +68,23 @@ func exitCode(err error) int {
 		return exitLost
 	case errors.Is(err, attach.ErrNoSuchDevice):
 		return exitNoDevice
+	case errors.Is(err, attach.ErrDetachedImmediately):
+		return exitImmediate
 	}
 	return exitFailure
 }
 
-func main() {
+func main() { os.Exit(run(os.Args)) }
+
+// run runs the command line and returns the exit status: main without the
+// exit, so that a test can look at the process before it ends.
+func run(args []string) int {
 	app := newApp(os.Stdout, os.Stderr)
-	err := app.Run(os.Args)
+	err := app.Run(args)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "ublk-nvmeof: %s\n", oneLine(err))
 	}
-	os.Exit(exitCode(err))
+	return exitCode(err)
 }
 
 // oneLine keeps an error message on one line, whatever it wraps.
@@ -200,9 +211,10 @@ func connectCommand(stdout io.Writer, name, usage string, mustRecover bool) *cli
 			if err := o.Validate(); err != nil {
 				return err
 			}
-			ctx, stop := signalContext()
+			ctx, hurry, stop := signalContext()
 			defer stop()
 			return attach.Run(ctx, o, attach.RunConfig{
+				Hurry:       hurry,
 				MetricsAddr: c.String("metrics-addr"),
 				Notifier:    &attach.ServiceNotifier{},
 				Ready:       func(dev string) { fmt.Fprintln(stdout, dev) },
@@ -214,42 +226,45 @@ func connectCommand(stdout io.Writer, name, usage string, mustRecover bool) *cli
 // seconds converts a flag in seconds; negative stays negative (off/forever).
 func seconds(n int) time.Duration { return time.Duration(n) * time.Second }
 
-// signalContext ends at SIGTERM or SIGINT: a graceful detach. A second
-// signal while detaching is reported and otherwise ignored: the teardown
-// is bounded and leaves nothing behind, which killing it would not.
-func signalContext() (context.Context, func()) {
+// signalContext ends at SIGTERM or SIGINT: a graceful detach (drain the
+// I/O in flight, disconnect, delete the device). The second signal closes
+// hurry: the detach becomes immediate (attach.RunConfig.Hurry): the daemon
+// stops waiting for the target, fails the I/O in flight and held with EIO,
+// and still deletes the device in lifecycle's teardown order, so nothing is
+// left behind either way; it then exits with exitImmediate. Later signals
+// are ignored. stop ends the signal handling and joins its goroutine.
+func signalContext() (ctx context.Context, hurry <-chan struct{}, stop func()) {
 	ctx, cancel := context.WithCancel(context.Background())
+	hurryCh := make(chan struct{})
 	ch := make(chan os.Signal, 2)
 	signal.Notify(ch, syscall.SIGTERM, syscall.SIGINT)
+	quit := make(chan struct{})
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		n := 0
-		for {
+		for n := 1; ; n++ {
+			var s os.Signal
 			select {
-			case s := <-ch:
-				n++
-				if n == 1 {
-					slog.Info("detaching", "signal", s.String())
-					cancel()
-				} else {
-					slog.Warn("already detaching; the teardown is bounded", "signal", s.String())
-				}
-			case <-ctx.Done():
-				if n == 0 {
-					return
-				}
-				// Keep absorbing signals until stop.
-				select {
-				case <-ch:
-				case <-done:
-					return
-				}
+			case s = <-ch:
+			case <-quit:
+				return
+			}
+			switch n {
+			case 1:
+				slog.Info("stopping; a second signal stops at once", "signal", s.String())
+				cancel()
+			case 2:
+				slog.Warn("stopping at once", "signal", s.String())
+				close(hurryCh)
+			default:
+				slog.Warn("already stopping at once", "signal", s.String())
 			}
 		}
 	}()
-	return ctx, func() {
+	return ctx, hurryCh, func() {
 		signal.Stop(ch)
+		close(quit)
+		<-done
 		cancel()
 	}
 }

@@ -14,10 +14,12 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"go.uber.org/goleak"
 	"golang.org/x/sys/unix"
 
 	"github.com/ublk-nvmeof/ublk-nvmeof/attach"
@@ -28,11 +30,19 @@ import (
 // tests run the real CLI as a separate process.
 const envRunMain = "UBLK_NVMEOF_TEST_RUN_MAIN"
 
+// exitLeak is the command's exit status, as run by the tests, when a
+// goroutine outlived the command: the process would end them silently, so
+// it checks (goleak) before exiting.
+const exitLeak = 97
+
 func TestMain(m *testing.M) {
 	if os.Getenv(envRunMain) == "1" {
-		os.Args = append([]string{"ublk-nvmeof"}, os.Args[1:]...)
-		main()
-		return
+		code := run(append([]string{"ublk-nvmeof"}, os.Args[1:]...))
+		if err := goleak.Find(); err != nil {
+			fmt.Fprintf(os.Stderr, "ublk-nvmeof: goroutines left at exit (status was %d): %v\n", code, err)
+			code = exitLeak
+		}
+		os.Exit(code)
 	}
 	os.Exit(m.Run())
 }
@@ -110,8 +120,27 @@ func TestVersion(t *testing.T) {
 type daemon struct {
 	cmd    *exec.Cmd
 	device string
-	stderr *bytes.Buffer
+	stderr *lockedBuffer
 	waited chan error
+}
+
+// lockedBuffer is the daemon's stderr, read by the test while exec's
+// goroutine writes it.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
 
 func startAttach(t *testing.T, args ...string) *daemon {
@@ -122,7 +151,7 @@ func startAttach(t *testing.T, args ...string) *daemon {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d := &daemon{cmd: cmd, stderr: &bytes.Buffer{}, waited: make(chan error, 1)}
+	d := &daemon{cmd: cmd, stderr: &lockedBuffer{}, waited: make(chan error, 1)}
 	cmd.Stderr = d.stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

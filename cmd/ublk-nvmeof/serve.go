@@ -81,7 +81,7 @@ func serveCommand(stdout io.Writer) *cli.Command {
 				return fmt.Errorf("--listen: %w", err)
 			}
 			fmt.Fprintf(stdout, "serving %s namespace 1 (%d bytes) on %s\n", nqn, backend.Size(), addr)
-			ctx, stop := signalContext()
+			ctx, _, stop := signalContext()
 			defer stop()
 			<-ctx.Done()
 			return nil
