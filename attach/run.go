@@ -63,10 +63,12 @@ const teardownTimeout = 60 * time.Second
 // order. It returns nil after a requested detach; on any error, nothing is
 // left behind: no device, socket, goroutine.
 func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
-	log := rc.Logger
-	if log == nil {
-		log = slog.Default()
+	base := rc.Logger
+	if base == nil {
+		base = slog.Default()
 	}
+	logs := newRunLoggers(base, o)
+	log := logs.ctrl
 	if err := o.Validate(); err != nil {
 		return err
 	}
@@ -83,6 +85,7 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 		return err
 	}
 	defer ctl.Close()
+	ctl.Logger = log
 	feats, err := ctl.Features()
 	if err != nil {
 		return err
@@ -119,7 +122,7 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 			IOQueues: o.NrIOQueues, QueueSize: o.QueueSize,
 			KATO: o.KeepAliveTmo, NoKeepAlive: o.KeepAliveTmo == 0,
 			HeaderDigest: o.HdrDigest, DataDigest: o.DataDigest,
-			Logger: log,
+			Logger: logs.nvme,
 		},
 		nsid: o.NSID,
 		kaRTT: func(rtt time.Duration) {
@@ -157,7 +160,7 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 			_ = rc.Notifier.Status(fmt.Sprintf("controller %v (%s)", tr.To, tr.Reason))
 		}
 	})
-	log.Info("connecting", "addr", o.Addr(), "nqn", o.NQN, "hostnqn", host.NQN)
+	log.Info("connecting", "hostnqn", host.NQN)
 	if err := lc.Start(ctx); err != nil {
 		return classifyConnectError(o, err)
 	}
@@ -232,7 +235,7 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 	}
 	device := dev.BlockDevice()
 	status.setDevice(dev.ID(), device)
-	log = log.With("device", device)
+	logs.setDevice(device)
 
 	if metrics != nil {
 		metrics.HeldFrom(lc.Held)

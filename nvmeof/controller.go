@@ -237,7 +237,10 @@ func Connect(ctx context.Context, cfg ControllerConfig) (_ *Controller, err erro
 func (c *Controller) queueConfig(qid uint16, size int, timeout time.Duration) QueueConfig {
 	return QueueConfig{
 		QID: qid, Size: size, HeaderDigest: c.cfg.HeaderDigest, DataDigest: c.cfg.DataDigest,
-		Timeout: timeout, MaxData: max(c.cfg.MaxData, 64<<10), Traffic: &c.traffic, Logger: c.cfg.Logger,
+		Timeout: timeout, MaxData: max(c.cfg.MaxData, 64<<10), Traffic: &c.traffic,
+		// The controller's logger: a queue's lines name the controller
+		// (subsys, addr) as well as the queue (qid).
+		Logger: c.log,
 		OnFailure: func(q *Queue, err error) {
 			if c.cfg.OnFailure != nil {
 				c.cfg.OnFailure(err)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 	"runtime"
 	"sync"
@@ -33,6 +34,19 @@ type Control struct {
 	fd       int
 	features Features // from GET_FEATURES at open; 0 on kernels before 6.5
 	encode   bool     // use ioctl-encoded opcodes (UBLK_F_CMD_IOCTL_ENCODE)
+
+	// Logger, if set before Create or Recover, logs for the devices they
+	// return (with ublk=N added), so that a caller's attributes (which
+	// target the device serves) are on every line of the device and its
+	// queues. nil: slog.Default().
+	Logger *slog.Logger
+}
+
+func (c *Control) logger() *slog.Logger {
+	if c.Logger != nil {
+		return c.Logger
+	}
+	return slog.Default()
 }
 
 // OpenControl opens /dev/ublk-control and probes the driver's features.

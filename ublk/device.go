@@ -50,7 +50,7 @@ func (c *Control) Create(ctx context.Context, o Options, b Backend) (*Device, er
 	if err != nil {
 		return nil, err
 	}
-	d := &Device{ctrl: c, info: info, params: o.Params, cdev: -1, log: slog.Default().With("ublk", info.ID)}
+	d := &Device{ctrl: c, info: info, params: o.Params, cdev: -1, log: c.logger().With("ublk", info.ID)}
 	undo := func(err error) (*Device, error) {
 		// Best effort with a fresh budget: the caller's ctx may be what
 		// ran out.
@@ -124,7 +124,7 @@ func (c *Control) Recover(ctx context.Context, id int, b Backend) (*Device, erro
 	if err != nil {
 		return nil, err
 	}
-	d := &Device{ctrl: c, info: info, params: params, cdev: -1, log: slog.Default().With("ublk", id)}
+	d := &Device{ctrl: c, info: info, params: params, cdev: -1, log: c.logger().With("ublk", id)}
 	d.params.MaxIOBytes = min(d.params.MaxIOBytes, info.MaxIOBytes)
 	if err := d.startQueues(ctx, b); err != nil {
 		// Leave the device for another attempt: it is still recoverable.
