@@ -24,9 +24,19 @@ func (n *ServiceNotifier) send(state string) error {
 	return err
 }
 
-// Ready says the service is up and names the device.
-func (n *ServiceNotifier) Ready(device string) error {
-	return n.send(daemon.SdNotifyReady + "\nSTATUS=serving " + device)
+// Ready says the service is up, naming the device and the controller's
+// state.
+func (n *ServiceNotifier) Ready(device, state string) error {
+	return n.send(daemon.SdNotifyReady + "\nSTATUS=" + serviceStatus(device, state))
+}
+
+// serviceStatus is the STATUS= line: the device once it exists, and the
+// controller's state.
+func serviceStatus(device, state string) string {
+	if device == "" {
+		return "controller " + state
+	}
+	return "serving " + device + ", controller " + state
 }
 
 // Status sets the one-line status systemctl status shows.

@@ -42,10 +42,10 @@ func readMsg(t *testing.T, c *net.UnixConn) string {
 func TestNotifyReadyStatusStopping(t *testing.T) {
 	l := notifyListener(t)
 	var n ServiceNotifier
-	if err := n.Ready("/dev/ublkb3"); err != nil {
+	if err := n.Ready("/dev/ublkb3", "LIVE"); err != nil {
 		t.Fatal(err)
 	}
-	if got := readMsg(t, l); got != "READY=1\nSTATUS=serving /dev/ublkb3" {
+	if got := readMsg(t, l); got != "READY=1\nSTATUS=serving /dev/ublkb3, controller LIVE" {
 		t.Errorf("ready: %q", got)
 	}
 	if err := n.Status("controller RESETTING"); err != nil {
@@ -66,7 +66,7 @@ func TestNotifyWithoutSystemdIsQuiet(t *testing.T) {
 	t.Setenv("NOTIFY_SOCKET", "")
 	os.Unsetenv("NOTIFY_SOCKET")
 	var n ServiceNotifier
-	if err := n.Ready("/dev/ublkb0"); err != nil {
+	if err := n.Ready("/dev/ublkb0", "LIVE"); err != nil {
 		t.Fatal(err)
 	}
 	if err := n.Watchdog(context.Background(), func(context.Context) bool { return true }); err != nil {

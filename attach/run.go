@@ -157,7 +157,7 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 			}
 		}
 		if rc.Notifier != nil {
-			_ = rc.Notifier.Status(fmt.Sprintf("controller %v (%s)", tr.To, tr.Reason))
+			_ = rc.Notifier.Status(serviceStatus(status.device(), fmt.Sprintf("%v (%s)", tr.To, tr.Reason)))
 		}
 	})
 	log.Info("connecting", "hostnqn", host.NQN)
@@ -278,7 +278,7 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 		rc.Ready(device)
 	}
 	if rc.Notifier != nil {
-		_ = rc.Notifier.Ready(device)
+		_ = rc.Notifier.Ready(device, lc.State().String())
 	}
 
 	select {
@@ -457,6 +457,12 @@ func (s *statusTracker) setQueues(n int) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.st.Queues = n
+}
+
+func (s *statusTracker) device() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.st.Device
 }
 
 func (s *statusTracker) setDevice(id int, path string) {

@@ -14,7 +14,7 @@ const DaemonPath = "/usr/bin/ublk-nvmeof"
 func VMConfig() vm.Config {
 	return vm.Config{
 		Packages: []string{"./..."},
-		Programs: []string{"fio", "nvme", "mkfs.ext4"},
+		Programs: append([]string{"fio", "nvme", "mkfs.ext4"}, systemdPrograms()...),
 		GoPrograms: map[string]string{
 			DaemonPath: "./cmd/ublk-nvmeof",
 		},
