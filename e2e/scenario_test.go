@@ -98,7 +98,9 @@ type stateChange struct {
 }
 
 var (
-	stateLine = regexp.MustCompile(`msg="controller state" from=(\S+) to=(\S+)(?: reason=("(?:[^"\\]|\\.)*"|\S+))?`)
+	// The attributes the daemon adds to every line (subsys, addr) come
+	// between msg and the transition's own; device comes last.
+	stateLine = regexp.MustCompile(`msg="controller state"(?: [^ =]+=(?:"(?:[^"\\]|\\.)*"|\S+))*? from=(\S+) to=(\S+)(?: reason=("(?:[^"\\]|\\.)*"|\S+))?`)
 	timeField = regexp.MustCompile(`^time=(\S+)`)
 	levelWarn = regexp.MustCompile(`level=(WARN|ERROR)`)
 )
