@@ -109,6 +109,21 @@ var (
 // ns when ns is open) and waits until it printed its device.
 func startDaemon(t *testing.T, tl *timeline, ns netns.NsHandle, args ...string) *daemon {
 	t.Helper()
+	d, err := tryStartDaemon(t, tl, ns, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+// errAttachExited: the daemon exited before its device was ready.
+var errAttachExited = errors.New("attach exited before the device was ready")
+
+// tryStartDaemon is startDaemon for a test where the attach itself may
+// fail: it returns an error wrapping errAttachExited (with the daemon,
+// exited) when the daemon exits before printing its device.
+func tryStartDaemon(t *testing.T, tl *timeline, ns netns.NsHandle, args ...string) (*daemon, error) {
+	t.Helper()
 	cmd := exec.Command(DaemonPath, append([]string{"attach"}, args...)...)
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
@@ -169,7 +184,7 @@ func startDaemon(t *testing.T, tl *timeline, ns netns.NsHandle, args ...string) 
 	case dev, ok := <-devCh:
 		if !ok {
 			<-d.exited
-			t.Fatalf("attach exited before the device was ready: %v\n%s", d.exitErr(), d.Log())
+			return d, fmt.Errorf("%w: %v\n%s", errAttachExited, d.exitErr(), d.Log())
 		}
 		d.device = dev
 	case <-time.After(hangTimeout):
@@ -179,7 +194,7 @@ func startDaemon(t *testing.T, tl *timeline, ns netns.NsHandle, args ...string) 
 		t.Fatal(err)
 	}
 	tl.add("device %s ready", d.device)
-	return d
+	return d, nil
 }
 
 // startInNetns starts cmd in network namespace ns: the child is forked from
@@ -259,25 +274,36 @@ func (d *daemon) nStates() int {
 // changes, and returns it.
 func (d *daemon) waitState(after int, states ...string) stateChange {
 	d.t.Helper()
+	s, _, err := d.awaitState(after, states...)
+	if err != nil {
+		d.t.Fatalf("%v\n%s", err, d.Log())
+	}
+	return s
+}
+
+// awaitState is waitState for goroutines other than the test's: it returns
+// the change and how many changes there were up to and including it, or an
+// error if the daemon exits or nothing comes within hangTimeout.
+func (d *daemon) awaitState(after int, states ...string) (stateChange, int, error) {
 	deadline := time.Now().Add(hangTimeout)
 	for {
 		d.mu.Lock()
-		for _, s := range d.states[min(after, len(d.states)):] {
+		for i := after; i < len(d.states); i++ {
 			for _, want := range states {
-				if s.to == want {
+				if s := d.states[i]; s.to == want {
 					d.mu.Unlock()
-					return s
+					return s, i + 1, nil
 				}
 			}
 		}
 		d.mu.Unlock()
 		select {
 		case <-d.exited:
-			d.t.Fatalf("the daemon exited (%v) while waiting for state %v\n%s", d.exitErr(), states, d.Log())
+			return stateChange{}, 0, fmt.Errorf("the daemon exited (%v) while waiting for state %v", d.exitErr(), states)
 		default:
 		}
 		if time.Now().After(deadline) {
-			d.t.Fatalf("no state change to %v within %v\n%s", states, hangTimeout, d.Log())
+			return stateChange{}, 0, fmt.Errorf("no state change to %v within %v", states, hangTimeout)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
@@ -385,6 +411,15 @@ func checkGoroutines(t *testing.T, tl *timeline, addr string, baseline int) {
 // namespace's view).
 func targetConnections(t *testing.T, port int) int {
 	t.Helper()
+	n, err := established(port)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// established is targetConnections for goroutines other than the test's.
+func established(port int) (int, error) {
 	n := 0
 	for _, f := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
 		b, err := os.ReadFile(f)
@@ -392,7 +427,7 @@ func targetConnections(t *testing.T, port int) int {
 			continue
 		}
 		if err != nil {
-			t.Fatal(err)
+			return 0, err
 		}
 		for _, l := range strings.Split(string(b), "\n")[1:] {
 			fs := strings.Fields(l)
@@ -406,7 +441,7 @@ func targetConnections(t *testing.T, port int) int {
 			}
 		}
 	}
-	return n
+	return n, nil
 }
 
 // waitUntil polls cond until it holds, failing t after hangTimeout.

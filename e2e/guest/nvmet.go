@@ -145,6 +145,21 @@ func (tg *Target) SetNamespaceEnabled(on bool) error {
 	return write(filepath.Join(tg.ns(), "enable"), v)
 }
 
+// DeleteControllers makes the target delete every controller of the
+// subsystem, as its fatal-error handler does: writing attr_qid_max (here the
+// value it already has) runs ctrl->ops->delete_ctrl on each of them ("Force
+// reconnect", nvmet_subsys_attr_qid_max_store in
+// drivers/nvme/target/configfs.c), which for nvmet-tcp shuts every queue's
+// socket down. The subsystem stays exported, so hosts can reconnect at once.
+func (tg *Target) DeleteControllers() error {
+	p := filepath.Join(tg.subsys(), "attr_qid_max")
+	v, err := os.ReadFile(p)
+	if err != nil {
+		return fmt.Errorf("nvmet: %w", err)
+	}
+	return write(p, strings.TrimSpace(string(v)))
+}
+
 // Remove tears the whole target down; what is already gone is skipped.
 func (tg *Target) Remove() error {
 	var errs []error
