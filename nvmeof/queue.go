@@ -24,9 +24,12 @@ import (
 // Wait returns:
 //   - the reader reads every PDU from the controller, completes commands
 //     and, when the queue has failed, completes what is left in flight;
-//   - the writer sends command capsules and H2CData, so that neither a
-//     submitter nor the reader ever blocks on the socket (the reader must
-//     not: the controller may be blocked writing to us);
+//   - the writer sends what submitters could not send themselves, and
+//     the H2CData answering R2Ts, so that the reader never blocks on the
+//     socket (it must not: the controller may be blocked writing to us).
+//     A submitter sends its capsule itself when no one else is sending
+//     (as the Linux host's nvme_tcp_queue_request does when it gets the
+//     send mutex): one goroutine hand-off less per command;
 //   - the timer fails the queue when a command outlives its deadline.
 //
 // Usage references (shared/DESIGN.md rule 1): q.usage counts everything
@@ -209,6 +212,7 @@ type Queue struct {
 	gens      []uint8       // generation of each slot, in the command ID high bits
 	free      []uint16
 	sendq     []sendItem
+	finishq   []*Request // fully sent and responded while a submitter sent: the writer completes them
 	sendWake  chan struct{}
 	slotFreed chan struct{} // closed when a slot frees; made by waiters in Do
 	writerOut chan struct{} // closed when the writer has exited
@@ -216,6 +220,15 @@ type Queue struct {
 
 	completions atomic.Uint64
 	lastDone    atomic.Int64 // unix nanoseconds of the last completion
+
+	// sendMu is held by whoever writes to the socket: the writer, or a
+	// submitter sending inline. It guards bw, hdr and batch.
+	sendMu sync.Mutex
+	bw     *bufio.Writer
+	hdr    []byte
+	batch  []sendItem
+	// readerInDone is set while the reader runs a done callback.
+	readerInDone atomic.Bool
 }
 
 // DialQueue connects to addr ("host:port") and performs the ICReq/ICResp
@@ -263,6 +276,7 @@ func NewQueue(ctx context.Context, conn net.Conn, cfg QueueConfig) (*Queue, erro
 
 		timeoutShortened: make(chan struct{}, 1),
 	}
+	q.bw = bufio.NewWriterSize(conn, 64<<10)
 	q.minTimeout.Store(int64(cfg.Timeout))
 	for i := cfg.Size - 1; i >= 0; i-- {
 		q.free = append(q.free, uint16(i))
@@ -405,8 +419,10 @@ func (q *Queue) putLocked() {
 }
 
 // Submit sends req; done is called exactly once with nil, an nvme.Status
-// or a *QueueError, from a queue goroutine and without any queue lock held
-// (so done may call Submit again). done must not block: it delays every
+// or a *QueueError, from a queue goroutine (never inside Submit) and
+// without any queue lock held (so done may call Submit again). Submit
+// writes the command to the socket itself when no one else is writing,
+// so it may block while the socket is full, at most until the queue fails. done must not block: it delays every
 // other completion of the queue, and must not call Wait or Close (they
 // wait for done to return). If Submit returns an error, done is not
 // called.
@@ -471,7 +487,7 @@ func (q *Queue) Submit(req *Request, done func(error)) error {
 	q.usage++ // held by the command until its done has returned
 	q.sendq = append(q.sendq, sendItem{req: req})
 	q.mu.Unlock()
-	q.wakeWriter()
+	q.push()
 	if testHookSubmitted != nil {
 		testHookSubmitted(q)
 	}
@@ -639,7 +655,11 @@ func (q *Queue) respond(r *Request, err error) {
 	}
 	q.releaseLocked(r)
 	q.mu.Unlock()
+	// A Submit from this done callback must not send inline: the reader
+	// never blocks on the socket.
+	q.readerInDone.Store(true)
 	q.complete(r, err, true)
+	q.readerInDone.Store(false)
 }
 
 func (q *Queue) reader(rd *pdu.Reader) {
@@ -649,6 +669,11 @@ func (q *Queue) reader(rd *pdu.Reader) {
 	// it, then complete everything still in flight.
 	<-q.writerOut
 	<-q.timerOut
+	// A submitter sending inline may still be inside a request's data;
+	// once it lets go of sendMu it sends nothing more (the queue is not
+	// live).
+	q.sendMu.Lock()
+	q.sendMu.Unlock()
 	q.mu.Lock()
 	var left []*Request
 	for i, r := range q.slots {
@@ -790,48 +815,91 @@ func (q *Queue) sendTermReq(pe *pdu.ProtocolError) {
 	}
 }
 
+// push sends what is queued, on the calling goroutine, unless someone is
+// already sending: then the writer is woken to send it (the one sending
+// may be past the point where it looks at the queue). Never called by the
+// reader.
+func (q *Queue) push() {
+	if q.readerInDone.Load() || !q.sendMu.TryLock() {
+		q.wakeWriter()
+		return
+	}
+	err := q.sendQueued(false)
+	q.sendMu.Unlock()
+	if err != nil {
+		q.fail(err)
+	}
+}
+
 func (q *Queue) writer() {
 	defer q.put()
 	defer close(q.writerOut)
-	bw := bufio.NewWriterSize(q.conn, 64<<10)
-	var hdr []byte
-	var batch []sendItem
 	for {
 		q.mu.Lock()
-		for len(q.sendq) == 0 && q.state == queueLive {
+		for len(q.sendq) == 0 && len(q.finishq) == 0 && q.state == queueLive {
 			q.mu.Unlock()
-			if err := bw.Flush(); err != nil {
-				q.fail(err)
-				return
-			}
 			<-q.sendWake
 			q.mu.Lock()
 		}
 		if q.state != queueLive {
+			// The reader completes whatever is left, finishq
+			// included: those requests are still in their slots.
+			q.finishq = nil
 			q.mu.Unlock()
 			return
 		}
-		batch = append(batch[:0], q.sendq...)
+		q.mu.Unlock()
+		q.sendMu.Lock()
+		err := q.sendQueued(true)
+		q.sendMu.Unlock()
+		if err != nil {
+			q.fail(err)
+			return
+		}
+		q.finishHandedOver()
+	}
+}
+
+// sendQueued writes everything queued and flushes; sendMu held. A request
+// whose response arrived while it was being sent is completed here when
+// called from the writer; a submitter sending inline hands it to the
+// writer instead, because done callbacks run on queue goroutines only,
+// never inside Submit.
+func (q *Queue) sendQueued(writer bool) error {
+	for {
+		q.mu.Lock()
+		if len(q.sendq) == 0 || q.state != queueLive {
+			q.mu.Unlock()
+			return q.bw.Flush()
+		}
+		q.batch = append(q.batch[:0], q.sendq...)
 		clear(q.sendq)
 		q.sendq = q.sendq[:0]
 		q.mu.Unlock()
 
-		for i, it := range batch {
-			batch[i] = sendItem{}
+		for i, it := range q.batch {
+			q.batch[i] = sendItem{}
 			var err error
-			hdr, err = q.send(bw, hdr[:0], it)
+			q.hdr, err = q.send(q.bw, q.hdr[:0], it)
 			if err != nil {
-				q.fail(err)
-				return
+				return err
 			}
 			if it.req == nil {
-				bw.Flush()
+				if err := q.bw.Flush(); err != nil {
+					return err
+				}
 				close(it.sent)
 				continue
 			}
 			q.mu.Lock()
 			it.req.sending--
 			finish := it.req.sending == 0 && it.req.responded
+			if finish && !writer {
+				q.finishq = append(q.finishq, it.req)
+				q.mu.Unlock()
+				q.wakeWriter()
+				continue
+			}
 			if finish {
 				q.releaseLocked(it.req)
 			}
@@ -840,6 +908,20 @@ func (q *Queue) writer() {
 				q.complete(it.req, it.req.respErr, true)
 			}
 		}
+	}
+}
+
+// finishHandedOver completes the requests submitters handed to the writer.
+func (q *Queue) finishHandedOver() {
+	q.mu.Lock()
+	rs := q.finishq
+	q.finishq = nil
+	for _, r := range rs {
+		q.releaseLocked(r)
+	}
+	q.mu.Unlock()
+	for _, r := range rs {
+		q.complete(r, r.respErr, true)
 	}
 }
 
