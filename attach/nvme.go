@@ -90,58 +90,134 @@ func (c *nvmeConn) Traffic() keepalive.Traffic {
 }
 
 func (c *nvmeConn) IsPathError(err error) bool { return nvmeof.IsPathError(err) }
-func (c *nvmeConn) Shutdown()                  { c.ctrl.Shutdown() }
-func (c *nvmeConn) WaitIdle()                  { c.ctrl.WaitIdle() }
-func (c *nvmeConn) FreeIOQueues()              { c.ctrl.FreeIOQueues() }
-func (c *nvmeConn) FreeAdminQueue()            { c.ctrl.FreeAdminQueue() }
+
+// ioQueue is the I/O queue serving ublk queue i.
+func (c *nvmeConn) ioQueue(i int) *nvmeof.IOQueue {
+	qs := c.ctrl.IOQueues()
+	return qs[i%len(qs)]
+}
+func (c *nvmeConn) Shutdown()       { c.ctrl.Shutdown() }
+func (c *nvmeConn) WaitIdle()       { c.ctrl.WaitIdle() }
+func (c *nvmeConn) FreeIOQueues()   { c.ctrl.FreeIOQueues() }
+func (c *nvmeConn) FreeAdminQueue() { c.ctrl.FreeAdminQueue() }
 
 // blockBackend turns ublk requests into NVMe commands: the request of ublk
-// queue i goes to I/O queue i (modulo the queues the controller granted),
-// through lifecycle, which holds it while the controller reconnects and
-// retries it on the next association if the path failed under it.
+// queue i goes to I/O queue i (modulo the queues the controller granted).
+//
+// The fast path runs on the ublk queue thread and does not block: while
+// the controller is LIVE, Serve takes a reference on the association
+// (lifecycle.TryEnter), starts the command (Queue.Submit) and returns; the
+// queue's reader completes the ublk request from the command's completion
+// handler. Nothing else is handed between goroutines, which is what a
+// request costs most.
+//
+// The slow path is a goroutine per request through lifecycle.Do, which
+// holds the request while the controller recovers: taken when the
+// controller is not LIVE, when the NVMe queue has no free slot, and to
+// retry on the next association a command that failed with the path
+// (lifecycle.Retry).
 type blockBackend struct {
 	lc      *lifecycle.Controller
 	metrics *Metrics // nil: none
 
-	// Each request is carried by a goroutine (lifecycle.Do blocks while
-	// the controller recovers; the ublk queue thread must not). wg joins
-	// them: Wait returns when none is left.
+	// wg counts every request from Serve to Complete, so a slow-path
+	// goroutine started from a completion handler is counted before the
+	// request's own count is dropped. Wait returns when none is left.
 	wg       sync.WaitGroup
 	inflight atomic.Int64
 }
 
-func (b *blockBackend) Serve(r *ublk.Request) {
-	b.wg.Add(1)
-	go func() {
-		defer b.wg.Done()
-		b.serve(r)
-	}()
+// blockIO is one request on its way through the fast path.
+type blockIO struct {
+	b     *blockBackend
+	r     *ublk.Request
+	ref   lifecycle.Ref
+	req   nvmeof.Request
+	start time.Time
 }
 
-func (b *blockBackend) serve(r *ublk.Request) {
+func (b *blockBackend) Serve(r *ublk.Request) {
+	b.wg.Add(1)
 	b.inflight.Add(1)
-	defer b.inflight.Add(-1)
-	start := time.Now()
+	io := &blockIO{b: b, r: r, start: time.Now()}
 	if b.metrics != nil {
 		b.metrics.IOStarted(r.Queue)
 	}
-	// No deadline of our own: each command has the queue's command
-	// timeout, and held I/O ends with the controller (fast_io_fail_tmo,
-	// ctrl_loss_tmo, delete).
-	err := b.lc.Do(context.Background(), func(c lifecycle.Conn) error {
-		conn := c.(*nvmeConn)
-		qs := conn.ctrl.IOQueues()
-		q := qs[r.Queue%len(qs)]
-		var req nvmeof.Request
-		if err := prepare(conn.ns, &req, r); err != nil {
-			return err
-		}
-		return q.Do(context.Background(), &req)
-	})
-	if b.metrics != nil {
-		b.metrics.IODone(r.Queue, r.Op.String(), r.Length, time.Since(start), err)
+	ref, ok := b.lc.TryEnter()
+	if !ok {
+		b.slow(io, nil)
+		return
 	}
+	conn := ref.Conn().(*nvmeConn)
+	if err := prepare(conn.ns, &io.req, r); err != nil {
+		ref.Exit()
+		io.finish(err)
+		return
+	}
+	io.ref = ref
+	err := conn.ioQueue(r.Queue).Submit(&io.req, io.done)
+	if err == nil {
+		return
+	}
+	// Not started: the queue failed under us (a path error: retry on
+	// the next association) or has no free slot (Do waits for one).
+	ref.Exit()
+	if nvmeof.IsPathError(err) {
+		b.slow(io, err)
+		return
+	}
+	b.slow(io, nil)
+}
+
+// done is the command's completion handler, on the NVMe queue's reader
+// goroutine. It must not block.
+func (io *blockIO) done(err error) {
+	io.ref.Exit() // the last touch of the association was the queue's, before this call
+	if err != nil && nvmeof.IsPathError(err) {
+		io.b.slow(io, err)
+		return
+	}
+	io.finish(err)
+}
+
+// slow serves the request on a goroutine through lifecycle: with Do, or, if
+// pathErr is set (it failed on io.ref's association), with Retry.
+func (b *blockBackend) slow(io *blockIO, pathErr error) {
+	b.wg.Add(1) // before the request's own count can drop
+	go func() {
+		defer b.wg.Done()
+		// No deadline of our own: each command has the queue's command
+		// timeout, and held I/O ends with the controller
+		// (fast_io_fail_tmo, ctrl_loss_tmo, delete).
+		fn := func(c lifecycle.Conn) error { return submitWait(c.(*nvmeConn), io.r) }
+		var err error
+		if pathErr != nil {
+			err = b.lc.Retry(context.Background(), io.ref, pathErr, fn)
+		} else {
+			err = b.lc.Do(context.Background(), fn)
+		}
+		io.finish(err)
+	}()
+}
+
+// submitWait runs the request on conn and waits for it.
+func submitWait(conn *nvmeConn, r *ublk.Request) error {
+	var req nvmeof.Request
+	if err := prepare(conn.ns, &req, r); err != nil {
+		return err
+	}
+	return conn.ioQueue(r.Queue).Do(context.Background(), &req)
+}
+
+// finish completes the ublk request: its last step.
+func (io *blockIO) finish(err error) {
+	b, r := io.b, io.r
+	if b.metrics != nil {
+		b.metrics.IODone(r.Queue, r.Op.String(), r.Length, time.Since(io.start), err)
+	}
+	b.inflight.Add(-1)
 	r.Complete(blockError(err))
+	b.wg.Done()
 }
 
 // prepare builds the NVMe command for a ublk request.
