@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"strconv"
 	"sync"
 	"time"
@@ -134,7 +135,10 @@ type MetricsServer struct {
 	wg  sync.WaitGroup
 }
 
-// ServeMetrics listens on addr ("host:port") and serves m at /metrics.
+// ServeMetrics listens on addr ("host:port") and serves m at /metrics, and
+// the Go runtime's profiles at /debug/pprof/ (net/http/pprof), as
+// Prometheus itself does on its web port: where the time of the I/O path
+// goes is measured on the running daemon.
 func ServeMetrics(addr string, m *Metrics) (*MetricsServer, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
@@ -142,6 +146,11 @@ func ServeMetrics(addr string, m *Metrics) (*MetricsServer, error) {
 	}
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /debug/pprof/", pprof.Index) // also the named profiles
+	mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
 	s := &MetricsServer{srv: &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, ln: ln}
 	s.wg.Add(1)
 	go func() {

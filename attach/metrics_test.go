@@ -67,4 +67,14 @@ func TestMetricsServer(t *testing.T) {
 			t.Errorf("/metrics lacks %q", want)
 		}
 	}
+	// The runtime's profiles are served beside the metrics.
+	resp, err = c.Get("http://" + s.Addr() + "/debug/pprof/goroutine?debug=1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), "goroutine profile:") {
+		t.Errorf("/debug/pprof/goroutine: %s\n%.200s", resp.Status, body)
+	}
 }
