@@ -3,20 +3,39 @@
 // and runs every guest test of the module there, and the demo's guest side.
 package e2e
 
-import "github.com/ublk-nvmeof/ublk-nvmeof/e2e/vm"
+import (
+	"os"
+	"strings"
+
+	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/vm"
+)
 
 // DaemonPath is where the guest has the ublk-nvmeof command.
 const DaemonPath = "/usr/bin/ublk-nvmeof"
 
 // VMConfig is the VM every guest test of the module runs in: the real
 // ublk-nvmeof command at DaemonPath, and fio, nvme-cli and mkfs.ext4 from
-// the host.
+// the host. The host's E2E_PERF_* variables (TestGuestPerfVersusKernel's
+// knobs) are passed on to the guest tests.
 func VMConfig() vm.Config {
 	return vm.Config{
+		Env:      hostEnv("E2E_PERF_"),
 		Packages: []string{"./..."},
 		Programs: append([]string{"fio", "nvme", "mkfs.ext4"}, systemdPrograms()...),
 		GoPrograms: map[string]string{
 			DaemonPath: "./cmd/ublk-nvmeof",
 		},
 	}
+}
+
+// hostEnv returns the host's environment variables whose names start with
+// prefix, as KEY=value.
+func hostEnv(prefix string) []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		if strings.HasPrefix(kv, prefix) {
+			env = append(env, kv)
+		}
+	}
+	return env
 }

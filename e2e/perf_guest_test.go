@@ -1,12 +1,16 @@
 package e2e
 
 import (
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -45,7 +49,14 @@ func TestGuestPerfVersusKernel(t *testing.T) {
 	}()
 	kernelDev := kc.NamespaceDevice(1)
 
-	daemon := startAttached(t, "--log-level", "warn", "attach", "-a", "127.0.0.1", "-s", "4450", "-n", nqn, "-i", "2")
+	// E2E_PERF_PROFILE names a workload whose 1-job ublk run is profiled
+	// from inside the daemon (net/http/pprof on its metrics address).
+	profile := os.Getenv("E2E_PERF_PROFILE")
+	args := []string{"--log-level", "warn", "attach", "-a", "127.0.0.1", "-s", "4450", "-n", nqn, "-i", "2"}
+	if profile != "" {
+		args = append(args, "--metrics-addr", pprofAddr)
+	}
+	daemon := startAttached(t, args...)
 	defer daemon.stop(t)
 	ublkDev := daemon.Device
 	// Fill the RAM disk once, so reads of both devices read data.
@@ -69,7 +80,14 @@ func TestGuestPerfVersusKernel(t *testing.T) {
 				if which == "ublk" {
 					dev = ublkDev
 				}
+				var prof *profiler
+				if which == "ublk" && jobs == 1 && w.Name == profile {
+					prof = startProfiles(runtime)
+				}
 				res, err := runFio(dev, w, jobs, runtime)
+				if prof != nil {
+					prof.report(t, w.Name)
+				}
 				if err != nil {
 					t.Fatalf("%s on %s: %v\ndaemon log:\n%s", w.Name, dev, err, daemon.Logs())
 				}
@@ -95,6 +113,60 @@ func TestGuestPerfVersusKernel(t *testing.T) {
 	t.Logf("%s%s", perf.JSONPrefix, js)
 }
 
+// pprofAddr is where the daemon serves /debug/pprof when profiled.
+const pprofAddr = "127.0.0.1:9464"
+
+// profiler fetches a CPU profile and an execution trace from the daemon
+// while fio runs.
+type profiler struct {
+	wg    sync.WaitGroup
+	names []string
+	data  [][]byte
+	errs  []error
+}
+
+func startProfiles(runtime time.Duration) *profiler {
+	secs := max(int(runtime.Seconds())-1, 1)
+	p := &profiler{names: []string{"cpu", "trace"}}
+	urls := []string{
+		fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", pprofAddr, secs),
+		fmt.Sprintf("http://%s/debug/pprof/trace?seconds=%d", pprofAddr, min(secs, 1)),
+	}
+	p.data, p.errs = make([][]byte, len(urls)), make([]error, len(urls))
+	for i, u := range urls {
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			time.Sleep(500 * time.Millisecond) // past fio's start-up
+			resp, err := http.Get(u)
+			if err != nil {
+				p.errs[i] = err
+				return
+			}
+			defer resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				p.errs[i] = fmt.Errorf("%s: %s", u, resp.Status)
+				return
+			}
+			p.data[i], p.errs[i] = io.ReadAll(resp.Body)
+		}()
+	}
+	return p
+}
+
+// report waits for the profiles and prints each, base64, on a line the
+// host-side bench command extracts: PERF-PROFILE <workload> <kind>: ...
+func (p *profiler) report(t *testing.T, workload string) {
+	p.wg.Wait()
+	for i, name := range p.names {
+		if p.errs[i] != nil {
+			t.Errorf("%s profile: %v", name, p.errs[i])
+			continue
+		}
+		t.Logf("%s%s %s: %s", perf.ProfilePrefix, workload, name, base64.StdEncoding.EncodeToString(p.data[i]))
+	}
+}
+
 // runFio runs one fio job and returns what it measured.
 func runFio(dev string, w perf.Workload, jobs int, runtime time.Duration) (perf.Result, error) {
 	args := []string{
@@ -102,6 +174,9 @@ func runFio(dev string, w perf.Workload, jobs int, runtime time.Duration) (perf.
 		"--rw=" + w.RW, "--bs=" + strconv.Itoa(w.BlockSize), "--iodepth=" + strconv.Itoa(w.QueueDepth),
 		"--numjobs=" + strconv.Itoa(jobs), "--size=32M", "--time_based", "--runtime=" + fmt.Sprint(int(runtime.Seconds())),
 		"--ramp_time=0", "--group_reporting", "--output-format=json",
+		// The TSC fio would calibrate against is not to be trusted
+		// under TCG: measure with the kernel's clock.
+		"--clocksource=clock_gettime",
 	}
 	if strings.HasPrefix(w.RW, "rand") {
 		args = append(args, "--randrepeat=0", "--norandommap")

@@ -68,6 +68,10 @@ type Report struct {
 // JSONPrefix marks the report's JSON in the guest test's output.
 const JSONPrefix = "PERF-JSON: "
 
+// ProfilePrefix marks a profile of the daemon in the guest test's output:
+// "PERF-PROFILE <workload> <cpu|trace>: <base64>".
+const ProfilePrefix = "PERF-PROFILE "
+
 // fioOutput is the part of `fio --output-format=json` read here.
 type fioOutput struct {
 	Jobs []struct {
