@@ -70,6 +70,20 @@ type Request struct {
 
 	q     *queue
 	owned atomic.Bool // true while the Backend holds the request
+	// detached, for a request of no device (NewDetachedRequest), gets
+	// the result instead of the queue.
+	detached func(res int32)
+}
+
+// NewDetachedRequest returns a request that belongs to no device, as a
+// Backend gets it from Serve: Complete passes detached the result the
+// kernel would get in COMMIT_AND_FETCH_REQ (bytes transferred, or a
+// negative errno). It lets a Backend be tested, and driven, without the
+// kernel. buf is the data buffer for OpRead and OpWrite.
+func NewDetachedRequest(queue, tag int, op Op, flags ReqFlags, offset int64, length int, buf []byte, detached func(res int32)) *Request {
+	r := &Request{Queue: queue, Tag: tag, Op: op, Flags: flags, Offset: offset, Length: length, Buf: buf, detached: detached}
+	r.owned.Store(true)
+	return r
 }
 
 // FUA reports whether the request carries the forced-unit-access flag.
@@ -83,6 +97,10 @@ func (r *Request) FUA() bool { return r.Flags&FlagFUA != 0 }
 func (r *Request) Complete(err error) {
 	if !r.owned.CompareAndSwap(true, false) {
 		panic(fmt.Sprintf("ublk: Request queue %d tag %d completed twice (or never served)", r.Queue, r.Tag))
+	}
+	if r.detached != nil {
+		r.detached(r.result(err))
+		return
 	}
 	r.q.complete(r.Tag, r.result(err))
 }

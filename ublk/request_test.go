@@ -86,3 +86,20 @@ func TestRequestResult(t *testing.T) {
 		t.Errorf("flush result = %d, want 0", got)
 	}
 }
+
+// A detached request hands its result to its function, once.
+func TestDetachedRequest(t *testing.T) {
+	var got []int32
+	buf := make([]byte, 4096)
+	r := NewDetachedRequest(1, 7, OpRead, 0, 8192, len(buf), buf, func(res int32) { got = append(got, res) })
+	r.Complete(nil)
+	if len(got) != 1 || got[0] != 4096 {
+		t.Fatalf("results %v, want [4096]", got)
+	}
+	defer func() {
+		if recover() == nil {
+			t.Fatal("second Complete did not panic")
+		}
+	}()
+	r.Complete(syscall.EIO)
+}
