@@ -249,6 +249,11 @@ func blockError(err error) error {
 	if err == nil {
 		return nil
 	}
+	if nvmeof.IsPathError(err) {
+		// Not the socket's errno (ECONNRESET, EPIPE): the block layer
+		// and the application see an I/O error.
+		return syscall.EIO
+	}
 	var errno syscall.Errno
 	if errors.As(err, &errno) {
 		return errno

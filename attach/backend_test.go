@@ -1,0 +1,235 @@
+package attach
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle"
+	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof"
+	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/nvme"
+	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/target"
+	"github.com/ublk-nvmeof/ublk-nvmeof/ublk"
+)
+
+// backendRig is blockBackend on a real lifecycle.Controller and NVMe/TCP
+// controller, against the in-process target over loopback: the I/O path of
+// the daemon without the kernel's ublk driver.
+type backendRig struct {
+	t   *testing.T
+	tg  *target.Target
+	lc  *lifecycle.Controller
+	b   *blockBackend
+	mem *target.MemoryBackend
+}
+
+func newBackendRig(t *testing.T) *backendRig {
+	t.Helper()
+	const nqn = "nqn.2026-11.io.ublk-nvmeof:backend"
+	tg := target.New(target.Config{})
+	t.Cleanup(func() { tg.Close() })
+	sub, err := tg.AddSubsystem(nqn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mem := target.NewMemoryBackend(1 << 20)
+	if err := sub.AddNamespace(target.NamespaceConfig{NSID: 1, Backend: mem, BlockShift: 9}); err != nil {
+		t.Fatal(err)
+	}
+	addr, err := tg.Listen("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := DefaultOptions()
+	o.NQN = nqn
+	o.TrAddr, o.TrSvcID, _ = net.SplitHostPort(addr.String())
+	connector := &nvmeConnector{
+		cfg: nvmeof.ControllerConfig{
+			Addr: o.Addr(), SubsysNQN: nqn,
+			Host:     nvmeof.HostIdentity{NQN: "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000002"},
+			IOQueues: 2, QueueSize: 32, KATO: 5 * time.Second,
+			Logger: quietLogger(),
+		},
+		nsid: 1,
+	}
+	lopts := lifecycle.DefaultOptions()
+	lopts.ReconnectDelay = 10 * time.Millisecond
+	lopts.CtrlLossTmo = -1
+	lopts.Logger = quietLogger()
+	lc, err := lifecycle.New(connector, lopts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := lc.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	r := &backendRig{t: t, tg: tg, lc: lc, b: &blockBackend{lc: lc}, mem: mem}
+	t.Cleanup(func() {
+		lc.Delete()
+		r.b.wg.Wait()
+	})
+	return r
+}
+
+// io serves one request the way a ublk queue thread does, and returns the
+// channel its result (what the kernel would get) arrives on.
+func (r *backendRig) io(queue, tag int, op ublk.Op, off int64, buf []byte) <-chan int32 {
+	res := make(chan int32, 1)
+	r.b.Serve(ublk.NewDetachedRequest(queue, tag, op, 0, off, len(buf), buf, func(v int32) { res <- v }))
+	return res
+}
+
+func (r *backendRig) wait(what string, ch <-chan int32, want int32) {
+	r.t.Helper()
+	select {
+	case got := <-ch:
+		if got != want {
+			r.t.Errorf("%s: result %d, want %d", what, got, want)
+		}
+	case <-time.After(30 * time.Second):
+		r.t.Fatalf("%s: no completion (controller %v)", what, r.lc.State())
+	}
+}
+
+func quietLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+func pattern(i, n int) []byte {
+	return bytes.Repeat([]byte(fmt.Sprintf("%06d", i)), n/6+1)[:n]
+}
+
+// writeAll writes block i of 4 KiB with pattern(i) for every i in idx, all
+// in flight at once across both queues, and waits for them.
+func (r *backendRig) writeAll(what string, idx []int) {
+	r.t.Helper()
+	chs := make([]<-chan int32, len(idx))
+	for k, i := range idx {
+		chs[k] = r.io(k%2, k/2, ublk.OpWrite, int64(i)*4096, pattern(i, 4096))
+	}
+	for k, ch := range chs {
+		r.wait(fmt.Sprintf("%s: write %d", what, idx[k]), ch, 4096)
+	}
+}
+
+// verify reads every block in idx back through the backend and checks it
+// on the target's memory too.
+func (r *backendRig) verify(idx []int) {
+	r.t.Helper()
+	for k, i := range idx {
+		buf := make([]byte, 4096)
+		r.wait(fmt.Sprintf("read %d", i), r.io(k%2, 0, ublk.OpRead, int64(i)*4096, buf), 4096)
+		if !bytes.Equal(buf, pattern(i, 4096)) {
+			r.t.Errorf("block %d read back %q..., want %q...", i, buf[:12], pattern(i, 12))
+		}
+		onTarget := make([]byte, 4096)
+		r.mem.ReadAt(onTarget, int64(i)*4096)
+		if !bytes.Equal(onTarget, pattern(i, 4096)) {
+			r.t.Errorf("block %d on the target %q..., want %q...", i, onTarget[:12], pattern(i, 12))
+		}
+	}
+}
+
+func span(from, to int) []int {
+	var s []int
+	for i := from; i < to; i++ {
+		s = append(s, i)
+	}
+	return s
+}
+
+// The fast path: I/O started on the calling goroutine while LIVE and
+// completed by the NVMe queue's reader.
+func TestBlockBackendLive(t *testing.T) {
+	r := newBackendRig(t)
+	r.writeAll("live", span(0, 48))
+	r.verify(span(0, 48))
+	r.wait("flush", r.io(0, 0, ublk.OpFlush, 0, nil), 0)
+	if n := r.b.inflight.Load(); n != 0 {
+		t.Fatalf("%d requests in flight after all completed", n)
+	}
+}
+
+// A write whose connection closes under it fails with a path error on the
+// fast path and is retried on the next association: no error reaches the
+// block device, and the data is there.
+func TestBlockBackendRetriesPathError(t *testing.T) {
+	r := newBackendRig(t)
+	remove := r.tg.InjectFault(target.Fault{QID: target.AnyQueue, Match: target.MatchOpcode(nvme.NVME_CMD_WRITE), Times: 1, Close: true})
+	defer remove()
+	r.writeAll("connection closed", span(0, 32))
+	r.verify(span(0, 32))
+	var recovered bool
+	for _, tr := range r.lc.States().History() {
+		recovered = recovered || tr.To == lifecycle.StateResetting
+	}
+	if !recovered {
+		t.Fatal("the closed connection did not start recovery")
+	}
+}
+
+// I/O arriving while the controller reconnects takes the slow path: held,
+// then served on the new association.
+func TestBlockBackendHeldWhileReconnecting(t *testing.T) {
+	r := newBackendRig(t)
+	r.writeAll("before", span(0, 8))
+	resetting := make(chan struct{})
+	r.lc.States().Observe(func(tr lifecycle.Transition) {
+		if tr.To == lifecycle.StateResetting {
+			close(resetting)
+		}
+	})
+	// Keep the controller away from LIVE until the I/O is held: every
+	// fabrics command on an admin queue (the Connect first) closes it.
+	remove := r.tg.InjectFault(target.Fault{QID: 0, Match: target.MatchOpcode(nvme.NVME_FABRICS_COMMAND), Close: true})
+	r.tg.DropConnections()
+	<-resetting
+	chs := make([]<-chan int32, 0, 8)
+	for k, i := range span(8, 16) {
+		chs = append(chs, r.io(k%2, k/2, ublk.OpWrite, int64(i)*4096, pattern(i, 4096)))
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for r.lc.Held() != len(chs) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d writes held, controller %v", r.lc.Held(), len(chs), r.lc.State())
+		}
+		time.Sleep(time.Millisecond)
+	}
+	remove()
+	for k, ch := range chs {
+		r.wait(fmt.Sprintf("held write %d", 8+k), ch, 4096)
+	}
+	r.verify(span(0, 16))
+}
+
+// After delete every request fails with EIO at once.
+func TestBlockBackendAfterDelete(t *testing.T) {
+	r := newBackendRig(t)
+	r.lc.Delete()
+	r.wait("write after delete", r.io(0, 0, ublk.OpWrite, 0, pattern(0, 4096)), -5 /* -EIO */)
+}
+
+// blockError gives the block layer an errno it knows what to do with.
+func TestBlockError(t *testing.T) {
+	for _, c := range []struct {
+		err  error
+		want error
+	}{
+		{nil, nil},
+		{&nvmeof.QueueError{QID: 1, Err: &net.OpError{Op: "read", Err: syscall.ECONNRESET}}, syscall.EIO},
+		{fmt.Errorf("%w: x", lifecycle.ErrRetriesExhausted), syscall.EIO},
+		{lifecycle.ErrDeleted, syscall.EIO},
+		{syscall.EINVAL, syscall.EINVAL},
+		{nvme.Status(nvme.NVME_SC_INVALID_OPCODE), syscall.EOPNOTSUPP},
+		{nvme.Status(nvme.NVME_SC_LBA_RANGE), syscall.ENOSPC},
+		{nvme.Status(nvme.NVME_SC_INTERNAL), syscall.EIO},
+	} {
+		if got := blockError(c.err); got != c.want {
+			t.Errorf("blockError(%v) = %v, want %v", c.err, got, c.want)
+		}
+	}
+}
