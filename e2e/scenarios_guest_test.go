@@ -345,8 +345,12 @@ func TestGuestScenarioLinkCutLinkWatch(t *testing.T) {
 		t.Fatal(err)
 	}
 	det := d.waitState(n, "RESETTING")
-	if strings.Contains(det.reason, "keep-alive") {
-		t.Errorf("detected by %q, want the link watch", det.reason)
+	// lifecycle.ErrLinkDown: not a keep-alive or command timeout.
+	if !strings.Contains(det.reason, "link to target down") {
+		t.Errorf("detected by %q, want the link watch\n%s", det.reason, d.Log())
+	}
+	if strings.Contains(d.Log(), "link watch stopped") {
+		t.Errorf("the link watch stopped\n%s", d.Log())
 	}
 	if err := netlink.LinkSetUp(link); err != nil {
 		t.Fatal(err)

@@ -124,7 +124,10 @@ func (w *Watcher) Watch(ctx context.Context, down func(error)) error {
 	if w.Namespace != nil {
 		ns = *w.Namespace
 	}
-	h, err := netlink.NewHandleAt(ns)
+	// Route sockets only: a handle for every family fails with
+	// EPROTONOSUPPORT on a kernel without some of them (XFRM, say), and
+	// the watch would be gone without a word but a log line.
+	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
 	if err != nil {
 		return fmt.Errorf("linkwatch: %w", err)
 	}
