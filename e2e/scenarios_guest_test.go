@@ -330,14 +330,16 @@ func TestGuestScenarioLinkCut(t *testing.T) {
 }
 
 // e, faster: with the link watch the same cut is noticed when the link goes
-// down, not a keep-alive timeout later (attach --link-watch).
+// down, not a keep-alive timeout later, and the link coming back ends the
+// wait for the next reconnect attempt: with a reconnect delay of 60 s the
+// daemon reconnects as the link comes up (attach --link-watch).
 func TestGuestScenarioLinkCutLinkWatch(t *testing.T) {
 	guest.Require(t)
 	ns, link := newHostNetns(t)
 	s := newScenario(t, guest.TargetOptions{NQN: scenarioNQN("link-watch"), Device: "/dev/ram0", Addr: targetIP, Port: 4445, PortID: 15})
 	// A long keep-alive timeout: detection within it is the link watch's.
 	d := startDaemon(t, s.tl, ns, "-a", targetIP, "-s", "4445", "-n", s.opts.NQN, "-i", "2",
-		"-k", "30", "-c", "1", "-l", "120", "--link-watch")
+		"-k", "30", "-c", "60", "-l", "120", "--link-watch")
 	s.startLoad(d.device, 6)
 	n := d.nStates()
 	s.tl.add("FAULT: link %s down", vethTarget)
@@ -352,11 +354,16 @@ func TestGuestScenarioLinkCutLinkWatch(t *testing.T) {
 	if strings.Contains(d.Log(), "link watch stopped") {
 		t.Errorf("the link watch stopped\n%s", d.Log())
 	}
+	d.waitState(n, "CONNECTING")
 	if err := netlink.LinkSetUp(link); err != nil {
 		t.Fatal(err)
 	}
 	s.tl.add("link %s up", vethTarget)
 	d.waitState(n, "LIVE")
+	// Not a time: the daemon says why it reconnected before the delay.
+	if !strings.Contains(d.Log(), "path to the target is back: reconnecting now") {
+		t.Errorf("the daemon reconnected without the link watch ending the reconnect delay\n%s", d.Log())
+	}
 	s.waitProgress(200, "after the link came back")
 	s.finishLoad(nil)
 	s.verify(d.device, "the ublk device")

@@ -32,7 +32,9 @@ type Options struct {
 	MaxRetries int
 	// LinkWatch, if set, is run while the controller exists; a link or
 	// route going down starts error recovery at once instead of after
-	// KATO.
+	// KATO, and the path coming back while the controller waits to
+	// reconnect makes it reconnect at once instead of after
+	// reconnect_delay.
 	LinkWatch LinkWatcher
 
 	// TeardownHook, if set, is called on the supervisor goroutine before
@@ -57,9 +59,10 @@ func DefaultOptions() Options {
 }
 
 // LinkWatcher watches the path to the target. Watch runs until ctx is
-// cancelled and calls down (which only signals) whenever the path fails.
+// cancelled; it calls down whenever the path fails, and up whenever it comes
+// back after a failure. Both only signal.
 type LinkWatcher interface {
-	Watch(ctx context.Context, down func(error)) error
+	Watch(ctx context.Context, down func(error), up func()) error
 }
 
 // Controller is one remote controller and the namespace exposed from it.
@@ -81,6 +84,7 @@ type Controller struct {
 	cancel context.CancelFunc
 
 	kick      chan struct{} // capacity 1: an error was reported
+	linkUp    chan struct{} // capacity 1: the link watch saw the path come back
 	deleteReq chan struct{} // closed by Delete
 	delOnce   sync.Once
 	// hurry is cancelled by Hurry: the delete stops waiting for the
@@ -146,6 +150,7 @@ func New(connector Connector, opts Options) (*Controller, error) {
 		log:       log,
 		sm:        NewStateMachine(clk),
 		kick:      make(chan struct{}, 1),
+		linkUp:    make(chan struct{}, 1),
 		deleteReq: make(chan struct{}),
 		done:      make(chan struct{}),
 		wake:      make(chan struct{}),
@@ -379,6 +384,11 @@ func (c *Controller) run() {
 				gen := c.gen
 				c.mu.Unlock()
 				c.reportError(gen, fmt.Errorf("%w: %v", ErrLinkDown, err))
+			}, func() {
+				select {
+				case c.linkUp <- struct{}{}:
+				default:
+				}
 			})
 			if err != nil && c.ctx.Err() == nil {
 				c.log.Warn("link watch stopped", "err", err)
@@ -429,7 +439,19 @@ func (c *Controller) waitForTrouble() (cause error, deleted bool) {
 // recoverAndReconnect is error recovery: RESETTING, tear the association
 // down, CONNECTING, reconnect every reconnect_delay until ctrl_loss_tmo. It
 // returns false if the controller was deleted instead.
+//
+// With a link watch, the path coming back (after this recovery began) ends
+// the wait at once. Such an early attempt does not count towards
+// ctrl_loss_tmo's number of attempts: a flapping link must not use up in
+// seconds what is meant to last ctrl_loss_tmo. The next regular attempt is
+// still reconnect_delay after it.
 func (c *Controller) recoverAndReconnect(cause error) bool {
+	// Only a path that comes back from now on says anything about this
+	// failure: forget an earlier one.
+	select {
+	case <-c.linkUp:
+	default:
+	}
 	c.teardown(teardownReset, cause.Error())
 	if err := c.setState(StateConnecting, "reconnecting"); err != nil {
 		panic(err) // RESETTING -> CONNECTING is always allowed here
@@ -437,18 +459,25 @@ func (c *Controller) recoverAndReconnect(cause error) bool {
 	stopFailfast := c.startFailfast()
 	defer stopFailfast()
 
-	for attempt := 0; ; attempt++ {
-		if !c.shouldReconnect(attempt) {
-			c.remove(fmt.Errorf("ctrl_loss_tmo expired after %d attempts: %w", attempt, cause))
+	attempts := 0 // regular attempts made, for ctrl_loss_tmo
+	for {
+		if !c.shouldReconnect(attempts) {
+			c.remove(fmt.Errorf("ctrl_loss_tmo expired after %d attempts: %w", attempts, cause))
 			return false
 		}
 		t := c.clk.NewTimer(c.opts.ReconnectDelay)
+		early := false
 		select {
 		case <-c.deleteReq:
 			t.Stop()
 			c.remove(errors.New("deleted while reconnecting"))
 			return false
 		case <-t.C():
+			attempts++
+		case <-c.linkUp:
+			t.Stop()
+			early = true
+			c.log.Info("path to the target is back: reconnecting now, not after reconnect_delay")
 		}
 		conn, err := c.connect(c.ctx)
 		if err != nil {
@@ -460,7 +489,7 @@ func (c *Controller) recoverAndReconnect(cause error) bool {
 				c.remove(fmt.Errorf("reconnect failed with DNR, not retrying: %w", err))
 				return false
 			}
-			c.log.Warn("reconnect failed", "attempt", attempt+1, "err", err)
+			c.log.Warn("reconnect failed", "attempt", attempts, "early", early, "err", err)
 			cause = err
 			continue
 		}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"runtime"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -519,11 +520,19 @@ func TestHeldIOContext(t *testing.T) {
 	h.finish()
 }
 
-type fakeLinkWatch struct{ down chan func(error) }
+// fakeLinkWatch hands the controller's callbacks to the test.
+type fakeLinkWatch struct{ cb chan linkCallbacks }
 
-func (w *fakeLinkWatch) Watch(ctx context.Context, down func(error)) error {
+type linkCallbacks struct {
+	down func(error)
+	up   func()
+}
+
+func newFakeLinkWatch() *fakeLinkWatch { return &fakeLinkWatch{cb: make(chan linkCallbacks)} }
+
+func (w *fakeLinkWatch) Watch(ctx context.Context, down func(error), up func()) error {
 	select {
-	case w.down <- down:
+	case w.cb <- linkCallbacks{down, up}:
 	case <-ctx.Done():
 	}
 	<-ctx.Done()
@@ -532,9 +541,9 @@ func (w *fakeLinkWatch) Watch(ctx context.Context, down func(error)) error {
 
 // A link going down starts recovery at once, without waiting for KATO.
 func TestLinkDownStartsRecovery(t *testing.T) {
-	lw := &fakeLinkWatch{down: make(chan func(error))}
+	lw := newFakeLinkWatch()
 	h := newHarness(t, func(o *Options, _ *fakeTarget) { o.LinkWatch = lw })
-	down := <-lw.down
+	down := (<-lw.cb).down
 	down(errors.New("eth0 down"))
 	h.waitState(StateConnecting)
 	tr := h.c.States().History()
@@ -641,6 +650,107 @@ func TestConcurrentDelete(t *testing.T) {
 	}
 	if deleting != 1 {
 		t.Fatalf("entered DELETING %d times", deleting)
+	}
+	h.finish()
+}
+
+// The path coming back while the controller waits out reconnect_delay makes
+// it reconnect at once: LIVE again with the fake clock never advanced.
+func TestLinkUpReconnectsAtOnce(t *testing.T) {
+	lw := newFakeLinkWatch()
+	h := newHarness(t, func(o *Options, _ *fakeTarget) { o.LinkWatch = lw })
+	cb := <-lw.cb
+	cb.down(errors.New("eth0 down"))
+	h.waitState(StateConnecting)
+	res := h.doWrite(4, 44)
+	waitFor(t, "the write to be held", func() bool { return h.c.Held() == 1 })
+	h.clk.WaitTimers(1) // waiting out reconnect_delay
+	if n := h.tgt.connectCount(); n != 1 {
+		t.Fatalf("%d connects before the path came back", n)
+	}
+	cb.up()
+	h.waitState(StateLive)
+	if err := <-res; err != nil {
+		t.Fatalf("held write: %v", err)
+	}
+	hist := h.c.States().History()
+	if last := hist[len(hist)-1]; last.To != StateLive || !last.Time.Equal(epoch) {
+		t.Fatalf("last transition %v at %v, want LIVE at once (%v)", last.To, last.Time, epoch)
+	}
+	if n := h.tgt.connectCount(); n != 2 {
+		t.Fatalf("%d connects, want 2", n)
+	}
+	h.finish()
+}
+
+// An early attempt that fails does not count towards ctrl_loss_tmo, and the
+// next regular attempt is still reconnect_delay after it: with
+// ctrl_loss_tmo 20 s and reconnect_delay 10 s there are two regular attempts
+// besides the early one.
+func TestLinkUpEarlyAttemptDoesNotCount(t *testing.T) {
+	lw := newFakeLinkWatch()
+	h := newHarness(t, func(o *Options, _ *fakeTarget) {
+		o.LinkWatch = lw
+		o.CtrlLossTmo = 20 * time.Second
+	})
+	fail := errors.New("connection refused")
+	h.tgt.mu.Lock()
+	h.tgt.connectErrs = []error{fail, fail, fail, fail}
+	h.tgt.mu.Unlock()
+	cb := <-lw.cb
+	cb.down(errors.New("eth0 down"))
+	h.waitState(StateConnecting)
+	h.clk.WaitTimers(1) // reconnect_delay
+	armed := h.clk.Armed()
+	cb.up()
+	waitFor(t, "the early attempt", func() bool { return h.tgt.connectCount() == 2 })
+	// The early attempt failed: a new reconnect_delay is armed, and
+	// nothing happens until it has passed.
+	h.clk.WaitArmed(armed + 1)
+	h.clk.WaitTimers(1)
+	if n := h.tgt.connectCount(); n != 2 {
+		t.Fatalf("%d connects before reconnect_delay passed again", n)
+	}
+	h.clk.Advance(10 * time.Second)
+	waitFor(t, "the first regular attempt", func() bool { return h.tgt.connectCount() == 3 })
+	deleted := func() bool {
+		select {
+		case <-h.c.Done():
+			return true
+		default:
+			return false
+		}
+	}
+	waitFor(t, "the second regular attempt to be armed", func() bool { return deleted() || h.clk.Pending() > 0 })
+	if deleted() {
+		t.Fatalf("deleted after %d connects (%v): the early attempt counted towards ctrl_loss_tmo", h.tgt.connectCount(), h.c.Err())
+	}
+	h.clk.Advance(10 * time.Second)
+	<-h.c.Done()
+	if n := h.tgt.connectCount(); n != 1+1+2 {
+		t.Fatalf("%d connects, want the first, the early one and 2 regular ones", n)
+	}
+	if err := h.c.Err(); err == nil || !strings.Contains(err.Error(), "ctrl_loss_tmo expired after 2 attempts") {
+		t.Fatalf("Err() = %v", err)
+	}
+	h.finish()
+}
+
+// The path coming back while LIVE says nothing about a later failure: that
+// recovery still waits reconnect_delay.
+func TestLinkUpWhileLiveIsForgotten(t *testing.T) {
+	lw := newFakeLinkWatch()
+	h := newHarness(t, func(o *Options, _ *fakeTarget) { o.LinkWatch = lw })
+	cb := <-lw.cb
+	cb.up() // e.g. a flap the controller rode out
+	h.tgt.lastConn().onError(errSocket)
+	h.waitEntered(StateConnecting, 2)
+	h.clk.WaitTimers(1)
+	h.clk.Advance(10 * time.Second)
+	h.waitState(StateLive)
+	hist := h.c.States().History()
+	if last := hist[len(hist)-1]; !last.Time.Equal(epoch.Add(10 * time.Second)) {
+		t.Fatalf("reconnected at %v, want after reconnect_delay (%v)", last.Time, epoch.Add(10*time.Second))
 	}
 	h.finish()
 }

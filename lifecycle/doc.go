@@ -22,7 +22,8 @@
 // association (socket error, command timeout, C2HTermReq), a failed or
 // timed-out keep-alive, a link going down (Options.LinkWatch) or a path
 // error on I/O starts error recovery: RESETTING, teardown, CONNECTING,
-// then a reconnect every reconnect_delay until ctrl_loss_tmo; a Connect
+// then a reconnect every reconnect_delay until ctrl_loss_tmo (at once, as
+// an extra attempt, when the link watch sees the path come back); a Connect
 // rejected with DNR, a different namespace found on reconnect, or
 // ctrl_loss_tmo delete the controller. Everything else only signals the
 // supervisor, so no callback ever tears down inline, and keep-alive's

@@ -2,7 +2,9 @@
 // keep-alive can: it follows, through rtnetlink, the route towards traddr
 // and the state of the link that route leaves by, and reports the path down
 // as soon as the link goes down, disappears, or no route is left. lifecycle
-// then starts error recovery at once instead of after up to KATO.
+// then starts error recovery at once instead of after up to KATO. It also
+// reports the path up again once there is a route over a link that is up,
+// so that lifecycle reconnects at once instead of after reconnect_delay.
 //
 // The decision (tracker) is separate from netlink so that it can be tested
 // anywhere; Watcher feeds it from rtnetlink.
@@ -35,8 +37,9 @@ type Link struct {
 }
 
 // tracker decides, from the route lookups and link states it is given,
-// when the path goes down. It reports each failure once, and again only
-// after the path has come back.
+// when the path goes down and when it comes back. It reports each failure
+// once, and again only after the path has come back; it reports the path
+// back once per failure.
 type tracker struct {
 	// route returns the index of the link the route towards the target
 	// leaves by.
@@ -46,6 +49,16 @@ type tracker struct {
 
 	out  int  // the route's output link; 0 if there is no route
 	down bool // a failure was reported and the path has not come back
+	// back is set when the path came back after a reported failure; the
+	// watcher takes it with takeBack.
+	back bool
+}
+
+// takeBack reports, once, that the path came back after a failure.
+func (t *tracker) takeBack() bool {
+	b := t.back
+	t.back = false
+	return b
 }
 
 // report returns err the first time the path goes down.
@@ -86,7 +99,10 @@ func (t *tracker) linkChanged(l Link) error {
 		}
 		return t.report(fmt.Errorf("link %s (%d) to the target is %s", l.Name, l.Index, what))
 	}
-	t.down = false
+	if t.down {
+		t.down = false
+		t.back = true
+	}
 	return nil
 }
 
@@ -112,10 +128,11 @@ func linkFromAttrs(a *netlink.LinkAttrs) Link {
 	return Link{Index: a.Index, Name: a.Name, Up: up}
 }
 
-// Watch implements lifecycle.LinkWatcher: it runs until ctx is done, and
-// calls down each time the path fails. The netlink subscriptions'
-// goroutines are joined before it returns.
-func (w *Watcher) Watch(ctx context.Context, down func(error)) error {
+// Watch implements lifecycle.LinkWatcher: it runs until ctx is done, calls
+// down each time the path fails and up each time it comes back after a
+// failure. The netlink subscriptions' goroutines are joined before it
+// returns.
+func (w *Watcher) Watch(ctx context.Context, down func(error), up func()) error {
 	log := w.Logger
 	if log == nil {
 		log = slog.Default()
@@ -178,10 +195,20 @@ func (w *Watcher) Watch(ctx context.Context, down func(error)) error {
 			return linkFromAttrs(l.Attrs()), nil
 		},
 	}
-	// Subscribed first, looked up second: no change can fall in between.
-	if err := t.routeChanged(); err != nil {
-		down(err)
+	// decide acts on the current state, not on an update's: updates can
+	// arrive after a lookup that already saw a newer state, and a stale
+	// "down" must not count as a new failure.
+	decide := func() {
+		if err := t.routeChanged(); err != nil {
+			down(err)
+		}
+		if t.takeBack() {
+			log.Info("linkwatch: path to the target is back", "addr", w.Addr)
+			up()
+		}
 	}
+	// Subscribed first, looked up second: no change can fall in between.
+	decide()
 	for {
 		if w.settled != nil {
 			w.settled(t.down)
@@ -193,20 +220,12 @@ func (w *Watcher) Watch(ctx context.Context, down func(error)) error {
 			if !ok {
 				return errors.New("linkwatch: link subscription ended")
 			}
-			// Decide on the current state, not the update's: updates
-			// can arrive after a lookup that already saw a newer
-			// state, and a stale "down" must not count as a new
-			// failure.
-			if err := t.routeChanged(); err != nil {
-				down(err)
-			}
+			decide()
 		case _, ok := <-routes:
 			if !ok {
 				return errors.New("linkwatch: route subscription ended")
 			}
-			if err := t.routeChanged(); err != nil {
-				down(err)
-			}
+			decide()
 		}
 	}
 }

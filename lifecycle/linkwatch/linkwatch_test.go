@@ -52,6 +52,9 @@ func TestTracker(t *testing.T) {
 	if err := tr.routeChanged(); err != nil {
 		t.Fatalf("initially: %v", err)
 	}
+	if tr.takeBack() {
+		t.Fatal("back without having been down")
+	}
 	// Another link going down does not matter.
 	if err := tr.linkChanged(Link{Index: 3, Name: "eth1"}); err != nil {
 		t.Fatalf("eth1 down: %v", err)
@@ -68,10 +71,19 @@ func TestTracker(t *testing.T) {
 	if err := tr.routeChanged(); err != nil {
 		t.Fatalf("reported twice: %v", err)
 	}
-	// The route comes back over eth1: the path is up again.
+	if tr.takeBack() {
+		t.Fatal("back while there is no route")
+	}
+	// The route comes back over eth1: the path is up again, reported once.
 	n.routeTo = 3
 	if err := tr.routeChanged(); err != nil {
 		t.Fatalf("route over eth1: %v", err)
+	}
+	if !tr.takeBack() {
+		t.Fatal("the path back over eth1 not reported")
+	}
+	if err := tr.routeChanged(); err != nil || tr.takeBack() {
+		t.Fatalf("the path back reported twice (err %v)", err)
 	}
 	// Now losing the route is reported.
 	n.routeTo = 0
@@ -145,12 +157,15 @@ func TestWatcherLoopbackInNetns(t *testing.T) {
 	}
 
 	downs := make(chan error, 16)
+	ups := make(chan struct{}, 16)
 	settled := make(chan bool, 64)
 	w := &Watcher{Addr: netip.MustParseAddr("127.0.0.1"), Namespace: &ns, Logger: slog.New(slog.DiscardHandler),
 		settled: func(down bool) { settled <- down }}
 	ctx, cancel := context.WithCancel(context.Background())
 	ended := make(chan error, 1)
-	go func() { ended <- w.Watch(ctx, func(err error) { downs <- err }) }()
+	go func() {
+		ended <- w.Watch(ctx, func(err error) { downs <- err }, func() { ups <- struct{}{} })
+	}()
 	defer func() {
 		cancel()
 		if err := <-ended; err != nil {
@@ -190,10 +205,25 @@ func TestWatcherLoopbackInNetns(t *testing.T) {
 		default:
 			t.Fatalf("lo down %d not reported", i)
 		}
+		select {
+		case <-ups:
+			t.Fatalf("path reported back while lo is down (%d)", i)
+		default:
+		}
 		if err := h.LinkSetUp(lo); err != nil {
 			t.Fatal(err)
 		}
 		waitSettled(false) // back up: the next down is a new failure
+		select {
+		case <-ups:
+		default:
+			t.Fatalf("lo up %d not reported", i)
+		}
+	}
+	select {
+	case <-ups:
+		t.Fatal("the path back reported twice")
+	default:
 	}
 	select {
 	case err := <-downs:
