@@ -39,15 +39,23 @@ func (r Ref) Conn() Conn { return r.conn }
 // Exit drops the reference.
 func (r Ref) Exit() { r.c.exit() }
 
-// Retry finishes, as Do would, an I/O that failed with the path error err
-// on r's association: it reports err (recovery starts), then runs fn on a
-// later association, holding the I/O while the controller recovers, up to
-// Options.MaxRetries tries in all after the first. Call it after r.Exit,
-// on a goroutine that may block.
+// Retry finishes, as Do would, an I/O that failed on r's association with
+// the path error err (Conn.IsPathError): it reports err (recovery starts)
+// and runs fn on a later association, holding the I/O while the controller
+// recovers; but after a Path Related Status without DNR, the controller
+// answered: no recovery, fn runs again at once, on the same association if
+// it is still live. Up to Options.MaxRetries tries in all after the first.
+// Call it after r.Exit, on a goroutine that may block.
 func (c *Controller) Retry(ctx context.Context, r Ref, err error, fn func(Conn) error) error {
-	c.reportError(r.gen, err)
+	failedGen := r.gen
+	if isPathStatus(err) {
+		// The controller answered: the association is fine.
+		failedGen = 0
+	} else {
+		c.reportError(r.gen, err)
+	}
 	if c.opts.MaxRetries == 0 {
 		return fmt.Errorf("%w: %v", ErrRetriesExhausted, err)
 	}
-	return c.do(ctx, r.gen, 1, fn)
+	return c.do(ctx, failedGen, 1, fn)
 }

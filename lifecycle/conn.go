@@ -46,7 +46,9 @@ type Conn interface {
 	// association, means the command failed because the association failed
 	// (socket error, shut down, timeout, termination) rather than with a
 	// status from the controller. Such a command is retried on the next
-	// association.
+	// association. It may also be true for a Path Related Status without
+	// DNR (nvmeof.IsPathError is): lifecycle recognises that status itself
+	// and retries the command on the same association, without recovery.
 	IsPathError(err error) bool
 
 	// Shutdown shuts every socket down: from now on no command can be
@@ -125,6 +127,18 @@ var (
 	// ErrLinkDown: the link or route towards the target went down.
 	ErrLinkDown = errors.New("link to target down")
 )
+
+// isPathStatus reports whether err is a Path Related Status (Status Code
+// Type 3, nvme_is_path_error) without the Do Not Retry bit: an error in its
+// chain has methods PathRelated() bool and DNR() bool (nvme.Status), the
+// first true and the second false.
+func isPathStatus(err error) bool {
+	var s interface {
+		PathRelated() bool
+		DNR() bool
+	}
+	return errors.As(err, &s) && s.PathRelated() && !s.DNR()
+}
 
 // isDNR reports whether err carries the Do Not Retry bit: an error in its
 // chain has a method DoNotRetry() bool or DNR() bool (nvme.Status) that

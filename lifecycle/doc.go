@@ -25,9 +25,12 @@
 // then a reconnect every reconnect_delay until ctrl_loss_tmo (at once, as
 // an extra attempt, when the link watch sees the path come back); a Connect
 // rejected with DNR, a different namespace found on reconnect, or
-// ctrl_loss_tmo delete the controller. Everything else only signals the
-// supervisor, so no callback ever tears down inline, and keep-alive's
-// failure is a channel the supervisor selects on: no self-join.
+// ctrl_loss_tmo delete the controller. An I/O that failed with a Path
+// Related Status (SCT 3) without DNR starts no recovery: the controller
+// answered, so Do retries it on the same association. Everything else only
+// signals the supervisor, so no callback ever tears down inline, and
+// keep-alive's failure is a channel the supervisor selects on: no
+// self-join.
 //
 // Teardown is in teardown.go, in DESIGN.md's order, once: change state (no
 // new submissions), stop keep-alive synchronously, quiesce the ublk side,

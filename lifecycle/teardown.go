@@ -158,9 +158,19 @@ func (c *Controller) step(s Step, fn func()) {
 // Do runs fn on the live association: the I/O path. While the controller
 // is RESETTING or CONNECTING (or not yet LIVE) the I/O is held until it is
 // LIVE again; it fails with an error wrapping EIO once fast_io_fail_tmo has
-// expired, or once the controller is DELETING or DEAD. If fn fails with a
-// path error, recovery is started and fn is retried on the next
-// association, up to Options.MaxRetries times.
+// expired, or once the controller is DELETING or DEAD.
+//
+// fn is retried, up to Options.MaxRetries times in all, when it fails
+//   - with a path error (Conn.IsPathError: the association failed under
+//     it): recovery is started and fn is retried on the next association;
+//   - with a Path Related Status (SCT 3) without DNR: the controller
+//     answered, so the association is fine and no recovery is started; fn
+//     is retried at once on the same association, as the Linux host
+//     retries it (nvme_decide_disposition, nvme_retry_req). The Command
+//     Retry Delay is not honoured: lifecycle does not know the
+//     controller's CRDT values.
+//
+// Any other error, a status with DNR among them, is returned as it is.
 //
 // fn must not keep the Conn, or anything from it, after it returns: the
 // association may be freed as soon as every Do caller has returned.
@@ -177,14 +187,22 @@ func (c *Controller) do(ctx context.Context, failedGen uint64, retries int, fn f
 			return err
 		}
 		err = c.call(conn, fn)
-		if err == nil || !conn.IsPathError(err) {
+		switch {
+		case err == nil:
+			return nil
+		case isPathStatus(err):
+			// First: a Conn may count it as a path error too, but
+			// the association works. Retry on it: failedGen stays
+			// what it was.
+		case conn.IsPathError(err):
+			c.reportError(gen, err)
+			failedGen = gen
+		default:
 			return err
 		}
-		c.reportError(gen, err)
 		if retries >= c.opts.MaxRetries {
 			return fmt.Errorf("%w: %v", ErrRetriesExhausted, err)
 		}
-		failedGen = gen
 	}
 }
 

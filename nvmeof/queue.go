@@ -66,12 +66,20 @@ type QueueError struct {
 func (e *QueueError) Error() string { return fmt.Sprintf("nvmeof: queue %d: %v", e.QID, e.Err) }
 func (e *QueueError) Unwrap() error { return e.Err }
 
-// IsPathError reports whether err means the command failed because its
-// queue failed (and may be retried elsewhere), rather than with a status
-// from the controller.
+// IsPathError reports whether err is a path error: the command failed
+// because its queue failed (a *QueueError: retry it on a new association),
+// or the controller completed it with a Path Related Status (SCT 3,
+// nvme_is_path_error) without DNR: the path is at fault, the association
+// works, and the command may succeed if retried (as the Linux host's
+// nvme_retry_req does). A status of another type, or with DNR, is not a
+// path error. lifecycle tells the two kinds apart by the status.
 func IsPathError(err error) bool {
 	var qe *QueueError
-	return errors.As(err, &qe)
+	if errors.As(err, &qe) {
+		return true
+	}
+	var st nvme.Status
+	return errors.As(err, &st) && st.PathRelated() && !st.DNR()
 }
 
 // TermReqError is a C2HTermReq received from the controller.

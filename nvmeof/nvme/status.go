@@ -72,6 +72,11 @@ const (
 	NVME_SC_ACCESS_DENIED   Status = NVME_SCT_MEDIA_ERROR | 0x86
 	NVME_SC_UNWRITTEN_BLOCK Status = NVME_SCT_MEDIA_ERROR | 0x87
 
+	// Path Related Status (NVMe Base Specification 2.0, Figure "Status
+	// Code – Path Related Status Values"): the command failed on this
+	// path; unless DNR is set it may succeed if retried. 0x70 and 0x71
+	// are never sent by a controller: a host sets them itself (the Linux
+	// host's nvme_host_path_error, and a command it aborted).
 	NVME_SC_INTERNAL_PATH_ERROR Status = NVME_SCT_PATH | 0x00
 	NVME_SC_ANA_PERSISTENT_LOSS Status = NVME_SCT_PATH | 0x01
 	NVME_SC_ANA_INACCESSIBLE    Status = NVME_SCT_PATH | 0x02
@@ -123,7 +128,7 @@ var statusNames = map[Status]string{
 	NVME_SC_COMPARE_FAILED:         "Compare Failure",
 	NVME_SC_ACCESS_DENIED:          "Access Denied",
 	NVME_SC_UNWRITTEN_BLOCK:        "Deallocated or Unwritten Logical Block",
-	NVME_SC_INTERNAL_PATH_ERROR:    "Internal Pathing Error",
+	NVME_SC_INTERNAL_PATH_ERROR:    "Internal Path Error",
 	NVME_SC_ANA_PERSISTENT_LOSS:    "Asymmetric Access Persistent Loss",
 	NVME_SC_ANA_INACCESSIBLE:       "Asymmetric Access Inaccessible",
 	NVME_SC_ANA_TRANSITION:         "Asymmetric Access Transition",
@@ -191,5 +196,7 @@ func (s Status) DoNotRetry() bool { return s.DNR() }
 
 // PathRelated reports a Path Related Status (SCT 3, nvme_is_path_error):
 // the command failed on this path, e.g. nvmet's Internal Path Error for a
-// disabled namespace. Unless DNR is set it may succeed later or elsewhere.
+// disabled namespace. Unless DNR is set it may succeed later or elsewhere;
+// lifecycle.Controller.Do retries such a command (PathRelated and not DNR)
+// on the same association, up to its MaxRetries.
 func (s Status) PathRelated() bool { return s&NVME_SCT_MASK == NVME_SCT_PATH }

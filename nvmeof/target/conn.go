@@ -267,6 +267,8 @@ func (c *conn) execute(cmd *command) {
 	var result uint64
 	var out []byte
 	switch {
+	case cmd.fault != nil && cmd.fault.Status.Code() != nvme.NVME_SC_SUCCESS:
+		st = cmd.fault.Status
 	case c.qid == 0 || cmd.cmd.Opcode() == nvme.NVME_FABRICS_COMMAND:
 		st, result, out = c.executeAdmin(cmd)
 	default:

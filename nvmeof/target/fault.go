@@ -9,7 +9,7 @@ import (
 // Fault describes misbehaviour for tests. A fault applies to commands that
 // match QID and Match, at most Times times (0: every time), until removed.
 // The actions are applied in this order: Before, Stall, Close, Reply,
-// Drop, Delay.
+// Status, Drop, Delay.
 type Fault struct {
 	// QID selects the queue; AnyQueue matches all.
 	QID int
@@ -30,6 +30,11 @@ type Fault struct {
 	// malformed or hostile PDU. The function gets the command (for its
 	// command ID). The connection stays open.
 	Reply func(cmd *nvme.Command) []byte
+	// Status, if not success, completes the command with this status
+	// instead of executing it: a write's data is taken (R2T) but not
+	// written, a read returns no data. For statuses such as the Path
+	// Related ones (SCT 3) with or without NVME_STATUS_DNR.
+	Status nvme.Status
 	// Drop executes the command but never sends its response.
 	Drop bool
 	// Delay executes the command and sends its response this much later.
