@@ -46,6 +46,10 @@ type queue struct {
 	efd   int          // eventfd: other goroutines' doorbell
 	spare []completion // drained completion list, reused as the next one
 
+	// efdMu, taken after mu, is held shared while the eventfd is written
+	// without mu, and exclusively to close it.
+	efdMu sync.RWMutex
+
 	mu          sync.Mutex
 	done        []completion // completed by the Backend, not yet committed
 	dispatching bool         // loop is inside Backend.Serve calls; it drains done afterwards
@@ -147,8 +151,10 @@ func (q *queue) teardown() {
 	defer q.mu.Unlock()
 	q.closed = true
 	if q.efd >= 0 {
+		q.efdMu.Lock() // no doorbell in progress (they hold it shared)
 		unix.Close(q.efd)
 		q.efd = -1
+		q.efdMu.Unlock()
 	}
 	if q.owned == 0 {
 		q.unmapBufs()
@@ -170,24 +176,35 @@ func (q *queue) unmapBufs() {
 // may be asleep. It never blocks on the loop.
 func (q *queue) complete(tag int, res int32) {
 	q.mu.Lock()
-	defer q.mu.Unlock()
 	q.owned--
 	if q.closed {
 		if q.owned == 0 {
 			q.unmapBufs()
 		}
+		q.mu.Unlock()
 		return
 	}
 	q.done = append(q.done, completion{tag, res})
 	// One doorbell per batch: while done is non-empty the loop has
 	// already been (or is being) woken; while dispatching it drains done
 	// itself.
-	if len(q.done) == 1 && !q.dispatching {
-		q.doorbell()
+	ring := len(q.done) == 1 && !q.dispatching
+	if ring {
+		// Rung after q.mu is let go, or the woken loop would at once
+		// sleep on q.mu until the write returns. efdMu keeps the
+		// eventfd open (and its number not reused) meanwhile.
+		q.efdMu.RLock()
+	}
+	q.mu.Unlock()
+	if ring {
+		if q.efd >= 0 {
+			q.doorbell()
+		}
+		q.efdMu.RUnlock()
 	}
 }
 
-// doorbell writes the eventfd; q.mu held and the queue not closed.
+// doorbell writes the eventfd; q.mu or efdMu held and efd open.
 func (q *queue) doorbell() {
 	var one = [8]byte{1}
 	for {
