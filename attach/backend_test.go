@@ -80,6 +80,13 @@ func newBackendRig(t *testing.T) *backendRig {
 // io serves one request the way a ublk queue thread does, and returns the
 // channel its result (what the kernel would get) arrives on.
 func (r *backendRig) io(queue, tag int, op ublk.Op, off int64, buf []byte) <-chan int32 {
+	res := r.serve(queue, tag, op, off, buf)
+	r.b.Commit(queue)
+	return res
+}
+
+// serve is io without the Commit that ends a batch.
+func (r *backendRig) serve(queue, tag int, op ublk.Op, off int64, buf []byte) <-chan int32 {
 	res := make(chan int32, 1)
 	r.b.Serve(ublk.NewDetachedRequest(queue, tag, op, 0, off, len(buf), buf, func(v int32) { res <- v }))
 	return res
@@ -104,13 +111,19 @@ func pattern(i, n int) []byte {
 }
 
 // writeAll writes block i of 4 KiB with pattern(i) for every i in idx, all
-// in flight at once across both queues, and waits for them.
+// in flight at once across both queues, in batches of 8 per queue, and
+// waits for them.
 func (r *backendRig) writeAll(what string, idx []int) {
 	r.t.Helper()
 	chs := make([]<-chan int32, len(idx))
 	for k, i := range idx {
-		chs[k] = r.io(k%2, k/2, ublk.OpWrite, int64(i)*4096, pattern(i, 4096))
+		chs[k] = r.serve(k%2, k/2, ublk.OpWrite, int64(i)*4096, pattern(i, 4096))
+		if k%16 >= 14 {
+			r.b.Commit(k % 2)
+		}
 	}
+	r.b.Commit(0)
+	r.b.Commit(1)
 	for k, ch := range chs {
 		r.wait(fmt.Sprintf("%s: write %d", what, idx[k]), ch, 4096)
 	}

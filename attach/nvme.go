@@ -155,6 +155,7 @@ func (b *blockBackend) Serve(r *ublk.Request) {
 		return
 	}
 	io.ref = ref
+	io.req.Defer = true // sent by Commit, with the rest of the batch
 	err := conn.ioQueue(r.Queue).Submit(&io.req, io.done)
 	if err == nil {
 		return
@@ -167,6 +168,19 @@ func (b *blockBackend) Serve(r *ublk.Request) {
 		return
 	}
 	b.slow(io, nil)
+}
+
+// Commit sends the commands Serve started for a batch of ublk queue i's
+// requests, in one write if no one else is writing.
+func (b *blockBackend) Commit(i int) {
+	ref, ok := b.lc.TryEnter()
+	if !ok {
+		// The association is going: its Shutdown fails what Serve
+		// left queued on it, and they are retried on the next.
+		return
+	}
+	ref.Conn().(*nvmeConn).ioQueue(i).Push()
+	ref.Exit()
 }
 
 // done is the command's completion handler, on the NVMe queue's reader

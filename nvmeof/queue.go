@@ -154,6 +154,12 @@ type Request struct {
 	Write bool
 	// Timeout overrides the queue's timeout; NoTimeout disables it.
 	Timeout time.Duration
+	// Defer leaves the command queued for the next Push (or whoever
+	// sends next, which may be sooner): a submitter starts a batch of
+	// commands and then pushes them once, in one write (blk-mq's
+	// bd->last and commit_rqs). A deferred command may not be sent
+	// before Push is called.
+	Defer bool
 
 	// Result is CQE dwords 0 and 1, valid in the done callback.
 	Result uint64
@@ -495,7 +501,9 @@ func (q *Queue) Submit(req *Request, done func(error)) error {
 	q.usage++ // held by the command until its done has returned
 	q.sendq = append(q.sendq, sendItem{req: req})
 	q.mu.Unlock()
-	q.push()
+	if !req.Defer {
+		q.push()
+	}
 	if testHookSubmitted != nil {
 		testHookSubmitted(q)
 	}
@@ -821,6 +829,16 @@ func (q *Queue) sendTermReq(pe *pdu.ProtocolError) {
 		case <-q.failed:
 		}
 	}
+}
+
+// Push sends the commands submitted with Defer. It may block while the
+// socket is full, as Submit.
+func (q *Queue) Push() {
+	if !q.get() {
+		return // failed: the deferred commands fail with the queue
+	}
+	q.push()
+	q.put()
 }
 
 // push sends what is queued, on the calling goroutine, unless someone is

@@ -66,3 +66,66 @@ func TestICRespChecks(t *testing.T) {
 		})
 	}
 }
+
+// pipeController answers ICReq on ctrl, then a CapsuleResp for every
+// capsule (no data, no digests) it reads, until the pipe closes.
+func pipeController(ctrl net.Conn) {
+	defer ctrl.Close()
+	if _, err := io.ReadFull(ctrl, make([]byte, 128)); err != nil {
+		return
+	}
+	h := pdu.Header{CommonHeader: pdu.CommonHeader{Type: pdu.TypeICResp}, ICResp: pdu.ICResp{MaxH2CData: 8192}}
+	if _, err := ctrl.Write(pdu.Append(nil, &h, nil, pdu.Options{})); err != nil {
+		return
+	}
+	rd := pdu.NewReader(ctrl, pdu.HostToController, 8192)
+	for {
+		var cmd pdu.Header
+		if err := rd.ReadHeader(&cmd); err != nil {
+			return
+		}
+		resp := pdu.Header{CommonHeader: pdu.CommonHeader{Type: pdu.TypeCapsuleResp}}
+		resp.Resp.SetCommandID(cmd.Cmd.CommandID())
+		if _, err := ctrl.Write(pdu.Append(nil, &resp, nil, pdu.Options{})); err != nil {
+			return
+		}
+	}
+}
+
+// Deferred commands are sent by Push at the latest; a command without
+// Defer is sent without one.
+func TestDeferAndPush(t *testing.T) {
+	host, ctrl := net.Pipe()
+	ctrlDone := make(chan struct{})
+	go func() { defer close(ctrlDone); pipeController(ctrl) }()
+	defer func() { <-ctrlDone }()
+	q, err := NewQueue(context.Background(), host, QueueConfig{QID: 1, Size: 8, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Close()
+
+	done := make(chan error, 4)
+	reqs := make([]Request, 3)
+	for i := range reqs {
+		reqs[i].Defer = true
+		if err := q.Submit(&reqs[i], func(err error) { done <- err }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The writer may have sent some (it sends whatever it finds queued
+	// when it runs); Push sends the rest.
+	q.Push()
+	for range reqs {
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+	var now Request
+	if err := q.Submit(&now, func(err error) { done <- err }); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}

@@ -42,6 +42,15 @@ type Backend interface {
 	Serve(req *Request)
 }
 
+// Committer is a Backend that starts work in batches: the queue's goroutine
+// calls Commit(queue) after every batch of Serve calls (the requests it
+// fetched from one wait on its ring), so a Backend may hold back the
+// doorbell of each request and ring it once for the batch (blk-mq's
+// bd->last and commit_rqs). Commit must not block for long either.
+type Committer interface {
+	Commit(queue int)
+}
+
 // BackendFunc adapts a function to Backend.
 type BackendFunc func(req *Request)
 

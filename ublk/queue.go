@@ -396,6 +396,9 @@ func (q *queue) dispatch(tags []int) {
 		}
 		q.backend.Serve(r)
 	}
+	if c, ok := q.backend.(Committer); ok {
+		c.Commit(q.id)
+	}
 	q.mu.Lock()
 	q.dispatching = false
 	q.mu.Unlock()
