@@ -8,6 +8,8 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -81,12 +83,21 @@ func TestGuestPerfVersusKernel(t *testing.T) {
 					dev = ublkDev
 				}
 				var prof *profiler
-				if which == "ublk" && jobs == 1 && w.Name == profile {
-					prof = startProfiles(runtime)
+				var before map[threadKey]threadCPU
+				var sysBefore []uint64
+				if jobs == 1 && w.Name == profile {
+					before, sysBefore = threadTimes(), sysTimes()
+					if which == "ublk" {
+						prof = startProfiles(runtime)
+					}
 				}
 				res, err := runFio(dev, w, jobs, runtime)
 				if prof != nil {
 					prof.report(t, w.Name)
+				}
+				if before != nil {
+					t.Logf("CPU time in the guest during %s on %s (%s; threads that exited, such as fio's, are not listed):\n%s\n  %s",
+						w.Name, which, dev, cpuReport(before, threadTimes(), 12), sysDelta(sysBefore, sysTimes()))
 				}
 				if err != nil {
 					t.Fatalf("%s on %s: %v\ndaemon log:\n%s", w.Name, dev, err, daemon.Logs())
@@ -165,6 +176,97 @@ func (p *profiler) report(t *testing.T, workload string) {
 		}
 		t.Logf("%s%s %s: %s", perf.ProfilePrefix, workload, name, base64.StdEncoding.EncodeToString(p.data[i]))
 	}
+}
+
+// threadKey names a thread of the guest: /proc/PID/task/TID.
+type threadKey struct{ pid, tid int }
+
+type threadCPU struct {
+	comm  string
+	ticks uint64 // utime+stime, in clock ticks
+}
+
+// threadTimes reads the CPU time of every thread in the guest, kernel
+// threads included (kworkers, softirq).
+func threadTimes() map[threadKey]threadCPU {
+	m := map[threadKey]threadCPU{}
+	pids, _ := filepath.Glob("/proc/[0-9]*/task/[0-9]*/stat")
+	for _, p := range pids {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ... field 14 utime, 15 stime
+		s := string(b)
+		open, close := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
+		if open < 0 || close < open {
+			continue
+		}
+		f := strings.Fields(s[close+1:])
+		if len(f) < 13 {
+			continue
+		}
+		ut, _ := strconv.ParseUint(f[11], 10, 64)
+		st, _ := strconv.ParseUint(f[12], 10, 64)
+		var k threadKey
+		fmt.Sscanf(p, "/proc/%d/task/%d/stat", &k.pid, &k.tid)
+		m[k] = threadCPU{comm: s[open+1 : close], ticks: ut + st}
+	}
+	return m
+}
+
+// cpuReport lists the n threads that used the most CPU between two
+// snapshots, and the total.
+func cpuReport(before, after map[threadKey]threadCPU, n int) string {
+	type row struct {
+		k     threadKey
+		comm  string
+		ticks uint64
+	}
+	var rows []row
+	var total uint64
+	for k, a := range after {
+		d := a.ticks - before[k].ticks
+		if d > 0 {
+			rows = append(rows, row{k, a.comm, d})
+			total += d
+		}
+	}
+	sort.Slice(rows, func(i, j int) bool { return rows[i].ticks > rows[j].ticks })
+	var b strings.Builder
+	const hz = 100 // USER_HZ
+	for i, r := range rows {
+		if i == n {
+			break
+		}
+		fmt.Fprintf(&b, "  %6.2fs %5.1f%%  %s (pid %d tid %d)\n", float64(r.ticks)/hz, 100*float64(r.ticks)/float64(total), r.comm, r.k.pid, r.k.tid)
+	}
+	fmt.Fprintf(&b, "  %6.2fs total", float64(total)/hz)
+	return b.String()
+}
+
+// sysTimes is the first line of /proc/stat: user nice system idle iowait
+// irq softirq steal, in clock ticks.
+func sysTimes() []uint64 {
+	b, _ := os.ReadFile("/proc/stat")
+	line, _, _ := strings.Cut(string(b), "\n")
+	var v []uint64
+	for _, f := range strings.Fields(line)[1:] {
+		n, _ := strconv.ParseUint(f, 10, 64)
+		v = append(v, n)
+	}
+	return v
+}
+
+func sysDelta(a, b []uint64) string {
+	names := []string{"user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"}
+	var parts []string
+	for i, n := range names {
+		if i < len(a) && i < len(b) {
+			parts = append(parts, fmt.Sprintf("%s %.2fs", n, float64(b[i]-a[i])/100))
+		}
+	}
+	return "all CPUs: " + strings.Join(parts, ", ")
 }
 
 // runFio runs one fio job and returns what it measured.
