@@ -70,6 +70,9 @@ func run(out string, fioRuntime time.Duration, profile string) error {
 	if err != nil {
 		return err
 	}
+	if cpu := cpuAccounting(res.Tests[0].Output); cpu != "" {
+		profiles["cpu-by-thread.txt"] = []byte(cpu)
+	}
 	command := "make bench"
 	if len(os.Args) > 1 {
 		command = "go run ./e2e/cmd/bench " + strings.Join(os.Args[1:], " ")
@@ -108,6 +111,27 @@ func parseOutput(output string) (perf.Report, map[string][]byte, error) {
 	return rep, profiles, nil
 }
 
+// cpuAccounting returns the test's "CPU time in the guest" blocks: each
+// log line with that text and its indented continuation lines.
+func cpuAccounting(output string) string {
+	var b strings.Builder
+	in := false
+	for _, line := range strings.Split(output, "\n") {
+		trimmed := strings.TrimSpace(line)
+		switch {
+		case strings.Contains(line, "CPU time in the guest"):
+			in = true
+			_, msg, _ := strings.Cut(trimmed, ": ")
+			b.WriteString(msg + "\n")
+		case in && strings.HasPrefix(line, "        ") && !strings.Contains(trimmed, ".go:"):
+			b.WriteString(trimmed + "\n")
+		default:
+			in = false
+		}
+	}
+	return b.String()
+}
+
 func write(out string, rep perf.Report, profiles map[string][]byte, command string, res *vm.Result) error {
 	if err := os.MkdirAll(filepath.Join(out, "profile"), 0o755); err != nil {
 		return err
@@ -135,8 +159,11 @@ func write(out string, rep perf.Report, profiles map[string][]byte, command stri
 	files["results.md"] = []byte(md.String())
 	for name, b := range profiles {
 		ext := ".pprof" // go tool pprof
-		if strings.HasSuffix(name, ".trace") {
+		switch {
+		case strings.HasSuffix(name, ".trace"):
 			ext = ".out" // go tool trace
+		case strings.HasSuffix(name, ".txt"):
+			ext = ""
 		}
 		files[filepath.Join("profile", name+ext)] = b
 	}

@@ -35,3 +35,17 @@ func TestParseOutput(t *testing.T) {
 		t.Fatal("output without a report parsed")
 	}
 }
+
+func TestCPUAccounting(t *testing.T) {
+	out := strings.Join([]string{
+		"    perf_guest_test.go:99: CPU time in the guest during w on kernel (/dev/nvme0n1):",
+		"                0.95s  54.3%  kworker/1:0H-nvme_tcp_wq (pid 29 tid 29)",
+		"                1.75s total",
+		"        perf_guest_test.go:118: ",
+		"            | workload |",
+	}, "\n")
+	want := "CPU time in the guest during w on kernel (/dev/nvme0n1):\n0.95s  54.3%  kworker/1:0H-nvme_tcp_wq (pid 29 tid 29)\n1.75s total\n"
+	if got := cpuAccounting(out); got != want {
+		t.Fatalf("got %q\nwant %q", got, want)
+	}
+}
