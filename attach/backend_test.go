@@ -3,6 +3,7 @@ package attach
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle"
+	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle/nvmeofconn"
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof"
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/nvme"
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/target"
@@ -22,11 +24,13 @@ import (
 // controller, against the in-process target over loopback: the I/O path of
 // the daemon without the kernel's ublk driver.
 type backendRig struct {
-	t   *testing.T
-	tg  *target.Target
-	lc  *lifecycle.Controller
-	b   *blockBackend
-	mem *target.MemoryBackend
+	t    *testing.T
+	addr string // the target's
+	nqn  string
+	tg   *target.Target
+	lc   *lifecycle.Controller
+	b    *blockBackend
+	mem  *target.MemoryBackend
 }
 
 func newBackendRig(t *testing.T) *backendRig {
@@ -49,15 +53,15 @@ func newBackendRig(t *testing.T) *backendRig {
 	o := DefaultOptions()
 	o.NQN = nqn
 	o.TrAddr, o.TrSvcID, _ = net.SplitHostPort(addr.String())
-	connector := &nvmeConnector{
-		cfg: nvmeof.ControllerConfig{
+	connector := &nvmeConnector{Connector: nvmeofconn.Connector{
+		Config: nvmeof.ControllerConfig{
 			Addr: o.Addr(), SubsysNQN: nqn,
 			Host:     nvmeof.HostIdentity{NQN: "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000002"},
 			IOQueues: 2, QueueSize: 32, KATO: 5 * time.Second,
 			Logger: quietLogger(),
 		},
-		nsid: 1,
-	}
+		NSID: 1,
+	}}
 	lopts := lifecycle.DefaultOptions()
 	lopts.ReconnectDelay = 10 * time.Millisecond
 	lopts.CtrlLossTmo = -1
@@ -69,7 +73,7 @@ func newBackendRig(t *testing.T) *backendRig {
 	if err := lc.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	r := &backendRig{t: t, tg: tg, lc: lc, b: &blockBackend{lc: lc}, mem: mem}
+	r := &backendRig{t: t, addr: o.Addr(), nqn: nqn, tg: tg, lc: lc, b: &blockBackend{lc: lc}, mem: mem}
 	t.Cleanup(func() {
 		lc.Delete()
 		r.b.wg.Wait()
@@ -244,5 +248,39 @@ func TestBlockError(t *testing.T) {
 		if got := blockError(c.err); got != c.want {
 			t.Errorf("blockError(%v) = %v, want %v", c.err, got, c.want)
 		}
+	}
+}
+
+// A namespace the target lacks is ErrNoNamespace (exit status 7), and the
+// keep-alive round trip reaches the hook.
+func TestConnectorNamespaceAndRTT(t *testing.T) {
+	r := newBackendRig(t)
+	ctx := context.Background()
+	cfg := nvmeof.ControllerConfig{
+		Addr: r.addr, SubsysNQN: r.nqn,
+		Host:     nvmeof.HostIdentity{NQN: "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000003"},
+		IOQueues: 1, QueueSize: 8, KATO: 5 * time.Second, Logger: quietLogger(),
+	}
+	missing := &nvmeConnector{Connector: nvmeofconn.Connector{Config: cfg, NSID: 9}}
+	if _, err := missing.Connect(ctx, func(error) {}); !errors.Is(err, ErrNoNamespace) {
+		t.Fatalf("connect to namespace 9: %v, want ErrNoNamespace", err)
+	}
+	var rtts []time.Duration
+	k := &nvmeConnector{Connector: nvmeofconn.Connector{Config: cfg, NSID: 1, KeepAliveRTT: func(d time.Duration) { rtts = append(rtts, d) }}}
+	conn, err := k.Connect(ctx, func(error) {})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		conn.Shutdown()
+		conn.WaitIdle()
+		conn.FreeIOQueues()
+		conn.FreeAdminQueue()
+	}()
+	if ns, queues := k.first(); ns == nil || ns.NSID != 1 || queues != 1 {
+		t.Fatalf("first association: namespace %v, %d queues", ns, queues)
+	}
+	if err := conn.KeepAlive(ctx); err != nil || len(rtts) != 1 || rtts[0] <= 0 {
+		t.Fatalf("keep-alive: %v, round trips %v", err, rtts)
 	}
 }

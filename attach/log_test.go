@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle"
+	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle/nvmeofconn"
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof"
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/target"
 )
@@ -74,15 +75,15 @@ func TestLogAttributes(t *testing.T) {
 
 	var buf logBuffer
 	logs := newRunLoggers(slog.New(slog.NewJSONHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug})), o)
-	connector := &nvmeConnector{
-		cfg: nvmeof.ControllerConfig{
+	connector := &nvmeConnector{Connector: nvmeofconn.Connector{
+		Config: nvmeof.ControllerConfig{
 			Addr: o.Addr(), SubsysNQN: nqn,
 			Host:     nvmeof.HostIdentity{NQN: "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000001"},
 			IOQueues: 2, QueueSize: 32, KATO: 5 * time.Second,
 			Logger: logs.nvme,
 		},
-		nsid: 1,
-	}
+		NSID: 1,
+	}}
 	lopts := lifecycle.DefaultOptions()
 	lopts.ReconnectDelay = 10 * time.Millisecond
 	lopts.CtrlLossTmo = -1

@@ -9,20 +9,18 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/ublk-nvmeof/ublk-nvmeof/keepalive"
 	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle"
+	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle/nvmeofconn"
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof"
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/nvme"
 	"github.com/ublk-nvmeof/ublk-nvmeof/ublk"
 )
 
 // nvmeConnector makes associations with the NVMe/TCP controller for
-// lifecycle: connect, then identify the namespace to serve.
+// lifecycle (nvmeofconn), and remembers what the first one found: what the
+// block device is built for.
 type nvmeConnector struct {
-	cfg  nvmeof.ControllerConfig
-	nsid uint32
-	// kaRTT, if set, receives each keep-alive round trip.
-	kaRTT func(time.Duration)
+	nvmeofconn.Connector
 
 	mu          sync.Mutex
 	firstNS     *nvmeof.Namespace // of the first association
@@ -30,7 +28,7 @@ type nvmeConnector struct {
 }
 
 // first returns the namespace and I/O queue count of the first
-// association: what the block device is built for.
+// association.
 func (c *nvmeConnector) first() (*nvmeof.Namespace, int) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -38,68 +36,22 @@ func (c *nvmeConnector) first() (*nvmeof.Namespace, int) {
 }
 
 func (c *nvmeConnector) Connect(ctx context.Context, onError func(error)) (lifecycle.Conn, error) {
-	cfg := c.cfg
-	cfg.OnFailure = onError
-	ctrl, err := nvmeof.Connect(ctx, cfg)
+	conn, err := c.Connector.Connect(ctx, onError)
 	if err != nil {
+		var nse *nvmeofconn.NamespaceError
+		if errors.As(err, &nse) {
+			return nil, fmt.Errorf("%w: %d: %w", ErrNoNamespace, nse.NSID, nse.Err)
+		}
 		return nil, err
 	}
-	ns, err := ctrl.Namespace(ctx, c.nsid)
-	if err != nil {
-		ctrl.Close()
-		return nil, fmt.Errorf("%w: %d: %w", ErrNoNamespace, c.nsid, err)
-	}
+	nc := conn.(*nvmeofconn.Conn)
 	c.mu.Lock()
 	if c.firstNS == nil {
-		c.firstNS, c.firstQueues = ns, len(ctrl.IOQueues())
+		c.firstNS, c.firstQueues = nc.NS(), len(nc.Controller().IOQueues())
 	}
 	c.mu.Unlock()
-	return &nvmeConn{ctrl: ctrl, ns: ns, kaRTT: c.kaRTT}, nil
+	return conn, nil
 }
-
-// nvmeConn is one association as lifecycle sees it.
-type nvmeConn struct {
-	ctrl  *nvmeof.Controller
-	ns    *nvmeof.Namespace
-	kaRTT func(time.Duration)
-}
-
-func (c *nvmeConn) KeepAlive(ctx context.Context) error {
-	start := time.Now()
-	err := c.ctrl.KeepAlive(ctx)
-	if err == nil && c.kaRTT != nil {
-		c.kaRTT(time.Since(start))
-	}
-	return err
-}
-
-func (c *nvmeConn) Namespace() lifecycle.Namespace {
-	return lifecycle.Namespace{
-		NSID: c.ns.NSID, NGUID: c.ns.NGUID, EUI64: c.ns.EUI64, UUID: c.ns.UUID,
-		Blocks: c.ns.Blocks, BlockSize: uint32(c.ns.BlockSize()),
-	}
-}
-
-func (c *nvmeConn) KATO() time.Duration { return c.ctrl.KATO() }
-
-func (c *nvmeConn) Traffic() keepalive.Traffic {
-	if !c.ctrl.TBKAS() {
-		return nil // not a typed nil: lifecycle tests the interface
-	}
-	return c.ctrl.Traffic()
-}
-
-func (c *nvmeConn) IsPathError(err error) bool { return nvmeof.IsPathError(err) }
-
-// ioQueue is the I/O queue serving ublk queue i.
-func (c *nvmeConn) ioQueue(i int) *nvmeof.IOQueue {
-	qs := c.ctrl.IOQueues()
-	return qs[i%len(qs)]
-}
-func (c *nvmeConn) Shutdown()       { c.ctrl.Shutdown() }
-func (c *nvmeConn) WaitIdle()       { c.ctrl.WaitIdle() }
-func (c *nvmeConn) FreeIOQueues()   { c.ctrl.FreeIOQueues() }
-func (c *nvmeConn) FreeAdminQueue() { c.ctrl.FreeAdminQueue() }
 
 // blockBackend turns ublk requests into NVMe commands: the request of ublk
 // queue i goes to I/O queue i (modulo the queues the controller granted).
@@ -148,15 +100,15 @@ func (b *blockBackend) Serve(r *ublk.Request) {
 		b.slow(io, nil)
 		return
 	}
-	conn := ref.Conn().(*nvmeConn)
-	if err := prepare(conn.ns, &io.req, r); err != nil {
+	conn := ref.Conn().(*nvmeofconn.Conn)
+	if err := prepare(conn.NS(), &io.req, r); err != nil {
 		ref.Exit()
 		io.finish(err)
 		return
 	}
 	io.ref = ref
 	io.req.Defer = true // sent by Commit, with the rest of the batch
-	err := conn.ioQueue(r.Queue).Submit(&io.req, io.done)
+	err := conn.IOQueue(r.Queue).Submit(&io.req, io.done)
 	if err == nil {
 		return
 	}
@@ -179,7 +131,7 @@ func (b *blockBackend) Commit(i int) {
 		// left queued on it, and they are retried on the next.
 		return
 	}
-	ref.Conn().(*nvmeConn).ioQueue(i).Push()
+	ref.Conn().(*nvmeofconn.Conn).IOQueue(i).Push()
 	ref.Exit()
 }
 
@@ -203,7 +155,7 @@ func (b *blockBackend) slow(io *blockIO, pathErr error) {
 		// No deadline of our own: each command has the queue's command
 		// timeout, and held I/O ends with the controller
 		// (fast_io_fail_tmo, ctrl_loss_tmo, delete).
-		fn := func(c lifecycle.Conn) error { return submitWait(c.(*nvmeConn), io.r) }
+		fn := func(c lifecycle.Conn) error { return submitWait(c.(*nvmeofconn.Conn), io.r) }
 		var err error
 		if pathErr != nil {
 			err = b.lc.Retry(context.Background(), io.ref, pathErr, fn)
@@ -215,12 +167,12 @@ func (b *blockBackend) slow(io *blockIO, pathErr error) {
 }
 
 // submitWait runs the request on conn and waits for it.
-func submitWait(conn *nvmeConn, r *ublk.Request) error {
+func submitWait(conn *nvmeofconn.Conn, r *ublk.Request) error {
 	var req nvmeof.Request
-	if err := prepare(conn.ns, &req, r); err != nil {
+	if err := prepare(conn.NS(), &req, r); err != nil {
 		return err
 	}
-	return conn.ioQueue(r.Queue).Do(context.Background(), &req)
+	return conn.IOQueue(r.Queue).Do(context.Background(), &req)
 }
 
 // finish completes the ublk request: its last step.

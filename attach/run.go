@@ -15,6 +15,7 @@ import (
 
 	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle"
 	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle/linkwatch"
+	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle/nvmeofconn"
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof"
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/nvme"
 	"github.com/ublk-nvmeof/ublk-nvmeof/ublk"
@@ -116,22 +117,22 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 		PID: os.Getpid(), TrAddr: o.TrAddr, TrSvcID: o.TrSvcID, NQN: o.NQN, HostNQN: host.NQN,
 		NSID: o.NSID, QueueSize: o.QueueSize, Started: time.Now(), DevID: -1,
 	}}
-	connector := &nvmeConnector{
-		cfg: nvmeof.ControllerConfig{
+	connector := &nvmeConnector{Connector: nvmeofconn.Connector{
+		Config: nvmeof.ControllerConfig{
 			Addr: o.Addr(), SubsysNQN: o.NQN, Host: host,
 			IOQueues: o.NrIOQueues, QueueSize: o.QueueSize,
 			KATO: o.KeepAliveTmo, NoKeepAlive: o.KeepAliveTmo == 0,
 			HeaderDigest: o.HdrDigest, DataDigest: o.DataDigest,
 			Logger: logs.nvme,
 		},
-		nsid: o.NSID,
-		kaRTT: func(rtt time.Duration) {
+		NSID: o.NSID,
+		KeepAliveRTT: func(rtt time.Duration) {
 			status.keepAlive(rtt)
 			if metrics != nil {
 				metrics.KeepAliveDone(rtt)
 			}
 		},
-	}
+	}}
 	lopts := lifecycle.DefaultOptions()
 	lopts.ReconnectDelay = o.ReconnectDelay
 	lopts.CtrlLossTmo = o.CtrlLossTmo

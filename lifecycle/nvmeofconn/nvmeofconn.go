@@ -20,7 +20,19 @@ type Connector struct {
 	Config nvmeof.ControllerConfig
 	// NSID is the namespace to expose.
 	NSID uint32
+	// KeepAliveRTT, if set, receives the round trip of every keep-alive
+	// that completed.
+	KeepAliveRTT func(time.Duration)
 }
+
+// NamespaceError is a Connect that found no usable namespace NSID.
+type NamespaceError struct {
+	NSID uint32
+	Err  error
+}
+
+func (e *NamespaceError) Error() string { return fmt.Sprintf("namespace %d: %v", e.NSID, e.Err) }
+func (e *NamespaceError) Unwrap() error { return e.Err }
 
 // Connect implements lifecycle.Connector.
 func (k *Connector) Connect(ctx context.Context, onError func(error)) (lifecycle.Conn, error) {
@@ -33,9 +45,9 @@ func (k *Connector) Connect(ctx context.Context, onError func(error)) (lifecycle
 	ns, err := ctrl.Namespace(ctx, k.NSID)
 	if err != nil {
 		ctrl.Close()
-		return nil, fmt.Errorf("namespace %d: %w", k.NSID, err)
+		return nil, &NamespaceError{NSID: k.NSID, Err: err}
 	}
-	return &Conn{ctrl: ctrl, ns: ns}, nil
+	return &Conn{ctrl: ctrl, ns: ns, rtt: k.KeepAliveRTT}, nil
 }
 
 // Conn is one nvmeof association as lifecycle sees it. The I/O path gets it
@@ -43,6 +55,7 @@ func (k *Connector) Connect(ctx context.Context, onError func(error)) (lifecycle
 type Conn struct {
 	ctrl *nvmeof.Controller
 	ns   *nvmeof.Namespace
+	rtt  func(time.Duration)
 }
 
 var _ lifecycle.Conn = (*Conn)(nil)
@@ -60,7 +73,14 @@ func (c *Conn) IOQueue(i int) *nvmeof.IOQueue {
 	return qs[i%len(qs)]
 }
 
-func (c *Conn) KeepAlive(ctx context.Context) error { return c.ctrl.KeepAlive(ctx) }
+func (c *Conn) KeepAlive(ctx context.Context) error {
+	start := time.Now()
+	err := c.ctrl.KeepAlive(ctx)
+	if err == nil && c.rtt != nil {
+		c.rtt(time.Since(start))
+	}
+	return err
+}
 
 func (c *Conn) Namespace() lifecycle.Namespace {
 	return lifecycle.Namespace{
