@@ -547,7 +547,12 @@ func (c *Controller) remove(cause error) {
 	c.mu.Lock()
 	c.cause = cause
 	c.mu.Unlock()
-	c.log.Warn("deleting controller", "cause", cause)
+	select {
+	case <-c.deleteReq:
+		c.log.Info("deleting controller", "cause", cause) // as asked
+	default:
+		c.log.Warn("deleting controller", "cause", cause)
+	}
 	c.teardown(teardownDelete, cause.Error())
 	if err := c.setState(StateDead, "deleted"); err != nil {
 		panic(err)

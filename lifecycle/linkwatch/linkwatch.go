@@ -203,7 +203,7 @@ func (w *Watcher) Watch(ctx context.Context, down func(error), up func()) error 
 			down(err)
 		}
 		if t.takeBack() {
-			log.Info("linkwatch: path to the target is back", "addr", w.Addr)
+			log.Info("linkwatch: path to the target is back")
 			up()
 		}
 	}
