@@ -33,9 +33,11 @@ type backendRig struct {
 	mem  *target.MemoryBackend
 }
 
-func newBackendRig(t *testing.T) *backendRig {
+// startMemoryTarget starts the in-process target with subsystem nqn and a
+// 1 MiB namespace 1 of 512-byte blocks, closed when t ends, and returns
+// the attach options that reach it.
+func startMemoryTarget(t *testing.T, nqn string) (*target.Target, *target.MemoryBackend, Options) {
 	t.Helper()
-	const nqn = "nqn.2026-11.io.ublk-nvmeof:backend"
 	tg := target.New(target.Config{})
 	t.Cleanup(func() { tg.Close() })
 	sub, err := tg.AddSubsystem(nqn)
@@ -53,6 +55,13 @@ func newBackendRig(t *testing.T) *backendRig {
 	o := DefaultOptions()
 	o.NQN = nqn
 	o.TrAddr, o.TrSvcID, _ = net.SplitHostPort(addr.String())
+	return tg, mem, o
+}
+
+func newBackendRig(t *testing.T) *backendRig {
+	t.Helper()
+	const nqn = "nqn.2026-11.io.ublk-nvmeof:backend"
+	tg, mem, o := startMemoryTarget(t, nqn)
 	connector := &nvmeConnector{Connector: nvmeofconn.Connector{
 		Config: nvmeof.ControllerConfig{
 			Addr: o.Addr(), SubsysNQN: nqn,

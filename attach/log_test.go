@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/json"
 	"log/slog"
-	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -14,7 +13,6 @@ import (
 	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle"
 	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle/nvmeofconn"
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof"
-	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/target"
 )
 
 type logBuffer struct {
@@ -56,22 +54,7 @@ func (b *logBuffer) lines(t *testing.T) []logLine {
 // failures, recovery and reconnect all log.
 func TestLogAttributes(t *testing.T) {
 	const nqn = "nqn.2026-11.io.ublk-nvmeof:logs"
-	tg := target.New(target.Config{})
-	defer tg.Close()
-	sub, err := tg.AddSubsystem(nqn)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := sub.AddNamespace(target.NamespaceConfig{NSID: 1, Backend: target.NewMemoryBackend(1 << 20), BlockShift: 9}); err != nil {
-		t.Fatal(err)
-	}
-	addr, err := tg.Listen("127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	o := DefaultOptions()
-	o.NQN = nqn
-	o.TrAddr, o.TrSvcID, _ = net.SplitHostPort(addr.String())
+	tg, _, o := startMemoryTarget(t, nqn)
 
 	var buf logBuffer
 	logs := newRunLoggers(slog.New(slog.NewJSONHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug})), o)
