@@ -434,9 +434,10 @@ func (q *Queue) putLocked() {
 
 // Submit sends req; done is called exactly once with nil, an nvme.Status
 // or a *QueueError, from a queue goroutine (never inside Submit) and
-// without any queue lock held (so done may call Submit again). Submit
-// writes the command to the socket itself when no one else is writing,
-// so it may block while the socket is full, at most until the queue fails. done must not block: it delays every
+// without any queue lock held (so done may call Submit again). On an I/O
+// queue Submit writes the command to the socket itself when no one else
+// is writing, so it may block while the socket is full, at most until the
+// queue fails; on the admin queue (QID 0) it never blocks. done must not block: it delays every
 // other completion of the queue, and must not call Wait or Close (they
 // wait for done to return). If Submit returns an error, done is not
 // called.
@@ -846,7 +847,12 @@ func (q *Queue) Push() {
 // may be past the point where it looks at the queue). Never called by the
 // reader.
 func (q *Queue) push() {
-	if q.readerInDone.Load() || !q.sendMu.TryLock() {
+	// The admin queue always hands over to its writer: a Keep Alive must
+	// never block its sender on a full socket, because stopping the
+	// keep-alive waits for that sender, before the sockets are shut
+	// (DESIGN.md rule 4). Admin commands are rare; the hand-off costs
+	// nothing that matters there.
+	if q.cfg.QID == 0 || q.readerInDone.Load() || !q.sendMu.TryLock() {
 		q.wakeWriter()
 		return
 	}
