@@ -19,7 +19,9 @@ const DaemonPath = "/usr/bin/ublk-nvmeof"
 // knobs) are passed on to the guest tests.
 func VMConfig() vm.Config {
 	return vm.Config{
-		Env:      hostEnv("E2E_PERF_"),
+		// Every daemon a guest test starts checks at exit that none of
+		// its goroutines is left (exit status 97 if one is).
+		Env:      append(hostEnv("E2E_PERF_"), "UBLK_NVMEOF_CHECK_GOROUTINES=1"),
 		Packages: []string{"./..."},
 		Programs: append([]string{"fio", "nvme", "mkfs.ext4"}, systemdPrograms()...),
 		GoPrograms: map[string]string{

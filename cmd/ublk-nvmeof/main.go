@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/urfave/cli/v2"
+	"go.uber.org/goleak"
 
 	"github.com/ublk-nvmeof/ublk-nvmeof/attach"
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof"
@@ -74,7 +75,31 @@ func exitCode(err error) int {
 	return exitFailure
 }
 
-func main() { os.Exit(run(os.Args)) }
+// envCheckGoroutines, set to 1 (the e2e VM sets it for every test), makes
+// the command check before it exits that no goroutine outlived it, and
+// exit with exitLeak if one did: the process would end them silently.
+const envCheckGoroutines = "UBLK_NVMEOF_CHECK_GOROUTINES"
+
+// exitLeak is the exit status when a goroutine outlived the command.
+const exitLeak = 97
+
+func main() {
+	code := run(os.Args)
+	if os.Getenv(envCheckGoroutines) == "1" {
+		code = checkGoroutines(code)
+	}
+	os.Exit(code)
+}
+
+// checkGoroutines returns code, or exitLeak if a goroutine other than the
+// caller's is still running (goleak), and then says which.
+func checkGoroutines(code int) int {
+	if err := goleak.Find(); err != nil {
+		fmt.Fprintf(os.Stderr, "ublk-nvmeof: goroutines left at exit (status was %d): %v\n", code, err)
+		return exitLeak
+	}
+	return code
+}
 
 // run runs the command line and returns the exit status: main without the
 // exit, so that a test can look at the process before it ends.

@@ -19,7 +19,6 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/goleak"
 	"golang.org/x/sys/unix"
 
 	"github.com/ublk-nvmeof/ublk-nvmeof/attach"
@@ -30,19 +29,11 @@ import (
 // tests run the real CLI as a separate process.
 const envRunMain = "UBLK_NVMEOF_TEST_RUN_MAIN"
 
-// exitLeak is the command's exit status, as run by the tests, when a
-// goroutine outlived the command: the process would end them silently, so
-// it checks (goleak) before exiting.
-const exitLeak = 97
-
+// Run by the tests, the command always checks for goroutines left at exit
+// (exitLeak).
 func TestMain(m *testing.M) {
 	if os.Getenv(envRunMain) == "1" {
-		code := run(append([]string{"ublk-nvmeof"}, os.Args[1:]...))
-		if err := goleak.Find(); err != nil {
-			fmt.Fprintf(os.Stderr, "ublk-nvmeof: goroutines left at exit (status was %d): %v\n", code, err)
-			code = exitLeak
-		}
-		os.Exit(code)
+		os.Exit(checkGoroutines(run(append([]string{"ublk-nvmeof"}, os.Args[1:]...))))
 	}
 	os.Exit(m.Run())
 }
