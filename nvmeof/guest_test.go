@@ -280,6 +280,14 @@ func TestGuestLinuxTargetHotRemove(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("reported: %v", f.wait(t))
+	// The admin queue's failure may be the one reported, before the I/O
+	// queue's: stop the readers only once the I/O queue failed too, or
+	// they may stop without having seen it.
+	select {
+	case <-q.Failed():
+	case <-time.After(hangDeadline):
+		t.Fatal("the I/O queue did not fail after the port went away")
+	}
 	close(stop)
 	wg.Wait()
 	if pathErrs.Load() == 0 {
