@@ -82,7 +82,7 @@ func newBackendRig(t *testing.T) *backendRig {
 	if err := lc.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	r := &backendRig{t: t, addr: o.Addr(), nqn: nqn, tg: tg, lc: lc, b: &blockBackend{lc: lc}, mem: mem}
+	r := &backendRig{t: t, addr: o.Addr(), nqn: nqn, tg: tg, lc: lc, b: newBlockBackend(lc, nil, 2, 32), mem: mem}
 	t.Cleanup(func() {
 		lc.Delete()
 		r.b.wg.Wait()

@@ -72,6 +72,13 @@ type blockBackend struct {
 	lc      *lifecycle.Controller
 	metrics *Metrics // nil: none
 
+	// ios[queue][tag] is the state of the request a tag carries: a tag
+	// is reused only after its request was completed, so the fast path
+	// allocates nothing. A queue's row is made on first use by that
+	// queue's goroutine, the only one serving its tags.
+	ios   [][]blockIO
+	depth int
+
 	// wg counts every request from Serve to Complete, so a slow-path
 	// goroutine started from a completion handler is counted before the
 	// request's own count is dropped. Wait returns when none is left.
@@ -79,19 +86,42 @@ type blockBackend struct {
 	inflight atomic.Int64
 }
 
+// newBlockBackend returns the backend for a device of queues queues of
+// depth tags each.
+func newBlockBackend(lc *lifecycle.Controller, metrics *Metrics, queues, depth int) *blockBackend {
+	return &blockBackend{lc: lc, metrics: metrics, ios: make([][]blockIO, queues), depth: depth}
+}
+
 // blockIO is one request on its way through the fast path.
 type blockIO struct {
-	b     *blockBackend
-	r     *ublk.Request
-	ref   lifecycle.Ref
-	req   nvmeof.Request
-	start time.Time
+	b      *blockBackend
+	r      *ublk.Request
+	ref    lifecycle.Ref
+	req    nvmeof.Request
+	start  time.Time
+	doneFn func(error) // io.done, bound once
+}
+
+// slot returns the state of r's tag, reset for r.
+func (b *blockBackend) slot(r *ublk.Request) *blockIO {
+	row := b.ios[r.Queue]
+	if row == nil {
+		row = make([]blockIO, b.depth)
+		for i := range row {
+			row[i].b = b
+			row[i].doneFn = row[i].done
+		}
+		b.ios[r.Queue] = row
+	}
+	io := &row[r.Tag]
+	io.r, io.ref, io.req, io.start = r, lifecycle.Ref{}, nvmeof.Request{}, time.Now()
+	return io
 }
 
 func (b *blockBackend) Serve(r *ublk.Request) {
 	b.wg.Add(1)
 	b.inflight.Add(1)
-	io := &blockIO{b: b, r: r, start: time.Now()}
+	io := b.slot(r)
 	if b.metrics != nil {
 		b.metrics.IOStarted(r.Queue)
 	}
@@ -108,7 +138,7 @@ func (b *blockBackend) Serve(r *ublk.Request) {
 	}
 	io.ref = ref
 	io.req.Defer = true // sent by Commit, with the rest of the batch
-	err := conn.IOQueue(r.Queue).Submit(&io.req, io.done)
+	err := conn.IOQueue(r.Queue).Submit(&io.req, io.doneFn)
 	if err == nil {
 		return
 	}

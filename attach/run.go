@@ -217,7 +217,7 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 	params := blockParams(ns)
 	status.setQueues(queues)
 	depth := min(o.QueueSize-1, 4096)
-	backend = &blockBackend{lc: lc, metrics: metrics}
+	backend = newBlockBackend(lc, metrics, queues, depth)
 
 	dev, err := openDevice(ctx, ctl, o, ublk.Options{
 		ID: devID(o), Queues: queues, Depth: depth,
