@@ -17,8 +17,9 @@ type Ref struct {
 
 // TryEnter takes a reference on the live association if the controller is
 // LIVE, without waiting and without taking a lock (the same fast path as
-// Do's). ok is false otherwise: the caller then takes the slow path, Do,
-// which holds the I/O while the controller recovers.
+// Do's). ok is false otherwise, also for a moment after the state turned
+// LIVE, before the association is published: the caller then takes the
+// slow path, Do, which holds the I/O while the controller recovers.
 //
 // The caller must call Exit exactly once, after its last touch of Conn: for
 // a command it started asynchronously, from the command's completion

@@ -26,8 +26,12 @@ func TestTryEnterOnlyWhenLive(t *testing.T) {
 	h.clk.WaitTimers(1)
 	h.clk.Advance(10 * time.Second)
 	h.waitState(StateLive)
-	ref, ok = h.c.TryEnter()
-	if !ok || ref.Conn() == first || ref.Conn() != h.tgt.lastConn() {
+	// The fast path opens just after the state turns LIVE (goLive).
+	waitFor(t, "the fast path to open", func() bool {
+		ref, ok = h.c.TryEnter()
+		return ok
+	})
+	if ref.Conn() == first || ref.Conn() != h.tgt.lastConn() {
 		t.Fatalf("TryEnter after reconnect: ok=%v, on the old association %v", ok, ref.Conn() == first)
 	}
 	ref.Exit()
