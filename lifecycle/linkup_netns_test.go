@@ -2,13 +2,13 @@ package lifecycle
 
 import (
 	"net/netip"
-	"runtime"
 	"testing"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 
 	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle/linkwatch"
+
+	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle/internal/netnstest"
 )
 
 // The real link watch in a network namespace of the test's own, with a veth
@@ -18,7 +18,7 @@ import (
 // clock that never moves, so not after reconnect_delay. Needs CAP_SYS_ADMIN
 // and veth; skipped otherwise.
 func TestLinkWatchNetnsEarlyReconnect(t *testing.T) {
-	ns := testNetns(t)
+	ns := netnstest.New(t)
 	h, err := netlink.NewHandleAt(ns)
 	if err != nil {
 		t.Fatal(err)
@@ -90,27 +90,4 @@ func TestLinkWatchNetnsEarlyReconnect(t *testing.T) {
 		t.Fatalf("write after the early reconnect: %v", err)
 	}
 	hs.finish()
-}
-
-// testNetns makes a network namespace for the test (skipping without
-// CAP_SYS_ADMIN) and returns a handle to it; the calling thread is back in
-// its own namespace when it returns.
-func testNetns(t *testing.T) netns.NsHandle {
-	t.Helper()
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		t.Skipf("netns: %v", err)
-	}
-	defer orig.Close()
-	ns, err := netns.New()
-	if err != nil {
-		t.Skipf("cannot create a network namespace (needs CAP_SYS_ADMIN): %v", err)
-	}
-	if err := netns.Set(orig); err != nil {
-		t.Fatalf("back to the original namespace: %v", err)
-	}
-	t.Cleanup(func() { ns.Close() })
-	return ns
 }

@@ -5,14 +5,14 @@ import (
 	"errors"
 	"log/slog"
 	"net/netip"
-	"runtime"
 	"testing"
 	"time"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"go.uber.org/goleak"
 	"golang.org/x/sys/unix"
+
+	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle/internal/netnstest"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -115,34 +115,11 @@ func TestTrackerInitiallyDown(t *testing.T) {
 	}
 }
 
-// newNetns makes a network namespace of its own for the test (needs
-// CAP_SYS_ADMIN; skipped otherwise) and returns a handle to it. The test's
-// thread is back in its own namespace when newNetns returns.
-func newNetns(t *testing.T) netns.NsHandle {
-	t.Helper()
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		t.Skipf("netns: %v", err)
-	}
-	defer orig.Close()
-	ns, err := netns.New()
-	if err != nil {
-		t.Skipf("cannot create a network namespace (needs CAP_SYS_ADMIN): %v", err)
-	}
-	if err := netns.Set(orig); err != nil {
-		t.Fatalf("back to the original namespace: %v", err)
-	}
-	t.Cleanup(func() { ns.Close() })
-	return ns
-}
-
 // The real thing, inside a namespace of the test's own: the route to
 // 127.0.0.1 leaves by lo; setting lo down reports the path down, setting it
 // up and down again reports it again. Only loopback is involved.
 func TestWatcherLoopbackInNetns(t *testing.T) {
-	ns := newNetns(t)
+	ns := netnstest.New(t)
 	h, err := netlink.NewHandleAt(ns)
 	if err != nil {
 		t.Fatal(err)
