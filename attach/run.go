@@ -306,8 +306,9 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 }
 
 // ublkBlock is the ublk device as lifecycle stops and removes it: Stop is
-// DESIGN.md's teardown step 3 (STOP_DEV, serving until it returns), Remove
-// its step 6 (rings, mappings, /dev/ublkcN, DEL_DEV), after the queues.
+// docs/design.md's teardown step 3 (STOP_DEV, serving until it returns),
+// Remove its step 8 (rings, mappings, /dev/ublkcN, DEL_DEV), after the
+// queues.
 type ublkBlock struct{ dev *ublk.Device }
 
 func (b ublkBlock) Stop(ctx context.Context) error   { return b.dev.Stop(ctx) }

@@ -1,6 +1,6 @@
 // Package lifecycle is the controller state machine and the one place that
 // orders connect, error recovery, reconnect and teardown of an NVMe/TCP
-// controller and the block device in front of it (shared/DESIGN.md,
+// controller and the block device in front of it (docs/design.md,
 // "Controller lifecycle").
 //
 // States and transitions are the Linux host's (nvme_change_ctrl_state):
@@ -32,11 +32,11 @@
 // keep-alive's failure is a channel the supervisor selects on: no
 // self-join.
 //
-// Teardown is in teardown.go, in DESIGN.md's order, once: change state (no
-// new submissions), stop keep-alive synchronously, quiesce the ublk side,
-// shut the sockets, wait until every completion handler and every Do
-// caller has returned, free the I/O queues, then the admin queue; on
-// delete, remove the block device.
+// Teardown is in teardown.go, in docs/design.md's order, once: change
+// state (no new submissions), stop keep-alive synchronously, quiesce the
+// ublk side, shut the sockets, wait until every completion handler and
+// every Do caller has returned, free the I/O queues, then the admin queue;
+// on delete, remove the block device.
 //
 // Wiring: the nvmeof side is lifecycle/nvmeofconn (a Connector and the
 // Conn it returns). The ublk side implements Block (Stop: STOP_DEV, Remove:

@@ -38,7 +38,7 @@ func (s State) String() string {
 	return fmt.Sprintf("State(%d)", int(s))
 }
 
-// allowedFrom is the transition table of DESIGN.md, verbatim: for each
+// allowedFrom is the transition table of docs/design.md, verbatim: for each
 // target state, the states it may be entered from. Anything else is
 // rejected, as nvme_change_ctrl_state does.
 var allowedFrom = map[State][]State{

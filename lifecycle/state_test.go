@@ -16,7 +16,7 @@ var epoch = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 
 var allStates = []State{StateNew, StateLive, StateResetting, StateConnecting, StateDeleting, StateDead}
 
-// The table of DESIGN.md, written out again independently of the code.
+// The table of docs/design.md, written out again independently of the code.
 var designTable = map[[2]State]bool{
 	{StateNew, StateConnecting}:       true,
 	{StateResetting, StateConnecting}: true,

@@ -5,7 +5,7 @@ import (
 	"fmt"
 )
 
-// Step is one step of teardown, in DESIGN.md's order.
+// Step is one step of teardown, in docs/design.md's order.
 type Step int
 
 const (

@@ -626,8 +626,8 @@ func (c *Controller) eventLoop() {
 	}
 }
 
-// Teardown, in the order lifecycle calls it (shared/DESIGN.md, teardown
-// steps 4 and 5).
+// Teardown, in the order lifecycle calls it (docs/design.md, teardown
+// steps 4 to 7).
 
 // Shutdown shuts every queue's socket down: in-flight commands fail with a
 // *QueueError, nothing new can be sent. It does not wait.

@@ -14,7 +14,7 @@
 // The wire codec lives in nvmeof/internal/pdu, the NVMe structures shared
 // with the in-process target (nvmeof/target) in nvmeof/nvme.
 //
-// Lifetime (shared/DESIGN.md, rule 1): every path that touches a queue holds
+// Lifetime (docs/design.md, rule 1): every path that touches a queue holds
 // a usage reference from before the first touch until after the last one.
 // Tearing a queue down is three explicit steps: [Queue.Shutdown] shuts the
 // socket so in-flight commands fail, [Queue.Wait] returns once every

@@ -32,7 +32,7 @@ import (
 //     send mutex): one goroutine hand-off less per command;
 //   - the timer fails the queue when a command outlives its deadline.
 //
-// Usage references (shared/DESIGN.md rule 1): q.usage counts everything
+// Usage references (docs/design.md, rule 1): q.usage counts everything
 // that may still touch the queue: each goroutine above, each Submit call
 // in progress, and each accepted command until its done callback has
 // returned. A reference is dropped only after the last touch. Wait returns
@@ -850,7 +850,7 @@ func (q *Queue) push() {
 	// The admin queue always hands over to its writer: a Keep Alive must
 	// never block its sender on a full socket, because stopping the
 	// keep-alive waits for that sender, before the sockets are shut
-	// (DESIGN.md rule 4). Admin commands are rare; the hand-off costs
+	// (docs/design.md, rule 4). Admin commands are rare; the hand-off costs
 	// nothing that matters there.
 	if q.cfg.QID == 0 || q.readerInDone.Load() || !q.sendMu.TryLock() {
 		q.wakeWriter()

@@ -9,7 +9,7 @@ import (
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/target"
 )
 
-// TestCompletionInsideSubmit is DESIGN.md rule 1 forced: the command
+// TestCompletionInsideSubmit is docs/design.md rule 1 forced: the command
 // completes, and the queue is shut down, while Submit is still running.
 // Wait must not return (the queue must not be freed) until Submit has made
 // its last touch and returned.

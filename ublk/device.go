@@ -290,7 +290,7 @@ func (d *Device) Err() error {
 // deadline) the error wraps ErrTimeout and the queues are forced down, so
 // nothing in this process hangs. Stop is idempotent; Close calls it.
 //
-// Stop lets a caller order teardown as DESIGN.md does: quiesce the block
+// Stop lets a caller order teardown as docs/design.md does: quiesce the block
 // device first, then shut the backend down, then Close to delete.
 func (d *Device) Stop(ctx context.Context) error {
 	d.stopOnce.Do(func() { d.stopErr = d.stop(ctx) })
