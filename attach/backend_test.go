@@ -62,7 +62,7 @@ func newBackendRig(t *testing.T) *backendRig {
 	t.Helper()
 	const nqn = "nqn.2026-11.io.ublk-nvmeof:backend"
 	tg, mem, o := startMemoryTarget(t, nqn)
-	connector := &nvmeConnector{Connector: nvmeofconn.Connector{
+	connector := &nvmeofconn.Connector{
 		Config: nvmeof.ControllerConfig{
 			Addr: o.Addr(), SubsysNQN: nqn,
 			Host:     nvmeof.HostIdentity{NQN: "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000002"},
@@ -70,7 +70,7 @@ func newBackendRig(t *testing.T) *backendRig {
 			Logger: quietLogger(),
 		},
 		NSID: 1,
-	}}
+	}
 	lopts := lifecycle.DefaultOptions()
 	lopts.ReconnectDelay = 10 * time.Millisecond
 	lopts.CtrlLossTmo = -1
@@ -260,8 +260,9 @@ func TestBlockError(t *testing.T) {
 	}
 }
 
-// A namespace the target lacks is ErrNoNamespace (exit status 7), and the
-// keep-alive round trip reaches the hook.
+// A namespace the target lacks is ErrNoNamespace (exit status 7), the
+// keep-alive round trip reaches the hook, and the connector remembers the
+// first association.
 func TestConnectorNamespaceAndRTT(t *testing.T) {
 	r := newBackendRig(t)
 	ctx := context.Background()
@@ -270,12 +271,15 @@ func TestConnectorNamespaceAndRTT(t *testing.T) {
 		Host:     nvmeof.HostIdentity{NQN: "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000003"},
 		IOQueues: 1, QueueSize: 8, KATO: 5 * time.Second, Logger: quietLogger(),
 	}
-	missing := &nvmeConnector{Connector: nvmeofconn.Connector{Config: cfg, NSID: 9}}
-	if _, err := missing.Connect(ctx, func(error) {}); !errors.Is(err, ErrNoNamespace) {
+	missing := &nvmeofconn.Connector{Config: cfg, NSID: 9}
+	if _, err := missing.Connect(ctx, func(error) {}); !errors.Is(classifyConnectError(Options{}, err), ErrNoNamespace) {
 		t.Fatalf("connect to namespace 9: %v, want ErrNoNamespace", err)
 	}
+	if ns, queues := missing.First(); ns != nil || queues != 0 {
+		t.Fatalf("no association made, but First says namespace %v, %d queues", ns, queues)
+	}
 	var rtts []time.Duration
-	k := &nvmeConnector{Connector: nvmeofconn.Connector{Config: cfg, NSID: 1, KeepAliveRTT: func(d time.Duration) { rtts = append(rtts, d) }}}
+	k := &nvmeofconn.Connector{Config: cfg, NSID: 1, KeepAliveRTT: func(d time.Duration) { rtts = append(rtts, d) }}
 	conn, err := k.Connect(ctx, func(error) {})
 	if err != nil {
 		t.Fatal(err)
@@ -286,7 +290,7 @@ func TestConnectorNamespaceAndRTT(t *testing.T) {
 		conn.FreeIOQueues()
 		conn.FreeAdminQueue()
 	}()
-	if ns, queues := k.first(); ns == nil || ns.NSID != 1 || queues != 1 {
+	if ns, queues := k.First(); ns == nil || ns.NSID != 1 || queues != 1 {
 		t.Fatalf("first association: namespace %v, %d queues", ns, queues)
 	}
 	if err := conn.KeepAlive(ctx); err != nil || len(rtts) != 1 || rtts[0] <= 0 {

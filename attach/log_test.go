@@ -58,7 +58,7 @@ func TestLogAttributes(t *testing.T) {
 
 	var buf logBuffer
 	logs := newRunLoggers(slog.New(slog.NewJSONHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug})), o)
-	connector := &nvmeConnector{Connector: nvmeofconn.Connector{
+	connector := &nvmeofconn.Connector{
 		Config: nvmeof.ControllerConfig{
 			Addr: o.Addr(), SubsysNQN: nqn,
 			Host:     nvmeof.HostIdentity{NQN: "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000001"},
@@ -66,7 +66,7 @@ func TestLogAttributes(t *testing.T) {
 			Logger: logs.nvme,
 		},
 		NSID: 1,
-	}}
+	}
 	lopts := lifecycle.DefaultOptions()
 	lopts.ReconnectDelay = 10 * time.Millisecond
 	lopts.CtrlLossTmo = -1

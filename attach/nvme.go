@@ -3,7 +3,6 @@ package attach
 import (
 	"context"
 	"errors"
-	"fmt"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -15,43 +14,6 @@ import (
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/nvme"
 	"github.com/ublk-nvmeof/ublk-nvmeof/ublk"
 )
-
-// nvmeConnector makes associations with the NVMe/TCP controller for
-// lifecycle (nvmeofconn), and remembers what the first one found: what the
-// block device is built for.
-type nvmeConnector struct {
-	nvmeofconn.Connector
-
-	mu          sync.Mutex
-	firstNS     *nvmeof.Namespace // of the first association
-	firstQueues int               // I/O queues the controller granted first
-}
-
-// first returns the namespace and I/O queue count of the first
-// association.
-func (c *nvmeConnector) first() (*nvmeof.Namespace, int) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.firstNS, c.firstQueues
-}
-
-func (c *nvmeConnector) Connect(ctx context.Context, onError func(error)) (lifecycle.Conn, error) {
-	conn, err := c.Connector.Connect(ctx, onError)
-	if err != nil {
-		var nse *nvmeofconn.NamespaceError
-		if errors.As(err, &nse) {
-			return nil, fmt.Errorf("%w: %d: %w", ErrNoNamespace, nse.NSID, nse.Err)
-		}
-		return nil, err
-	}
-	nc := conn.(*nvmeofconn.Conn)
-	c.mu.Lock()
-	if c.firstNS == nil {
-		c.firstNS, c.firstQueues = nc.NS(), len(nc.Controller().IOQueues())
-	}
-	c.mu.Unlock()
-	return conn, nil
-}
 
 // blockBackend turns ublk requests into NVMe commands: the request of ublk
 // queue i goes to I/O queue i (modulo the queues the controller granted).

@@ -117,7 +117,7 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 		PID: os.Getpid(), TrAddr: o.TrAddr, TrSvcID: o.TrSvcID, NQN: o.NQN, HostNQN: host.NQN,
 		NSID: o.NSID, QueueSize: o.QueueSize, Started: time.Now(), DevID: -1,
 	}}
-	connector := &nvmeConnector{Connector: nvmeofconn.Connector{
+	connector := &nvmeofconn.Connector{
 		Config: nvmeof.ControllerConfig{
 			Addr: o.Addr(), SubsysNQN: o.NQN, Host: host,
 			IOQueues: o.NrIOQueues, QueueSize: o.QueueSize,
@@ -132,7 +132,7 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 				metrics.KeepAliveDone(rtt)
 			}
 		},
-	}}
+	}
 	lopts := lifecycle.DefaultOptions()
 	lopts.ReconnectDelay = o.ReconnectDelay
 	lopts.CtrlLossTmo = o.CtrlLossTmo
@@ -213,7 +213,7 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 		}
 	}()
 
-	ns, queues := connector.first()
+	ns, queues := connector.First()
 	params := blockParams(ns)
 	status.setQueues(queues)
 	depth := min(o.QueueSize-1, 4096)
@@ -415,9 +415,10 @@ func hostIdentity(o Options) (nvmeof.HostIdentity, error) {
 func classifyConnectError(o Options, err error) error {
 	var op *net.OpError
 	var st nvme.Status
+	var nse *nvmeofconn.NamespaceError
 	switch {
-	case errors.Is(err, ErrNoNamespace):
-		return err
+	case errors.As(err, &nse):
+		return fmt.Errorf("%w: %d: %w", ErrNoNamespace, nse.NSID, nse.Err)
 	case errors.As(err, &op) && op.Op == "dial":
 		return fmt.Errorf("%w: %s: %w", ErrUnreachable, o.Addr(), err)
 	case errors.As(err, &st):

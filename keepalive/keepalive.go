@@ -28,7 +28,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle/clock"
+	"github.com/ublk-nvmeof/ublk-nvmeof/clock"
 )
 
 // ErrTimeout is reported when a keep-alive did not complete within KATO.

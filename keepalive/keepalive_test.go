@@ -10,7 +10,7 @@ import (
 
 	"go.uber.org/goleak"
 
-	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle/clock"
+	"github.com/ublk-nvmeof/ublk-nvmeof/clock"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }

@@ -9,8 +9,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/ublk-nvmeof/ublk-nvmeof/clock"
 	"github.com/ublk-nvmeof/ublk-nvmeof/keepalive"
-	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle/clock"
 )
 
 // Options are the connect options lifecycle acts on, with the Linux host's

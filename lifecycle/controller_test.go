@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle/clock"
+	"github.com/ublk-nvmeof/ublk-nvmeof/clock"
 )
 
 var quiet = slog.New(slog.DiscardHandler)

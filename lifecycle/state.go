@@ -5,7 +5,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle/clock"
+	"github.com/ublk-nvmeof/ublk-nvmeof/clock"
 )
 
 // State is a controller state, as enum nvme_ctrl_state in the Linux host.

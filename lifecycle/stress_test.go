@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle/clock"
+	"github.com/ublk-nvmeof/ublk-nvmeof/clock"
 )
 
 var soak = flag.Int("soak", 0, "connect → I/O → teardown cycles for the stress tests (0: 2000, 1000 with -short)")

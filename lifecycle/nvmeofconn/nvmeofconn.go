@@ -1,11 +1,13 @@
-// Package nvmeofconn connects lifecycle to the nvmeof host library: a
-// lifecycle.Connector that makes an nvmeof association and identifies the
-// namespace, and the lifecycle.Conn that wraps it.
+// Package nvmeofconn is the one adapter between lifecycle and the nvmeof
+// host library: a lifecycle.Connector that makes an nvmeof association and
+// identifies the namespace, and the lifecycle.Conn that wraps it. The
+// daemon (attach) uses both directly.
 package nvmeofconn
 
 import (
 	"context"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/ublk-nvmeof/ublk-nvmeof/keepalive"
@@ -13,7 +15,9 @@ import (
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof"
 )
 
-// Connector makes associations with one controller and namespace.
+// Connector makes associations with one controller and namespace. It
+// remembers what the first association found (First): what the block
+// device is built for. Use it by pointer; do not copy it.
 type Connector struct {
 	// Config is used for every association; its OnFailure is replaced by
 	// lifecycle's error callback.
@@ -23,6 +27,18 @@ type Connector struct {
 	// KeepAliveRTT, if set, receives the round trip of every keep-alive
 	// that completed.
 	KeepAliveRTT func(time.Duration)
+
+	mu          sync.Mutex
+	firstNS     *nvmeof.Namespace // of the first association
+	firstQueues int               // I/O queues the controller granted first
+}
+
+// First returns the namespace and the number of I/O queues of the first
+// association made; nil and 0 before one was made.
+func (k *Connector) First() (*nvmeof.Namespace, int) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.firstNS, k.firstQueues
 }
 
 // NamespaceError is a Connect that found no usable namespace NSID.
@@ -47,6 +63,11 @@ func (k *Connector) Connect(ctx context.Context, onError func(error)) (lifecycle
 		ctrl.Close()
 		return nil, &NamespaceError{NSID: k.NSID, Err: err}
 	}
+	k.mu.Lock()
+	if k.firstNS == nil {
+		k.firstNS, k.firstQueues = ns, len(ctrl.IOQueues())
+	}
+	k.mu.Unlock()
 	return &Conn{ctrl: ctrl, ns: ns, rtt: k.KeepAliveRTT}, nil
 }
 
