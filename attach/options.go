@@ -57,6 +57,24 @@ const (
 	// NVMF_MAX_QUEUE_SIZE).
 	MinQueueSize = 16
 	MaxQueueSize = 1024
+
+	// MaxKeepAliveTmo is the longest KATO the Connect command can carry:
+	// its KATO field (NVMe over Fabrics 1.1, Connect command, CDW12) is
+	// milliseconds in 32 bits. The Linux host sends kato * 1000 in a u32
+	// as well, so a longer value wraps there; here it is refused.
+	MaxKeepAliveTmo = (1<<32 - 1) / 1000 * time.Second // 4294967 s, whole seconds
+	// MaxTimeout bounds reconnect_delay, ctrl_loss_tmo and
+	// fast_io_fail_tmo: a year. A longer value is a typo (forever is -1),
+	// and far longer ones overflow time arithmetic.
+	MaxTimeout = 365 * 24 * time.Hour
+
+	// MinNSID and MaxNSID bound a namespace ID: 0 is not one, and
+	// 0xFFFFFFFF is the broadcast value (NVMe Base 2.0, 3.2.1.2).
+	MinNSID = 1
+	MaxNSID = 0xFFFFFFFE
+	// MaxDevID is the largest ublk device number: the driver allocates
+	// ids below UBLK_MAX_UBLKS, 1 << MINORBITS (drivers/block/ublk_drv.c).
+	MaxDevID = 1<<20 - 1
 )
 
 // DefaultOptions returns Options with every default filled in.
@@ -102,22 +120,28 @@ func (o *Options) Validate() error {
 	if o.QueueSize < MinQueueSize || o.QueueSize > MaxQueueSize {
 		return invalid("--queue-size %d: must be %d-%d", o.QueueSize, MinQueueSize, MaxQueueSize)
 	}
-	if o.KeepAliveTmo < 0 {
-		return invalid("--keep-alive-tmo %v: must not be negative", o.KeepAliveTmo)
+	if o.KeepAliveTmo < 0 || o.KeepAliveTmo > MaxKeepAliveTmo {
+		return invalid("--keep-alive-tmo %v: must be 0 (off) to %v (Connect carries milliseconds in 32 bits)", o.KeepAliveTmo, MaxKeepAliveTmo)
 	}
-	if o.ReconnectDelay <= 0 {
-		return invalid("--reconnect-delay %v: must be positive", o.ReconnectDelay)
+	if o.ReconnectDelay <= 0 || o.ReconnectDelay > MaxTimeout {
+		return invalid("--reconnect-delay %v: must be positive and at most %v", o.ReconnectDelay, MaxTimeout)
+	}
+	if o.CtrlLossTmo > MaxTimeout {
+		return invalid("--ctrl-loss-tmo %v: at most %v (negative: forever)", o.CtrlLossTmo, MaxTimeout)
+	}
+	if o.FastIOFailTmo > MaxTimeout {
+		return invalid("--fast-io-fail-tmo %v: at most %v (negative: off)", o.FastIOFailTmo, MaxTimeout)
 	}
 	if o.CtrlLossTmo >= 0 && o.CtrlLossTmo < o.ReconnectDelay {
 		// As the Linux host: a loss timeout shorter than one reconnect delay
 		// would never reconnect at all.
 		return invalid("--ctrl-loss-tmo %v is shorter than --reconnect-delay %v", o.CtrlLossTmo, o.ReconnectDelay)
 	}
-	if o.NSID == 0 || o.NSID == 0xffffffff {
-		return invalid("--nsid %d: not a namespace ID", o.NSID)
+	if o.NSID < MinNSID || o.NSID > MaxNSID {
+		return invalid("--nsid %d: not a namespace ID (%d-%d)", o.NSID, MinNSID, MaxNSID)
 	}
-	if o.DevID > 1<<20 {
-		return invalid("--dev-id %d: too large", o.DevID)
+	if o.DevID < -1 || o.DevID > MaxDevID {
+		return invalid("--dev-id %d: must be -1 (the kernel picks) or 0-%d", o.DevID, MaxDevID)
 	}
 	return nil
 }

@@ -211,18 +211,37 @@ func recoverCommand(stdout io.Writer) *cli.Command {
 
 func connectCommand(stdout io.Writer, name, usage string, mustRecover bool) *cli.Command {
 	d := attach.DefaultOptions()
+	maxKATO := int(attach.MaxKeepAliveTmo / time.Second)
+	maxTmo := int(attach.MaxTimeout / time.Second)
+	cpus := runtime.NumCPU()
 	flags := append(connectFlags(),
 		&cli.StringFlag{Name: "nqn", Aliases: []string{"n"}, Usage: "subsystem NQN", EnvVars: env("NQN")},
-		&cli.IntFlag{Name: "nr-io-queues", Aliases: []string{"i"}, Value: d.NrIOQueues, Usage: "I/O queues (and ublk hardware queues)", EnvVars: env("NR_IO_QUEUES")},
-		&cli.IntFlag{Name: "queue-size", Aliases: []string{"Q"}, Value: d.QueueSize, Usage: "I/O queue size", EnvVars: env("QUEUE_SIZE")},
-		&cli.IntFlag{Name: "keep-alive-tmo", Aliases: []string{"k"}, Value: int(d.KeepAliveTmo / time.Second), Usage: "keep-alive timeout, seconds (0: off)", EnvVars: env("KEEP_ALIVE_TMO")},
-		&cli.IntFlag{Name: "reconnect-delay", Aliases: []string{"c"}, Value: int(d.ReconnectDelay / time.Second), Usage: "seconds between reconnect attempts", EnvVars: env("RECONNECT_DELAY")},
-		&cli.IntFlag{Name: "ctrl-loss-tmo", Aliases: []string{"l"}, Value: int(d.CtrlLossTmo / time.Second), Usage: "seconds to keep reconnecting (-1: forever)", EnvVars: env("CTRL_LOSS_TMO")},
-		&cli.IntFlag{Name: "fast-io-fail-tmo", Aliases: []string{"F"}, Value: -1, Usage: "seconds after which held I/O fails while reconnecting (-1: off)", EnvVars: env("FAST_IO_FAIL_TMO")},
+		&cli.IntFlag{Name: "nr-io-queues", Aliases: []string{"i"}, Value: d.NrIOQueues,
+			Usage:  fmt.Sprintf("I/O queues (and ublk hardware queues), 1-%d (the CPUs)", cpus),
+			Action: inRange[int]("nr-io-queues", 1, cpus), EnvVars: env("NR_IO_QUEUES")},
+		&cli.IntFlag{Name: "queue-size", Aliases: []string{"Q"}, Value: d.QueueSize,
+			Usage:  fmt.Sprintf("I/O queue size, %d-%d", attach.MinQueueSize, attach.MaxQueueSize),
+			Action: inRange[int]("queue-size", attach.MinQueueSize, attach.MaxQueueSize), EnvVars: env("QUEUE_SIZE")},
+		&cli.IntFlag{Name: "keep-alive-tmo", Aliases: []string{"k"}, Value: int(d.KeepAliveTmo / time.Second),
+			Usage:  fmt.Sprintf("keep-alive timeout, seconds, 0-%d (0: off; Connect carries milliseconds in 32 bits)", maxKATO),
+			Action: inRange[int]("keep-alive-tmo", 0, maxKATO), EnvVars: env("KEEP_ALIVE_TMO")},
+		&cli.IntFlag{Name: "reconnect-delay", Aliases: []string{"c"}, Value: int(d.ReconnectDelay / time.Second),
+			Usage:  fmt.Sprintf("seconds between reconnect attempts, 1-%d", maxTmo),
+			Action: inRange[int]("reconnect-delay", 1, maxTmo), EnvVars: env("RECONNECT_DELAY")},
+		&cli.IntFlag{Name: "ctrl-loss-tmo", Aliases: []string{"l"}, Value: int(d.CtrlLossTmo / time.Second),
+			Usage:  fmt.Sprintf("seconds to keep reconnecting, -1 (forever) to %d", maxTmo),
+			Action: inRange[int]("ctrl-loss-tmo", -1, maxTmo), EnvVars: env("CTRL_LOSS_TMO")},
+		&cli.IntFlag{Name: "fast-io-fail-tmo", Aliases: []string{"F"}, Value: -1,
+			Usage:  fmt.Sprintf("seconds after which held I/O fails while reconnecting, -1 (off) to %d", maxTmo),
+			Action: inRange[int]("fast-io-fail-tmo", -1, maxTmo), EnvVars: env("FAST_IO_FAIL_TMO")},
 		&cli.BoolFlag{Name: "hdr-digest", Aliases: []string{"g"}, Usage: "NVMe/TCP header digest", EnvVars: env("HDR_DIGEST")},
 		&cli.BoolFlag{Name: "data-digest", Aliases: []string{"G"}, Usage: "NVMe/TCP data digest", EnvVars: env("DATA_DIGEST")},
-		&cli.UintFlag{Name: "nsid", Value: uint(d.NSID), Usage: "namespace ID", EnvVars: env("NSID")},
-		&cli.IntFlag{Name: "dev-id", Value: -1, Usage: "ublk device number N of /dev/ublkbN (-1: the kernel picks)", EnvVars: env("DEV_ID")},
+		&cli.UintFlag{Name: "nsid", Value: uint(d.NSID),
+			Usage:  fmt.Sprintf("namespace ID, %d-%d", attach.MinNSID, uint(attach.MaxNSID)),
+			Action: inRange[uint]("nsid", attach.MinNSID, attach.MaxNSID), EnvVars: env("NSID")},
+		&cli.IntFlag{Name: "dev-id", Value: -1,
+			Usage:  fmt.Sprintf("ublk device number N of /dev/ublkbN, -1 (the kernel picks) or 0-%d", attach.MaxDevID),
+			Action: inRange[int]("dev-id", -1, attach.MaxDevID), EnvVars: env("DEV_ID")},
 		&cli.BoolFlag{Name: "recovery", Value: true, Usage: "ublk user recovery: the device survives a daemon crash", EnvVars: env("RECOVERY")},
 		&cli.StringFlag{Name: "metrics-addr", Usage: "serve Prometheus metrics on host:port", EnvVars: env("METRICS_ADDR")},
 		&cli.BoolFlag{Name: "link-watch", Usage: "watch the link and route to the target: recover at once when it goes down", EnvVars: env("LINK_WATCH")},
@@ -265,7 +284,32 @@ func connectCommand(stdout io.Writer, name, usage string, mustRecover bool) *cli
 }
 
 // seconds converts a flag in seconds; negative stays negative (off/forever).
+// The flag's inRange action has bounded n, so the product cannot overflow.
 func seconds(n int) time.Duration { return time.Duration(n) * time.Second }
+
+// inRange is a numeric flag's Action: urfave/cli runs it right after
+// parsing, for a value from the command line or the environment, so a value
+// outside lo..hi is refused, naming the flag, before it is converted (a
+// uint32 NSID, a duration in nanoseconds) or used.
+func inRange[T int | uint](flag string, lo, hi T) func(*cli.Context, T) error {
+	return func(_ *cli.Context, v T) error {
+		if v < lo || v > hi {
+			return fmt.Errorf("%w: --%s %d: must be %d-%d", attach.ErrInvalidOptions, flag, v, lo, hi)
+		}
+		return nil
+	}
+}
+
+// positiveDuration is a duration flag's Action: more than zero, at most
+// attach.MaxTimeout.
+func positiveDuration(flag string) func(*cli.Context, time.Duration) error {
+	return func(_ *cli.Context, v time.Duration) error {
+		if v <= 0 || v > attach.MaxTimeout {
+			return fmt.Errorf("%w: --%s %v: must be positive and at most %v", attach.ErrInvalidOptions, flag, v, attach.MaxTimeout)
+		}
+		return nil
+	}
+}
 
 // signalContext ends at SIGTERM or SIGINT: a graceful detach (drain the
 // I/O in flight, disconnect, delete the device). The second signal closes
@@ -316,7 +360,8 @@ func detachCommand() *cli.Command {
 		Usage:     "detach a device: drain its I/O, disconnect, delete it",
 		ArgsUsage: "DEVICE (N, ublkbN or /dev/ublkbN)",
 		Flags: []cli.Flag{
-			&cli.DurationFlag{Name: "timeout", Value: 2 * time.Minute, Usage: "how long to wait for the daemon to finish"},
+			&cli.DurationFlag{Name: "timeout", Value: 2 * time.Minute, Usage: "how long to wait for the daemon to finish",
+				Action: positiveDuration("timeout")},
 		},
 		Action: func(c *cli.Context) error {
 			id, err := deviceArg(c)
@@ -418,7 +463,8 @@ func discoverCommand(stdout io.Writer) *cli.Command {
 		Name:  "discover",
 		Usage: "print the discovery log of a discovery controller",
 		Flags: append(connectFlags(), jsonFlag(),
-			&cli.DurationFlag{Name: "timeout", Value: 30 * time.Second, Usage: "give up after"}),
+			&cli.DurationFlag{Name: "timeout", Value: 30 * time.Second, Usage: "give up after",
+				Action: positiveDuration("timeout")}),
 		Action: func(c *cli.Context) error {
 			o := attach.Options{TrAddr: c.String("traddr"), TrSvcID: c.String("trsvcid")}
 			if err := o.ValidateTarget(); err != nil {

@@ -86,6 +86,63 @@ func TestUsageErrors(t *testing.T) {
 	}
 }
 
+// TestFlagRanges: every numeric flag is range-checked as it is parsed, so
+// a value that would be cut (a 64-bit NSID into 32 bits), wrap (a KATO in
+// milliseconds into 32 bits) or overflow (seconds into a time.Duration)
+// exits 2 with one line naming the flag.
+func TestFlagRanges(t *testing.T) {
+	t.Setenv("UBLK_NVMEOF_RUN_DIR", t.TempDir())
+	target := []string{"attach", "-a", "127.0.0.1", "-n", "nqn.2026-11.x:y"}
+	for _, c := range []struct {
+		args []string
+		msg  string
+	}{
+		{[]string{"--nsid", "4294967297"}, "--nsid 4294967297"},
+		{[]string{"--nsid", "4294967295"}, "--nsid 4294967295"},
+		{[]string{"--nsid", "0"}, "--nsid 0"},
+		{[]string{"--nsid", "-1"}, "nsid"},
+		{[]string{"-k", "4294968"}, "--keep-alive-tmo 4294968"},
+		{[]string{"-k", "-1"}, "--keep-alive-tmo -1"},
+		{[]string{"-k", "99999999999999999999"}, "for flag -k"},
+		{[]string{"-c", "0"}, "--reconnect-delay 0"},
+		{[]string{"-c", "31536001"}, "--reconnect-delay 31536001"},
+		{[]string{"-l", "-2"}, "--ctrl-loss-tmo -2"},
+		{[]string{"-l", "9223372037"}, "--ctrl-loss-tmo 9223372037"},
+		{[]string{"-F", "-2"}, "--fast-io-fail-tmo -2"},
+		{[]string{"-F", "31536001"}, "--fast-io-fail-tmo 31536001"},
+		{[]string{"-Q", "1025"}, "--queue-size 1025"},
+		{[]string{"-Q", "15"}, "--queue-size 15"},
+		{[]string{"-i", "0"}, "--nr-io-queues 0"},
+		{[]string{"-i", "100000"}, "--nr-io-queues 100000"},
+		{[]string{"--dev-id", "-2"}, "--dev-id -2"},
+		{[]string{"--dev-id", "1048576"}, "--dev-id 1048576"},
+	} {
+		args := append(append([]string{}, target...), c.args...)
+		_, stderr, code := runCLI(t, args...)
+		if code != exitUsage || !strings.Contains(stderr, c.msg) {
+			t.Errorf("%v: exit %d, stderr %q; want exit %d and %q", c.args, code, stderr, exitUsage, c.msg)
+		}
+		if n := strings.Count(strings.TrimSpace(stderr), "\n"); n != 0 {
+			t.Errorf("%v: error is %d lines, want one: %q", c.args, n+1, stderr)
+		}
+	}
+	for _, args := range [][]string{
+		{"detach", "--timeout", "0s", "5"},
+		{"detach", "--timeout", "-1s", "5"},
+		{"discover", "-a", "127.0.0.1", "--timeout", "0s"},
+	} {
+		_, stderr, code := runCLI(t, args...)
+		if code != exitUsage || !strings.Contains(stderr, "--timeout") {
+			t.Errorf("%v: exit %d, stderr %q; want exit %d naming --timeout", args, code, stderr, exitUsage)
+		}
+	}
+	// From the environment, the same check.
+	t.Setenv("UBLK_NVMEOF_NSID", "4294967297")
+	if _, stderr, code := runCLI(t, target...); code != exitUsage || !strings.Contains(stderr, "--nsid 4294967297") {
+		t.Errorf("UBLK_NVMEOF_NSID=4294967297: exit %d, stderr %q", code, stderr)
+	}
+}
+
 func TestEnvironmentOptions(t *testing.T) {
 	// Every option also comes from the environment: a bad value there is
 	// reported like the flag.
