@@ -5,7 +5,6 @@ import (
 	"errors"
 	"net"
 	"net/http"
-	"net/http/pprof"
 	"strconv"
 	"sync"
 	"time"
@@ -128,30 +127,30 @@ func (m *Metrics) Reconnected() { m.reconnects.Inc() }
 // Registry is the registry the metrics live in.
 func (m *Metrics) Registry() *prometheus.Registry { return m.reg }
 
-// MetricsServer serves /metrics on an address until closed.
-type MetricsServer struct {
+// ServeMetrics listens on addr ("host:port") and serves m at /metrics and
+// nothing else: Prometheus scrapes it, possibly from another machine. The
+// Go runtime's profiles are a separate, opt-in, loopback-only listener
+// (ServePprof).
+func ServeMetrics(addr string, m *Metrics) (*HTTPServer, error) {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
+	return serveHTTP(addr, mux)
+}
+
+// HTTPServer is one of the daemon's HTTP listeners (metrics, profiles),
+// serving until closed.
+type HTTPServer struct {
 	srv *http.Server
 	ln  net.Listener
 	wg  sync.WaitGroup
 }
 
-// ServeMetrics listens on addr ("host:port") and serves m at /metrics, and
-// the Go runtime's profiles at /debug/pprof/ (net/http/pprof), as
-// Prometheus itself does on its web port: where the time of the I/O path
-// goes is measured on the running daemon.
-func ServeMetrics(addr string, m *Metrics) (*MetricsServer, error) {
+func serveHTTP(addr string, h http.Handler) (*HTTPServer, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, err
 	}
-	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
-	mux.HandleFunc("GET /debug/pprof/", pprof.Index) // also the named profiles
-	mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
-	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
-	mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
-	mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
-	s := &MetricsServer{srv: &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, ln: ln}
+	s := &HTTPServer{srv: &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}, ln: ln}
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
@@ -161,10 +160,10 @@ func ServeMetrics(addr string, m *Metrics) (*MetricsServer, error) {
 }
 
 // Addr is the address it listens on.
-func (s *MetricsServer) Addr() string { return s.ln.Addr().String() }
+func (s *HTTPServer) Addr() string { return s.ln.Addr().String() }
 
 // Close stops the server and waits for its goroutine.
-func (s *MetricsServer) Close() error {
+func (s *HTTPServer) Close() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	err := s.srv.Shutdown(ctx)

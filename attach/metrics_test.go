@@ -67,14 +67,64 @@ func TestMetricsServer(t *testing.T) {
 			t.Errorf("/metrics lacks %q", want)
 		}
 	}
-	// The runtime's profiles are served beside the metrics.
-	resp, err = c.Get("http://" + s.Addr() + "/debug/pprof/goroutine?debug=1")
+	// The metrics listener serves metrics only: no profiles, no command
+	// line, whatever the path.
+	for _, path := range []string{"/debug/pprof/", "/debug/pprof/goroutine?debug=1", "/debug/pprof/cmdline", "/"} {
+		resp, err := c.Get("http://" + s.Addr() + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusNotFound {
+			t.Errorf("%s on the metrics listener: %s\n%.200s", path, resp.Status, body)
+		}
+	}
+}
+
+func TestPprofServer(t *testing.T) {
+	s, err := ServePprof("127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	body, _ = io.ReadAll(resp.Body)
+	defer s.Close()
+	c := &http.Client{Timeout: 10 * time.Second}
+	defer c.CloseIdleConnections()
+	resp, err := c.Get("http://" + s.Addr() + "/debug/pprof/goroutine?debug=1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), "goroutine profile:") {
 		t.Errorf("/debug/pprof/goroutine: %s\n%.200s", resp.Status, body)
+	}
+	resp, err = c.Get("http://" + s.Addr() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNotFound {
+		t.Errorf("/metrics on the profiling listener: %s", resp.Status)
+	}
+}
+
+func TestPprofListenAddr(t *testing.T) {
+	for in, want := range map[string]string{
+		"6060":           "127.0.0.1:6060",
+		":6060":          "127.0.0.1:6060",
+		"127.0.0.1:6060": "127.0.0.1:6060",
+		"127.0.0.2:6060": "127.0.0.2:6060",
+		"[::1]:6060":     "[::1]:6060",
+		"localhost:6060": "localhost:6060",
+	} {
+		if got, err := PprofListenAddr(in); err != nil || got != want {
+			t.Errorf("PprofListenAddr(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"0.0.0.0:6060", "[::]:6060", "192.0.2.1:6060", "example.com:6060", "127.0.0.1", "127.0.0.1:http-alt", "70000", ""} {
+		if got, err := PprofListenAddr(in); !errors.Is(err, ErrInvalidOptions) || !strings.Contains(err.Error(), "--pprof-addr") {
+			t.Errorf("PprofListenAddr(%q) = %q, %v; want an ErrInvalidOptions naming --pprof-addr", in, got, err)
+		}
 	}
 }

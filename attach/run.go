@@ -47,8 +47,12 @@ type RunConfig struct {
 	Ready func(device string)
 	// Notifier speaks to systemd; nil: no notifications.
 	Notifier *ServiceNotifier
-	// MetricsAddr, if set, serves Prometheus metrics at /metrics.
+	// MetricsAddr, if set, serves Prometheus metrics at /metrics, and
+	// nothing else.
 	MetricsAddr string
+	// PprofAddr, if set, serves the Go runtime's profiles at
+	// /debug/pprof/ on a loopback address (ServePprof).
+	PprofAddr string
 	// Hurry, closed while detaching (a second SIGTERM), makes the detach
 	// immediate: lifecycle.Controller.Hurry. Run then returns
 	// ErrDetachedImmediately. nil: never.
@@ -112,6 +116,16 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 			return fmt.Errorf("%w: --metrics-addr: %w", ErrInvalidOptions, err)
 		}
 		defer ms.Close()
+	}
+	if rc.PprofAddr != "" {
+		ps, err := ServePprof(rc.PprofAddr)
+		if err != nil {
+			if !errors.Is(err, ErrInvalidOptions) {
+				err = fmt.Errorf("%w: --pprof-addr: %w", ErrInvalidOptions, err)
+			}
+			return err
+		}
+		defer ps.Close()
 	}
 	status := &statusTracker{st: Status{
 		PID: os.Getpid(), TrAddr: o.TrAddr, TrSvcID: o.TrSvcID, NQN: o.NQN, HostNQN: host.NQN,

@@ -52,11 +52,11 @@ func TestGuestPerfVersusKernel(t *testing.T) {
 	kernelDev := kc.NamespaceDevice(1)
 
 	// E2E_PERF_PROFILE names a workload whose 1-job ublk run is profiled
-	// from inside the daemon (net/http/pprof on its metrics address).
+	// from inside the daemon (net/http/pprof on --pprof-addr).
 	profile := os.Getenv("E2E_PERF_PROFILE")
 	args := []string{"--log-level", "warn", "attach", "-a", "127.0.0.1", "-s", "4450", "-n", nqn, "-i", "2"}
 	if profile != "" {
-		args = append(args, "--metrics-addr", pprofAddr)
+		args = append(args, "--pprof-addr", pprofAddr)
 	}
 	daemon := startAttached(t, args...)
 	defer daemon.stop(t)

@@ -243,7 +243,12 @@ func connectCommand(stdout io.Writer, name, usage string, mustRecover bool) *cli
 			Usage:  fmt.Sprintf("ublk device number N of /dev/ublkbN, -1 (the kernel picks) or 0-%d", attach.MaxDevID),
 			Action: inRange[int]("dev-id", -1, attach.MaxDevID), EnvVars: env("DEV_ID")},
 		&cli.BoolFlag{Name: "recovery", Value: true, Usage: "ublk user recovery: the device survives a daemon crash", EnvVars: env("RECOVERY")},
-		&cli.StringFlag{Name: "metrics-addr", Usage: "serve Prometheus metrics on host:port", EnvVars: env("METRICS_ADDR")},
+		&cli.StringFlag{Name: "metrics-addr", EnvVars: env("METRICS_ADDR"),
+			Usage: "serve Prometheus metrics on host:port (e.g. :9782): only /metrics, nothing else"},
+		&cli.StringFlag{Name: "pprof-addr", EnvVars: env("PPROF_ADDR"),
+			Usage: "serve the Go runtime's profiles (/debug/pprof/: goroutine stacks, heap, CPU profile, execution trace, the command line) " +
+				"on [host:]port, loopback only (a bare port or :port is 127.0.0.1); off unless given",
+			Action: func(_ *cli.Context, v string) error { _, err := attach.PprofListenAddr(v); return err }},
 		&cli.BoolFlag{Name: "link-watch", Usage: "watch the link and route to the target: recover at once when it goes down", EnvVars: env("LINK_WATCH")},
 		&cli.BoolFlag{Name: "recover", Usage: "take over the device a crashed daemon left for this target, if any", EnvVars: env("RECOVER")},
 	)
@@ -276,6 +281,7 @@ func connectCommand(stdout io.Writer, name, usage string, mustRecover bool) *cli
 			return attach.Run(ctx, o, attach.RunConfig{
 				Hurry:       hurry,
 				MetricsAddr: c.String("metrics-addr"),
+				PprofAddr:   c.String("pprof-addr"),
 				Notifier:    &attach.ServiceNotifier{},
 				Ready:       func(dev string) { fmt.Fprintln(stdout, dev) },
 			})

@@ -75,6 +75,7 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"detach", "/dev/sda"}, exitUsage, "not a ublk device"},
 		{[]string{"status", "5"}, exitNoDevice, "no ublk-nvmeof daemon serves /dev/ublkb5"},
 		{[]string{"discover"}, exitUsage, "--traddr is required"},
+		{[]string{"attach", "-a", "127.0.0.1", "-n", "nqn.2026-11.x:y", "--pprof-addr", "0.0.0.0:6060"}, exitUsage, "--pprof-addr \"0.0.0.0:6060\": profiles are served on loopback only"},
 	} {
 		_, stderr, code := runCLI(t, c.args...)
 		if code != c.code || !strings.Contains(stderr, c.msg) {
@@ -312,6 +313,13 @@ func TestGuestAttachLinuxTarget(t *testing.T) {
 		if !regexp.MustCompile(re).Match(metrics) {
 			t.Errorf("/metrics lacks %s", re)
 		}
+	}
+	// Without --pprof-addr no profile is served, on the metrics listener
+	// or anywhere.
+	if resp, err := http.Get("http://127.0.0.1:9782/debug/pprof/cmdline"); err != nil {
+		t.Fatal(err)
+	} else if resp.Body.Close(); resp.StatusCode != http.StatusNotFound {
+		t.Errorf("/debug/pprof/cmdline on the metrics listener: %s", resp.Status)
 	}
 
 	out, stderr, code := runCLI(t, "list", "--json")
