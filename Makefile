@@ -16,8 +16,16 @@ build:
 vet:
 	$(GO) vet ./...
 
+# The kernels the VM tests boot, one boot set each (E2E_KERNEL, see
+# e2e/vm/kernel.go): all = lts (Debian's 6.12, the floor) and newest (the
+# newest of trixie-backports); or lts, newest, or versions such as 6.12 7.3.
+E2E_KERNEL ?= all
+export E2E_KERNEL
+
+# VM_PREPARE_FLAGS=--update resolves the kernel packages again (a newer
+# trixie-backports kernel); the kernels prepared are E2E_KERNEL's.
 vm-prepare:
-	e2e/vm/prepare-vm.sh
+	e2e/vm/prepare-vm.sh $(VM_PREPARE_FLAGS) $(E2E_KERNEL)
 
 # Unit and integration tests with the race detector; the VM tests skip
 # themselves under -short and run in the e2e step.
@@ -26,23 +34,26 @@ unit:
 
 # The VM tests. E2E_REQUIRE_VM=1 makes "cannot boot the VM" a failure, not a
 # skip; E2E_RACE=1 builds the guest tests with the race detector; -p 1: one
-# VM at a time.
+# VM at a time; every guest test runs on each E2E_KERNEL kernel, reported
+# as TestVM/<kernel>/<package>/<TestGuestName>.
 e2e: vm-prepare
-	E2E_REQUIRE_VM=1 E2E_RACE=1 $(GO) test -count=1 -p 1 -timeout 60m -v -run '^(TestVM|TestHarness)' ./e2e/...
+	E2E_REQUIRE_VM=1 E2E_RACE=1 $(GO) test -count=1 -p 1 -timeout 80m -v -run '^(TestVM|TestHarness)' ./e2e/...
 
 test: vet unit e2e
 
 # The comparison with the kernel's initiator in the VM, written to docs/perf
 # (BENCH_FLAGS: e.g. -runtime 20s -profile 4k-randwrite-qd32); bench-go: the
 # Go benchmarks on this machine.
-bench: vm-prepare
-	$(GO) run ./e2e/cmd/bench $(BENCH_FLAGS)
+bench:
+	e2e/vm/prepare-vm.sh lts
+	E2E_KERNEL=lts $(GO) run ./e2e/cmd/bench $(BENCH_FLAGS)
 
 bench-go:
 	$(GO) test -run '^$$' -bench . -benchmem ./...
 
-demo: vm-prepare
-	$(GO) run ./e2e/cmd/demo
+demo:
+	e2e/vm/prepare-vm.sh lts
+	E2E_KERNEL=lts $(GO) run ./e2e/cmd/demo
 
 clean:
 	rm -rf bin

@@ -3,6 +3,7 @@ package vm
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
@@ -31,12 +32,14 @@ func Require(t testing.TB) {
 	t.Skipf("VM tests skipped: %v", err)
 }
 
-// RunT runs cfg in the VM and reports every guest test as a subtest of t,
-// named package/TestName, so `go test -v` shows each one by name.
+// RunT runs cfg in the VM once per kernel that E2E_KERNEL selects (see
+// EnvKernel; default: the 6.12 LTS kernel) and reports every guest test as a
+// subtest of t, named <kernel>/<package>/<TestName> (e.g.
+// 6.12/ublk/TestGuestX), so `go test -v` shows each one by kernel and name.
 // E2E_PACKAGES (space-separated patterns) and E2E_RUN (a -test.run pattern)
 // narrow it down while working on one test; E2E_RACE=1 builds the guest
 // tests with the race detector.
-func RunT(t *testing.T, cfg Config) *Result {
+func RunT(t *testing.T, cfg Config) {
 	t.Helper()
 	Require(t)
 	if p := os.Getenv("E2E_PACKAGES"); p != "" {
@@ -51,12 +54,32 @@ func RunT(t *testing.T, cfg Config) *Result {
 	if cfg.Progress == nil && testing.Verbose() {
 		cfg.Progress = os.Stdout
 	}
-	res, err := Run(context.Background(), cfg)
+	kernels, err := SelectKernels(os.Getenv(EnvKernel))
 	if err != nil {
 		t.Fatalf("VM harness: %v", err)
 	}
-	Report(t, res)
-	return res
+	runKernels(t, cfg, kernels, func(t *testing.T, cfg Config) {
+		res, err := Run(context.Background(), cfg)
+		if err != nil {
+			t.Fatalf("VM harness: %v", err)
+		}
+		Report(t, res)
+	})
+}
+
+// runKernels calls run once per kernel, in a subtest of t named after the
+// kernel, with cfg.Kernel set to it: one boot set per kernel.
+func runKernels(t *testing.T, cfg Config, kernels []*Kernel, run func(*testing.T, Config)) {
+	for _, k := range kernels {
+		c := cfg
+		c.Kernel = k
+		t.Run(k.Name(), func(t *testing.T) {
+			if c.Progress != nil {
+				fmt.Fprintf(c.Progress, "[vm] kernel %s (%s, %s)\n", k.Name(), k.Release, k.Role)
+			}
+			run(t, c)
+		})
+	}
 }
 
 // Report turns a Result into subtests of t; a VM that crashed, hung or

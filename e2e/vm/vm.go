@@ -1,5 +1,6 @@
-// Package vm boots Debian's 6.12 kernel under QEMU and runs this module's
-// guest tests (TestGuest*, see package e2e/guest) inside it as root, with
+// Package vm boots one of Debian's kernels (6.12, the floor, or the newest of
+// trixie-backports: see KernelRoles) under QEMU and runs this module's guest
+// tests (TestGuest*, see package e2e/guest) inside it as root, with
 // ublk_drv, nvme-tcp, nvmet-tcp, brd and friends loaded.
 //
 // One Run: build each selected package's test binary and the VM's /init
@@ -38,6 +39,8 @@ import (
 
 // Config says what to run in the VM.
 type Config struct {
+	// Kernel is the kernel the VM boots. Default: FindKernel(KernelLTS).
+	Kernel *Kernel
 	// Packages are `go list` patterns, relative to the module root, of the
 	// packages whose guest tests run. Default "./...". Packages without a
 	// TestGuest function are not built.
@@ -131,11 +134,15 @@ func Available() error {
 	if _, err := exec.LookPath("go"); err != nil {
 		return errors.New("the go command is needed to build the guest binaries")
 	}
-	_, err := FindKernel()
+	_, err := SelectKernels(os.Getenv(EnvKernel))
 	return err
 }
 
 const qemuBinary = "qemu-system-x86_64"
+
+// EnvKernelRelease is set for every guest test: the release of the kernel
+// the harness booted.
+const EnvKernelRelease = "E2E_KERNEL_RELEASE"
 
 func (c *Config) setDefaults() {
 	if len(c.Packages) == 0 {
@@ -169,11 +176,17 @@ func (c *Config) progressf(format string, args ...any) {
 // the VM, crash and timeout included, is in the Result.
 func Run(ctx context.Context, cfg Config) (*Result, error) {
 	cfg.setDefaults()
-	k, err := FindKernel()
-	if err != nil {
-		return nil, err
+	k := cfg.Kernel
+	if k == nil {
+		var err error
+		if k, err = FindKernel(KernelLTS); err != nil {
+			return nil, err
+		}
 	}
+	// Guest tests can name the kernel they ran on (uname says it too).
+	cfg.Env = append([]string{EnvKernelRelease + "=" + k.Release}, cfg.Env...)
 	work := cfg.WorkDir
+	var err error
 	if work == "" {
 		work, err = os.MkdirTemp("", "ublk-nvmeof-vm-")
 		if err != nil {

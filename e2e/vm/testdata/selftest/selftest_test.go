@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/guest"
 )
 
@@ -74,4 +76,23 @@ func TestGuestDataRace(t *testing.T) {
 	x++
 	<-done
 	t.Log(x)
+}
+
+// TestGuestKernelRelease: the kernel running is the one the harness says it
+// booted (E2E_KERNEL_RELEASE, see e2e/vm), and its ublk driver is there.
+func TestGuestKernelRelease(t *testing.T) {
+	guest.Require(t)
+	want := os.Getenv("E2E_KERNEL_RELEASE")
+	var uts unix.Utsname
+	if err := unix.Uname(&uts); err != nil {
+		t.Fatal(err)
+	}
+	got := unix.ByteSliceToString(uts.Release[:])
+	if want == "" || got != want {
+		t.Fatalf("running kernel %q, the harness says %q", got, want)
+	}
+	if _, err := os.Stat("/dev/ublk-control"); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("selftest: kernel %s", got)
 }
