@@ -25,8 +25,8 @@ func mustSecret(t testing.TB, s string) *Secret {
 // loopback carries the host's commands straight to a
 // ControllerTransaction, as a queue would, and records the messages.
 type loopback struct {
-	c     *ControllerTransaction
-	msgs  []string
+	c      *ControllerTransaction
+	msgs   []string
 	tamper func(step int, b []byte) []byte
 }
 
