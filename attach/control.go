@@ -39,6 +39,12 @@ type Status struct {
 	InFlight     int           `json:"in_flight"` // I/O requests being served
 	Held         int           `json:"held"`      // of those, held while reconnecting
 	Started      time.Time     `json:"started"`
+	// UblkFeatures are the UBLK_F_* flags the kernel's ublk driver offers
+	// (UBLK_U_CMD_GET_FEATURES), UblkFlags those the device uses (its
+	// flags at ADD_DEV): names without the UBLK_F_ prefix, unknown bits
+	// as hex.
+	UblkFeatures []string `json:"ublk_features"`
+	UblkFlags    []string `json:"ublk_flags"`
 }
 
 // RunDir holds one control socket per attached device:

@@ -34,6 +34,10 @@ type Options struct {
 	NSID     uint32 // namespace, default 1
 	DevID    int    // ublk device id; negative: the kernel picks
 	Recovery bool   // ublk user recovery (a restarted daemon takes the device over)
+	// RecoveryFailIO: while no daemon serves the device, its I/O fails
+	// with EIO instead of waiting for a new daemon
+	// (UBLK_F_USER_RECOVERY_FAIL_IO, Linux 6.13). Needs Recovery.
+	RecoveryFailIO bool
 	// Recover takes over the device a dead daemon left for the same
 	// target and namespace, if there is one, instead of creating one.
 	Recover bool
@@ -125,6 +129,9 @@ func (o *Options) Validate() error {
 	}
 	if o.ReconnectDelay <= 0 || o.ReconnectDelay > MaxTimeout {
 		return invalid("--reconnect-delay %v: must be positive and at most %v", o.ReconnectDelay, MaxTimeout)
+	}
+	if o.RecoveryFailIO && !o.Recovery {
+		return invalid("--recovery-fail-io needs --recovery")
 	}
 	if o.CtrlLossTmo > MaxTimeout {
 		return invalid("--ctrl-loss-tmo %v: at most %v (negative: forever)", o.CtrlLossTmo, MaxTimeout)

@@ -2,9 +2,12 @@ package attach
 
 import (
 	"errors"
+	"log/slog"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/ublk-nvmeof/ublk-nvmeof/ublk"
 )
 
 func valid() Options {
@@ -84,5 +87,43 @@ func TestAddr(t *testing.T) {
 	o.TrAddr = "::1"
 	if got := o.Addr(); got != "[::1]:4420" {
 		t.Errorf("Addr() = %q", got)
+	}
+}
+
+func TestRecoveryMode(t *testing.T) {
+	const (
+		k612 = ublk.FeatureUserRecovery | ublk.FeatureUserRecoveryReissue                                  // 6.12
+		k73  = ublk.FeatureUserRecovery | ublk.FeatureUserRecoveryReissue | ublk.FeatureUserRecoveryFailIO // 6.13 on
+	)
+	log := slog.New(slog.DiscardHandler)
+	for _, c := range []struct {
+		recovery, failIO bool
+		feats            ublk.Features
+		want             ublk.RecoveryMode
+		err              bool
+	}{
+		{false, false, k73, ublk.RecoveryNone, false},
+		{true, false, k612, ublk.RecoveryReissue, false},
+		{true, false, k73, ublk.RecoveryReissue, false},
+		{true, false, ublk.FeatureUserRecovery, ublk.Recovery, false},
+		{true, false, 0, ublk.RecoveryNone, false}, // a warning: before 6.0
+		{true, true, k73, ublk.RecoveryFailIO, false},
+		{true, true, k612, 0, true}, // asked for EIO, the kernel cannot
+	} {
+		got, err := recoveryMode(Options{Recovery: c.recovery, RecoveryFailIO: c.failIO}, c.feats, log)
+		if c.err {
+			if !errors.Is(err, ublk.ErrNotSupported) || !strings.Contains(err.Error(), "--recovery-fail-io") {
+				t.Errorf("%+v: %v, want ErrNotSupported naming --recovery-fail-io", c, err)
+			}
+			continue
+		}
+		if err != nil || got != c.want {
+			t.Errorf("%+v: %v, %v; want %v", c, got, err, c.want)
+		}
+	}
+	o := valid()
+	o.Recovery, o.RecoveryFailIO = false, true
+	if err := o.Validate(); !errors.Is(err, ErrInvalidOptions) {
+		t.Errorf("--recovery-fail-io without --recovery: %v, want ErrInvalidOptions", err)
 	}
 }

@@ -95,16 +95,9 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 	if err != nil {
 		return err
 	}
-	recovery := ublk.RecoveryNone
-	if o.Recovery {
-		switch {
-		case feats.Has(ublk.FeatureUserRecoveryReissue):
-			recovery = ublk.RecoveryReissue
-		case feats.Has(ublk.FeatureUserRecovery):
-			recovery = ublk.Recovery
-		default:
-			log.Warn("ublk user recovery not supported by this kernel (needs Linux 6.0); continuing without")
-		}
+	recovery, err := recoveryMode(o, feats, log)
+	if err != nil {
+		return err
 	}
 
 	// Metrics exist from the start so that they see the first connect.
@@ -130,6 +123,7 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 	status := &statusTracker{st: Status{
 		PID: os.Getpid(), TrAddr: o.TrAddr, TrSvcID: o.TrSvcID, NQN: o.NQN, HostNQN: host.NQN,
 		NSID: o.NSID, QueueSize: o.QueueSize, Started: time.Now(), DevID: -1,
+		UblkFeatures: feats.Names(),
 	}}
 	connector := &nvmeofconn.Connector{
 		Config: nvmeof.ControllerConfig{
@@ -249,7 +243,7 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 	default:
 	}
 	device := dev.BlockDevice()
-	status.setDevice(dev.ID(), device)
+	status.setDevice(dev.ID(), device, dev.Info().Flags)
 	logs.setDevice(device)
 
 	if metrics != nil {
@@ -441,6 +435,28 @@ func classifyConnectError(o Options, err error) error {
 	return fmt.Errorf("connect to %s: %w", o.Addr(), err)
 }
 
+// recoveryMode chooses the device's ublk recovery from the options and the
+// kernel's features: reissue where the kernel has it (applications see no
+// error across a daemon restart), plain recovery before that, none without
+// user recovery (a warning); --recovery-fail-io on a kernel without
+// USER_RECOVERY_FAIL_IO is an error, since its user asked for EIO.
+func recoveryMode(o Options, feats ublk.Features, log *slog.Logger) (ublk.RecoveryMode, error) {
+	switch {
+	case !o.Recovery:
+		return ublk.RecoveryNone, nil
+	case o.RecoveryFailIO && !feats.Has(ublk.FeatureUserRecoveryFailIO):
+		return 0, fmt.Errorf("%w: --recovery-fail-io: this kernel's ublk driver lacks UBLK_F_USER_RECOVERY_FAIL_IO (Linux 6.13)", ublk.ErrNotSupported)
+	case o.RecoveryFailIO:
+		return ublk.RecoveryFailIO, nil
+	case feats.Has(ublk.FeatureUserRecoveryReissue):
+		return ublk.RecoveryReissue, nil
+	case feats.Has(ublk.FeatureUserRecovery):
+		return ublk.Recovery, nil
+	}
+	log.Warn("ublk user recovery not supported by this kernel (needs Linux 6.0); continuing without")
+	return ublk.RecoveryNone, nil
+}
+
 // statusTracker keeps what Status reports.
 type statusTracker struct {
 	mu      sync.Mutex
@@ -482,10 +498,10 @@ func (s *statusTracker) device() string {
 	return s.st.Device
 }
 
-func (s *statusTracker) setDevice(id int, path string) {
+func (s *statusTracker) setDevice(id int, path string, flags ublk.Features) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.st.DevID, s.st.Device = id, path
+	s.st.DevID, s.st.Device, s.st.UblkFlags = id, path, flags.Names()
 }
 
 func (s *statusTracker) snapshot(lc *lifecycle.Controller, b *blockBackend) Status {

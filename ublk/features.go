@@ -74,7 +74,13 @@ func (f Features) String() string {
 	if f == 0 {
 		return "0"
 	}
-	var names []string
+	return strings.Join(f.Names(), "|")
+}
+
+// Names lists the set flags by their kernel names without the UBLK_F_
+// prefix, lowest bit first; unknown bits come last, together, as hex.
+func (f Features) Names() []string {
+	names := []string{}
 	var unknown Features
 	for rest := f; rest != 0; rest &= rest - 1 {
 		bit := bits.TrailingZeros64(uint64(rest))
@@ -87,7 +93,7 @@ func (f Features) String() string {
 	if unknown != 0 {
 		names = append(names, fmt.Sprintf("%#x", uint64(unknown)))
 	}
-	return strings.Join(names, "|")
+	return names
 }
 
 // since returns the kernel release that introduced the lowest flag of f, or

@@ -24,6 +24,20 @@ func TestFeaturesString(t *testing.T) {
 	}
 }
 
+func TestFeaturesNames(t *testing.T) {
+	if got := Features(0).Names(); got == nil || len(got) != 0 {
+		t.Errorf("Features(0).Names() = %#v, want an empty list (JSON [])", got)
+	}
+	// Debian's 7.3.4 kernel: every named flag, and bit 20, unnamed here.
+	got := strings.Join(Features(0x1fffff).Names(), " ")
+	want := "SUPPORT_ZERO_COPY URING_CMD_COMP_IN_TASK NEED_GET_DATA USER_RECOVERY USER_RECOVERY_REISSUE " +
+		"UNPRIVILEGED_DEV CMD_IOCTL_ENCODE USER_COPY ZONED USER_RECOVERY_FAIL_IO UPDATE_SIZE AUTO_BUF_REG " +
+		"QUIESCE PER_IO_DAEMON BUF_REG_OFF_DAEMON BATCH_IO INTEGRITY SAFE_STOP_DEV NO_AUTO_PART_SCAN SHMEM_ZC 0x100000"
+	if got != want {
+		t.Errorf("Names:\n got %s\nwant %s", got, want)
+	}
+}
+
 func TestFeaturesHas(t *testing.T) {
 	f := FeatureUserRecovery | FeatureCmdIoctlEncode
 	if !f.Has(FeatureUserRecovery) || !f.Has(FeatureUserRecovery|FeatureCmdIoctlEncode) {

@@ -282,3 +282,84 @@ func TestGuestRecoveryWithoutReissue(t *testing.T) {
 	b.stop(t)
 	assertGone(t, c, a.id)
 }
+
+// TestGuestRecoveryFailIO: with USER_RECOVERY_FAIL_IO (6.13) the device of
+// a SIGKILLed daemon stays, in state FAIL_IO, and I/O fails at once instead
+// of waiting; a new process recovers it and I/O works again. A request in
+// flight when the daemon died fails with EIO (or EREMOTEIO if it was
+// requeued after the queue was marked); a new one with EREMOTEIO: the
+// driver ends it with BLK_STS_TARGET while ubq->fail_io is set
+// (drivers/block/ublk_drv.c, ublk_prep_req; "ublk: support device recovery
+// without I/O queueing", Linux 6.13), not with EIO.
+func TestGuestRecoveryFailIO(t *testing.T) {
+	guest.Require(t)
+	c := openControl(t)
+	if f, _ := c.Features(); !f.Has(FeatureUserRecoveryFailIO) {
+		t.Skipf("this kernel lacks UBLK_F_USER_RECOVERY_FAIL_IO (Linux 6.13): features %v", f)
+	}
+	file := backingFile(t, 8*mib)
+	a := startDaemon(t, envHelper+"=create", envFile+"="+file, fmt.Sprintf("%s=%d", envRecovery, RecoveryFailIO))
+	bdev := fmt.Sprintf("/dev/ublkb%d", a.id)
+	openBlock(t, bdev, os.O_RDONLY).Close()
+	w := startWriter(t, bdev, 8*mib/wblock)
+	if !w.waitAcked(20) {
+		t.Fatalf("writer made no progress: %v", w.finish())
+	}
+	a.kill(t)
+	select {
+	case <-w.done:
+	case <-time.After(2 * time.Minute):
+		t.Fatal("writer still blocked 2 minutes after the daemon died: I/O waits instead of failing")
+	}
+	if err := w.finish(); !errors.Is(err, unix.EIO) && !errors.Is(err, unix.EREMOTEIO) {
+		t.Fatalf("writer across the daemon's death: %v, want EIO or EREMOTEIO", err)
+	} else {
+		t.Logf("writer across the daemon's death: %v", err)
+	}
+	waitState(t, c, a.id, StateFailIO)
+
+	// New I/O fails too, and at once, while there is no daemon.
+	f := openBlock(t, bdev, os.O_RDONLY|unix.O_DIRECT)
+	buf := alignedBuf(t, wblock)
+	read := make(chan error, 1)
+	go func() { _, err := f.ReadAt(buf, 0); read <- err }()
+	select {
+	case err := <-read:
+		if !errors.Is(err, unix.EREMOTEIO) {
+			t.Errorf("read without a daemon: %v, want EREMOTEIO (BLK_STS_TARGET)", err)
+		}
+	case <-time.After(2 * time.Minute):
+		t.Fatal("read without a daemon blocked for 2 minutes")
+	}
+	f.Close()
+
+	b := startDaemon(t, envHelper+"=recover", envFile+"="+file, fmt.Sprintf("%s=%d", envID, a.id))
+	waitState(t, c, a.id, StateLive)
+	w2 := startWriter(t, bdev, 8*mib/wblock)
+	if !w2.waitAcked(20) {
+		t.Fatalf("writer made no progress after recovery: %v", w2.finish())
+	}
+	if err := w2.finish(); err != nil {
+		t.Fatalf("writer after recovery: %v", err)
+	}
+	w2.verify(t, bdev)
+	b.stop(t)
+	assertGone(t, c, a.id)
+}
+
+// waitState waits up to a minute for device id to reach state want (the
+// driver moves it asynchronously after its daemon died).
+func waitState(t *testing.T, c *Control, id int, want DeviceState) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		info, err := c.DeviceInfo(t.Context(), id)
+		if err == nil && info.State == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("device %d: %+v, %v; want state %v", id, info, err, want)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

@@ -243,6 +243,8 @@ func connectCommand(stdout io.Writer, name, usage string, mustRecover bool) *cli
 			Usage:  fmt.Sprintf("ublk device number N of /dev/ublkbN, -1 (the kernel picks) or 0-%d", attach.MaxDevID),
 			Action: inRange[int]("dev-id", -1, attach.MaxDevID), EnvVars: env("DEV_ID")},
 		&cli.BoolFlag{Name: "recovery", Value: true, Usage: "ublk user recovery: the device survives a daemon crash", EnvVars: env("RECOVERY")},
+		&cli.BoolFlag{Name: "recovery-fail-io", EnvVars: env("RECOVERY_FAIL_IO"),
+			Usage: "while no daemon serves the device (crashed, restarting), fail its I/O with EIO instead of holding it (ublk USER_RECOVERY_FAIL_IO, Linux 6.13)"},
 		&cli.StringFlag{Name: "metrics-addr", EnvVars: env("METRICS_ADDR"),
 			Usage: "serve Prometheus metrics on host:port (e.g. :9782): only /metrics, nothing else"},
 		&cli.StringFlag{Name: "pprof-addr", EnvVars: env("PPROF_ADDR"),
@@ -270,7 +272,8 @@ func connectCommand(stdout io.Writer, name, usage string, mustRecover bool) *cli
 				FastIOFailTmo:  seconds(c.Int("fast-io-fail-tmo")),
 				HdrDigest:      c.Bool("hdr-digest"), DataDigest: c.Bool("data-digest"),
 				NSID: uint32(c.Uint("nsid")), DevID: c.Int("dev-id"), Recovery: c.Bool("recovery"),
-				Recover: c.Bool("recover"), MustRecover: mustRecover, LinkWatch: c.Bool("link-watch"),
+				RecoveryFailIO: c.Bool("recovery-fail-io"),
+				Recover:        c.Bool("recover"), MustRecover: mustRecover, LinkWatch: c.Bool("link-watch"),
 			}
 			if err := o.Validate(); err != nil {
 				return err
@@ -427,7 +430,7 @@ func listCommand(stdout io.Writer) *cli.Command {
 func statusCommand(stdout io.Writer) *cli.Command {
 	return &cli.Command{
 		Name:      "status",
-		Usage:     "show one device: controller state, keep-alive, reconnects, I/O in flight",
+		Usage:     "show one device: controller state, keep-alive, reconnects, I/O in flight, the ublk features the kernel offers and those in use",
 		ArgsUsage: "DEVICE",
 		Flags:     []cli.Flag{jsonFlag()},
 		Action: func(c *cli.Context) error {
@@ -456,6 +459,8 @@ func statusCommand(stdout io.Writer) *cli.Command {
 				{"in flight", fmt.Sprintf("%d (%d held)", s.InFlight, s.Held)},
 				{"pid", fmt.Sprint(s.PID)},
 				{"up since", s.Started.Format(time.RFC3339)},
+				{"ublk features", strings.Join(s.UblkFeatures, " ")},
+				{"ublk flags in use", strings.Join(s.UblkFlags, " ")},
 			} {
 				fmt.Fprintf(tw, "%s:\t%s\n", row[0], row[1])
 			}

@@ -23,6 +23,7 @@ import (
 
 	"github.com/ublk-nvmeof/ublk-nvmeof/attach"
 	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/guest"
+	"github.com/ublk-nvmeof/ublk-nvmeof/ublk"
 )
 
 // The test binary doubles as the ublk-nvmeof command when this is set, so
@@ -332,6 +333,7 @@ func TestGuestAttachLinuxTarget(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "LIVE") || !strings.Contains(out, tg.Opts.NQN) {
 		t.Fatalf("status: exit %d %q", code, out)
 	}
+	checkUblkFeatures(t, list[0], out)
 
 	if err := d.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
@@ -343,6 +345,63 @@ func TestGuestAttachLinuxTarget(t *testing.T) {
 		t.Fatalf("devices left after detach: %v", devs)
 	}
 	t.Logf("daemon log:\n%s", d.stderr)
+}
+
+// checkUblkFeatures: status shows the ublk features this kernel offers (as
+// GET_FEATURES reports them to the test itself) and those the device uses:
+// offered ones, among them user recovery (attach's default) with REISSUE
+// where the kernel has it.
+func checkUblkFeatures(t *testing.T, st attach.Status, text string) {
+	t.Helper()
+	ctl, err := ublk.OpenControl()
+	if err != nil {
+		t.Fatal(err)
+	}
+	feats, err := ctl.Features()
+	ctl.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := strings.Join(st.UblkFeatures, " "), strings.Join(feats.Names(), " "); got != want {
+		t.Errorf("status: ublk features %q, the kernel offers %q", got, want)
+	}
+	// The device's flags are what attach asked for plus what ADD_DEV
+	// forces (CMD_IOCTL_ENCODE and URING_CMD_COMP_IN_TASK on 6.12; also
+	// PER_IO_DAEMON, BUF_REG_OFF_DAEMON and SAFE_STOP_DEV on 7.3), all of
+	// them offered.
+	var flags ublk.Features
+	for _, name := range st.UblkFlags {
+		f, ok := featureByName(feats, name)
+		if !ok {
+			t.Errorf("status: ublk flag in use %q is not among the kernel's features %v", name, feats)
+		}
+		flags |= f
+	}
+	asked := ublk.FeatureUserRecovery
+	if feats.Has(ublk.FeatureUserRecoveryReissue) {
+		asked |= ublk.FeatureUserRecoveryReissue
+	}
+	if !flags.Has(asked) {
+		t.Errorf("status: ublk flags in use %v lack %v (attach's default recovery)", flags, asked)
+	}
+	for label, names := range map[string][]string{"ublk features": feats.Names(), "ublk flags in use": st.UblkFlags} {
+		line := regexp.MustCompile(`(?m)^` + label + `:\s+` + regexp.QuoteMeta(strings.Join(names, " ")) + `$`)
+		if !line.MatchString(text) {
+			t.Errorf("status output lacks the line %q: %v:\n%s", label, names, text)
+		}
+	}
+	t.Logf("kernel ublk features: %v; in use: %v", feats, flags)
+}
+
+// featureByName finds the flag of feats named name (Features.Names).
+func featureByName(feats ublk.Features, name string) (ublk.Features, bool) {
+	for bit := range 64 {
+		f := ublk.Features(1) << bit
+		if feats.Has(f) && f.String() == name {
+			return f, true
+		}
+	}
+	return 0, false
 }
 
 // TestGuestAttachDetachCommand: `detach` drains and removes the device and
