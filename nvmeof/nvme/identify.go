@@ -29,20 +29,23 @@ type IdentifyController struct {
 	OAES      uint32 // 92, optional asynchronous events supported
 	CTRATT    uint32 // 96, controller attributes
 	CNTRLTYPE uint8  // 111
-	AERL      uint8  // 259, 0's based
-	KAS       uint16 // 320, keep alive support, 100 ms units
-	SQES      uint8  // 512
-	CQES      uint8  // 513
-	MAXCMD    uint16 // 514
-	NN        uint32 // 516
-	ONCS      uint16 // 520
-	VWC       uint8  // 525
-	SGLS      uint32 // 536
-	SubNQN    string // 768, 256 bytes
-	IOCCSZ    uint32 // 1792, I/O command capsule size in 16-byte units
-	IORCSZ    uint32 // 1796
-	ICDOFF    uint16 // 1800
-	MSDBD     uint8  // 1803
+	// CRDT are Command Retry Delay Times 1..3 (134, 136, 138), in
+	// 100 ms units: the delay a completion's CRD field selects.
+	CRDT   [3]uint16
+	AERL   uint8  // 259, 0's based
+	KAS    uint16 // 320, keep alive support, 100 ms units
+	SQES   uint8  // 512
+	CQES   uint8  // 513
+	MAXCMD uint16 // 514
+	NN     uint32 // 516
+	ONCS   uint16 // 520
+	VWC    uint8  // 525
+	SGLS   uint32 // 536
+	SubNQN string // 768, 256 bytes
+	IOCCSZ uint32 // 1792, I/O command capsule size in 16-byte units
+	IORCSZ uint32 // 1796
+	ICDOFF uint16 // 1800
+	MSDBD  uint8  // 1803
 }
 
 func trimField(b []byte) string {
@@ -66,7 +69,8 @@ func ParseIdentifyController(b []byte) (*IdentifyController, error) {
 		VID: le.Uint16(b[0:]), SSVID: le.Uint16(b[2:]),
 		SN: trimField(b[4:24]), MN: trimField(b[24:64]), FR: trimField(b[64:72]),
 		MDTS: b[77], CNTLID: le.Uint16(b[78:]), VER: le.Uint32(b[80:]),
-		OAES: le.Uint32(b[92:]), CTRATT: le.Uint32(b[96:]), CNTRLTYPE: b[111], AERL: b[259],
+		OAES: le.Uint32(b[92:]), CTRATT: le.Uint32(b[96:]), CNTRLTYPE: b[111],
+		CRDT: [3]uint16{le.Uint16(b[134:]), le.Uint16(b[136:]), le.Uint16(b[138:])}, AERL: b[259],
 		KAS: le.Uint16(b[320:]), SQES: b[512], CQES: b[513],
 		MAXCMD: le.Uint16(b[514:]), NN: le.Uint32(b[516:]), ONCS: le.Uint16(b[520:]),
 		VWC: b[525], SGLS: le.Uint32(b[536:]), SubNQN: trimField(b[768:1024]),
@@ -90,6 +94,9 @@ func (c *IdentifyController) Marshal() []byte {
 	le.PutUint32(b[92:], c.OAES)
 	le.PutUint32(b[96:], c.CTRATT)
 	b[111] = c.CNTRLTYPE
+	for i, d := range c.CRDT {
+		le.PutUint16(b[134+2*i:], d)
+	}
 	b[259] = c.AERL
 	le.PutUint16(b[320:], c.KAS)
 	b[512], b[513] = c.SQES, c.CQES
@@ -108,6 +115,55 @@ func (c *IdentifyController) Marshal() []byte {
 
 // NVME_CTRL_CTRATT_TBKAS: traffic-based keep-alive support.
 const NVME_CTRL_CTRATT_TBKAS = 1 << 14
+
+// SGL support (SGLS bits 1:0, NVME_CTRL_SGLS_*): 0 means SGLs are not
+// supported, which no NVMe over Fabrics controller may say (the Linux host:
+// nvme_ctrl_sgl_supported).
+const (
+	NVME_CTRL_SGLS_BYTE_ALIGNED  = 1
+	NVME_CTRL_SGLS_DWORD_ALIGNED = 2
+	NVME_CTRL_SGLS_MASK          = 3
+)
+
+// IdentifyControllerNVM is struct nvme_id_ctrl_nvm: Identify CNS 06h with
+// CSI 0, the I/O Command Set specific Identify Controller data structure for
+// the NVM Command Set (NVM Command Set 1.0, Figure 102).
+type IdentifyControllerNVM struct {
+	VSL   uint8  // 0, Verify Size Limit, 2^n CAP.MPSMIN pages, 0: none
+	WZSL  uint8  // 1, Write Zeroes Size Limit, same units
+	WUSL  uint8  // 2, Write Uncorrectable Size Limit, same units
+	DMRL  uint8  // 3, Dataset Management Ranges Limit, 0: none
+	DMRSL uint32 // 4, Dataset Management Range Size Limit, logical blocks, 0: none
+	DMSL  uint64 // 8, Dataset Management Size Limit, logical blocks, 0: none
+}
+
+// ParseIdentifyControllerNVM decodes a 4096-byte CNS 06h structure.
+func ParseIdentifyControllerNVM(b []byte) (*IdentifyControllerNVM, error) {
+	if len(b) < IdentifySize {
+		return nil, fmt.Errorf("identify controller (NVM command set): %w (%d bytes)", ErrShortBuffer, len(b))
+	}
+	le := binary.LittleEndian
+	return &IdentifyControllerNVM{VSL: b[0], WZSL: b[1], WUSL: b[2], DMRL: b[3],
+		DMRSL: le.Uint32(b[4:]), DMSL: le.Uint64(b[8:])}, nil
+}
+
+// Marshal encodes the structure into a new 4096-byte buffer.
+func (c *IdentifyControllerNVM) Marshal() []byte {
+	b := make([]byte, IdentifySize)
+	b[0], b[1], b[2], b[3] = c.VSL, c.WZSL, c.WUSL, c.DMRL
+	binary.LittleEndian.PutUint32(b[4:], c.DMRSL)
+	binary.LittleEndian.PutUint64(b[8:], c.DMSL)
+	return b
+}
+
+// HostBehaviorSize is sizeof(struct nvme_feat_host_behavior), the data of
+// Set Features Host Behavior Support (FID 16h).
+const HostBehaviorSize = 512
+
+// NVME_ENABLE_ACRE is the Advanced Command Retry Enable byte of struct
+// nvme_feat_host_behavior (byte 0): the controller may then ask for a
+// Command Retry Delay in a completion's CRD field.
+const NVME_ENABLE_ACRE = 1
 
 // LBAFormat is one entry of the LBA format list (struct nvme_lbaf).
 type LBAFormat struct {

@@ -51,10 +51,26 @@ func TestCommandGolden(t *testing.T) {
 func TestIdentifyRoundTrip(t *testing.T) {
 	ic := &IdentifyController{VID: 1, SN: "sn1", MN: "model", FR: "1.0", MDTS: 5, CNTLID: 7, VER: 0x20000,
 		KAS: 10, SQES: 0x66, CQES: 0x44, MAXCMD: 128, NN: 4, ONCS: NVME_CTRL_ONCS_DSM | NVME_CTRL_ONCS_WRITE_ZEROES,
-		VWC: 1, SGLS: 5, SubNQN: "nqn.2024-01.io.example:sub", IOCCSZ: 260, IORCSZ: 1}
+		VWC: 1, SGLS: 5, SubNQN: "nqn.2024-01.io.example:sub", IOCCSZ: 260, IORCSZ: 1, CRDT: [3]uint16{1, 20, 300}}
 	got, err := ParseIdentifyController(ic.Marshal())
 	if err != nil || *got != *ic {
 		t.Fatalf("round trip %+v, %v", got, err)
+	}
+	// CRDT1..3 at bytes 134..139 (NVMe Base 2.0, Figure 275).
+	if b := ic.Marshal(); b[134] != 1 || b[136] != 20 || b[138] != 300&0xff || b[139] != 300>>8 {
+		t.Fatalf("CRDT bytes % x", b[134:140])
+	}
+	nvm := &IdentifyControllerNVM{VSL: 1, WZSL: 2, WUSL: 3, DMRL: 4, DMRSL: 0x05060708, DMSL: 0x1122334455667788}
+	gnvm, err := ParseIdentifyControllerNVM(nvm.Marshal())
+	if err != nil || *gnvm != *nvm {
+		t.Fatalf("round trip %+v, %v", gnvm, err)
+	}
+	// struct nvme_id_ctrl_nvm: vsl, wzsl, wusl, dmrl, dmrsl (le32), dmsl (le64).
+	if b := nvm.Marshal(); b[1] != 2 || b[3] != 4 || b[4] != 8 || b[8] != 0x88 {
+		t.Fatalf("NVM identify bytes % x", b[:16])
+	}
+	if _, err := ParseIdentifyControllerNVM(make([]byte, 100)); err == nil {
+		t.Fatal("short NVM identify accepted")
 	}
 	ns := &IdentifyNamespace{NSZE: 100, NCAP: 100, NLBAF: 1, FLBAS: 1}
 	ns.LBAF[0] = LBAFormat{DS: 9}
@@ -94,6 +110,19 @@ func FuzzParseIdentifyController(f *testing.F) {
 		}
 		c2, err := ParseIdentifyController(c.Marshal())
 		if err != nil || c2.MDTS != c.MDTS || c2.IOCCSZ != c.IOCCSZ || c2.NN != c.NN {
+			t.Fatalf("re-parse differs: %v", err)
+		}
+	})
+}
+
+func FuzzParseIdentifyControllerNVM(f *testing.F) {
+	f.Add((&IdentifyControllerNVM{WZSL: 1, DMRL: 1, DMRSL: 16}).Marshal())
+	f.Fuzz(func(t *testing.T, b []byte) {
+		c, err := ParseIdentifyControllerNVM(b)
+		if err != nil {
+			return
+		}
+		if c2, err := ParseIdentifyControllerNVM(c.Marshal()); err != nil || *c2 != *c {
 			t.Fatalf("re-parse differs: %v", err)
 		}
 	})

@@ -36,13 +36,19 @@ const (
 	NVME_ID_CNS_CTRL           = 0x01
 	NVME_ID_CNS_NS_ACTIVE_LIST = 0x02
 	NVME_ID_CNS_NS_DESC_LIST   = 0x03
+	NVME_ID_CNS_CS_CTRL        = 0x06
 )
+
+// NVME_CSI_NVM is the NVM Command Set Identifier (Identify CDW11 bits
+// 31:24).
+const NVME_CSI_NVM = 0
 
 // Feature identifiers (NVME_FEAT_*).
 const (
-	NVME_FEAT_NUM_QUEUES  = 0x07
-	NVME_FEAT_ASYNC_EVENT = 0x0b
-	NVME_FEAT_KATO        = 0x0f
+	NVME_FEAT_NUM_QUEUES    = 0x07
+	NVME_FEAT_ASYNC_EVENT   = 0x0b
+	NVME_FEAT_KATO          = 0x0f
+	NVME_FEAT_HOST_BEHAVIOR = 0x16
 )
 
 // Log page identifiers (NVME_LOG_*).
