@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"sync"
 	"time"
 
@@ -48,8 +49,12 @@ type ControllerConfig struct {
 	HeaderDigest, DataDigest bool
 	// IOTimeout and AdminTimeout are per-command timeouts [30 s, 60 s].
 	IOTimeout, AdminTimeout time.Duration
-	// MaxData bounds one transfer per command [1 MiB]; MDTS may lower it.
+	// MaxData bounds one transfer per command [1 MiB], at least 4096;
+	// MDTS may lower it.
 	MaxData int
+	// Dial opens each queue's connection to Addr [TCP]. Tests put a
+	// scripted controller behind it.
+	Dial func(ctx context.Context, addr string) (net.Conn, error)
 	// OnFailure is called (once per queue, on a queue goroutine, must not
 	// block) when a queue fails for any reason but Shutdown: socket error,
 	// protocol error, C2HTermReq, command timeout. lifecycle starts
@@ -94,6 +99,14 @@ type Controller struct {
 	cap    uint64
 	vs     uint32
 	id     *nvme.IdentifyController
+	// Negotiated from the controller's values, each bounded first (see
+	// checkIdentify): the largest data transfer of one command, the I/O
+	// queue size, the NVM command set limits (zero: not reported), and
+	// whether Advanced Command Retry is enabled.
+	maxTransfer int
+	queueSize   int
+	nvm         nvme.IdentifyControllerNVM
+	acre        bool
 
 	// The event goroutine handles AER completions; it is started by
 	// Connect and joined by WaitIdle.
@@ -152,6 +165,9 @@ func Connect(ctx context.Context, cfg ControllerConfig) (_ *Controller, err erro
 	if cfg.MaxData == 0 {
 		cfg.MaxData = 1 << 20
 	}
+	if cfg.MaxData < 4096 {
+		return nil, fmt.Errorf("nvmeof: MaxData %d below 4096 bytes", cfg.MaxData)
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
@@ -166,13 +182,7 @@ func Connect(ctx context.Context, cfg ControllerConfig) (_ *Controller, err erro
 		}
 	}()
 
-	c.admin, err = DialQueue(ctx, cfg.Addr, c.queueConfig(0, AdminQueueSize, cfg.AdminTimeout))
-	if err != nil {
-		close(c.eventDone)
-		return nil, err
-	}
-	c.cntlid, err = connectQueue(ctx, c.admin, cfg.Host, cfg.SubsysNQN, nvme.NVME_CNTLID_DYNAMIC, uint32(cfg.KATO/time.Millisecond), cfg.AdminTimeout)
-	if err != nil {
+	if err := c.connectAdmin(ctx); err != nil {
 		close(c.eventDone)
 		return nil, err
 	}
@@ -192,6 +202,12 @@ func Connect(ctx context.Context, cfg ControllerConfig) (_ *Controller, err erro
 	if c.id, err = c.IdentifyController(ctx); err != nil {
 		return nil, err
 	}
+	if err := c.checkIdentify(); err != nil {
+		return nil, err
+	}
+	if err := c.configureACRE(ctx); err != nil {
+		return nil, err
+	}
 	if cfg.IsDiscovery() {
 		if c.id.OAES&(1<<31) != 0 {
 			if err := c.SetFeatures(ctx, nvme.NVME_FEAT_ASYNC_EVENT, nvme.NVME_AEN_CFG_DISC_CHANGE); err != nil {
@@ -201,37 +217,213 @@ func Connect(ctx context.Context, cfg ControllerConfig) (_ *Controller, err erro
 		c.submitAER()
 		return c, nil
 	}
-	if c.id.IOCCSZ < 4 {
-		return nil, fmt.Errorf("nvmeof: controller reports IOCCSZ %d, less than a command", c.id.IOCCSZ)
+	if err := c.identifyNVM(ctx); err != nil {
+		return nil, err
 	}
-
-	// Number of Queues: both counts 0's based.
-	n := uint32(cfg.IOQueues - 1)
-	res, err := c.SetFeaturesResult(ctx, nvme.NVME_FEAT_NUM_QUEUES, n|n<<16)
+	if c.queueSize, err = c.ioQueueSize(); err != nil {
+		return nil, err
+	}
+	nio, err := c.setQueueCount(ctx)
 	if err != nil {
 		return nil, err
 	}
-	granted := min(int(res&0xffff), int(res>>16)) + 1
-	nio := min(cfg.IOQueues, granted)
 	if c.id.OAES&nvme.NVME_AEN_CFG_NS_ATTR != 0 {
 		if err := c.SetFeatures(ctx, nvme.NVME_FEAT_ASYNC_EVENT, nvme.NVME_AEN_CFG_NS_ATTR); err != nil {
 			return nil, err
 		}
 	}
-	size := min(cfg.QueueSize, int(nvme.CAPMQES(c.cap))+1)
+	// In-capsule write data: IOCCSZ*16 bytes of capsule less the command,
+	// never more than one transfer (checkIdentify bounded IOCCSZ below).
+	inCapsule := int(min(uint64(c.id.IOCCSZ)*16-nvme.CommandSize, uint64(c.maxTransfer)))
 	for qid := 1; qid <= nio; qid++ {
-		q, err := DialQueue(ctx, cfg.Addr, c.queueConfig(uint16(qid), size, cfg.IOTimeout))
+		q, err := c.dialQueue(ctx, c.queueConfig(uint16(qid), c.queueSize, cfg.IOTimeout))
 		if err != nil {
 			return nil, err
 		}
 		c.io = append(c.io, &IOQueue{q})
-		q.SetInCapsuleSize(int(c.id.IOCCSZ)*16 - nvme.CommandSize)
+		q.SetInCapsuleSize(inCapsule)
 		if _, err := connectQueue(ctx, q, cfg.Host, cfg.SubsysNQN, c.cntlid, 0, cfg.AdminTimeout); err != nil {
 			return nil, err
 		}
 	}
 	c.submitAER()
 	return c, nil
+}
+
+// dialQueue opens a connection with cfg.Dial (TCP by default) and makes it
+// a queue.
+func (c *Controller) dialQueue(ctx context.Context, qc QueueConfig) (*Queue, error) {
+	if c.cfg.Dial == nil {
+		return DialQueue(ctx, c.cfg.Addr, qc)
+	}
+	conn, err := c.cfg.Dial(ctx, c.cfg.Addr)
+	if err != nil {
+		return nil, err
+	}
+	q, err := NewQueue(ctx, conn, qc)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return q, nil
+}
+
+// connectAdmin dials the admin queue and sends Connect; the response
+// carries the controller ID (CNTLID) that every later check refers to.
+func (c *Controller) connectAdmin(ctx context.Context) (err error) {
+	cfg := &c.cfg
+	if c.admin, err = c.dialQueue(ctx, c.queueConfig(0, AdminQueueSize, cfg.AdminTimeout)); err != nil {
+		return err
+	}
+	c.cntlid, err = connectQueue(ctx, c.admin, cfg.Host, cfg.SubsysNQN, nvme.NVME_CNTLID_DYNAMIC, uint32(cfg.KATO/time.Millisecond), cfg.AdminTimeout)
+	if err != nil {
+		return err
+	}
+	// FFF0h..FFFFh are reserved (NVMe Base 2.0, section 5.27.1.1; FFFFh
+	// is what the host sends to ask for a dynamic controller).
+	if c.cntlid >= 0xfff0 {
+		return fmt.Errorf("nvmeof: Connect response CNTLID %#x is reserved", c.cntlid)
+	}
+	return nil
+}
+
+// maxShift bounds 2^n byte sizes from the controller (MDTS, WZSL): one
+// command's data length is a 32-bit SGL length (NVMe Base 2.0, SGL Data
+// Block descriptor), and the ublk device's limits are 32-bit too. Larger
+// values are not limits this host can reach.
+const maxShift = 32
+
+// pagesLimit is the size in bytes of a 2^units CAP.MPSMIN-page limit (MDTS,
+// WZSL), and false when it exceeds 2^maxShift bytes. The sum is computed
+// in int, so no 8-bit wrap (Linux: nvme_mps_to_sectors, check_shl_overflow).
+func pagesLimit(units, mpsmin uint8) (uint64, bool) {
+	shift := 12 + int(mpsmin) + int(units)
+	if shift > maxShift {
+		return 0, false
+	}
+	return 1 << shift, true
+}
+
+// checkIdentify bounds the Identify Controller values the host uses before
+// anything uses them, as the Linux host does in nvme_init_identify and
+// nvme_tcp_setup_ctrl; each error names the field.
+func (c *Controller) checkIdentify() error {
+	id := c.id
+	if id.CNTLID != c.cntlid {
+		return fmt.Errorf("nvmeof: Identify Controller CNTLID %d differs from the Connect response's %d", id.CNTLID, c.cntlid)
+	}
+	if id.SGLS&nvme.NVME_CTRL_SGLS_MASK == 0 {
+		return fmt.Errorf("nvmeof: controller reports SGLS %#x: no SGL support, which NVMe over Fabrics requires", id.SGLS)
+	}
+	c.maxTransfer = c.cfg.MaxData
+	if id.MDTS != 0 {
+		mdts, ok := pagesLimit(id.MDTS, nvme.CAPMPSMin(c.cap))
+		if !ok {
+			return fmt.Errorf("nvmeof: controller reports MDTS %d (with CAP.MPSMIN %d): a transfer limit above 2^%d bytes is invalid",
+				id.MDTS, nvme.CAPMPSMin(c.cap), maxShift)
+		}
+		c.maxTransfer = int(min(uint64(c.maxTransfer), mdts))
+	}
+	if c.cfg.IsDiscovery() {
+		return nil
+	}
+	switch {
+	case id.KAS == 0:
+		return fmt.Errorf("nvmeof: controller reports KAS 0: keep-alive support is mandatory for NVMe over Fabrics")
+	case id.ICDOFF != 0:
+		return fmt.Errorf("nvmeof: controller reports ICDOFF %d: an in-capsule data offset is not supported", id.ICDOFF)
+	case id.IOCCSZ < 4:
+		return fmt.Errorf("nvmeof: controller reports IOCCSZ %d, less than a command", id.IOCCSZ)
+	case id.IORCSZ < 1:
+		return fmt.Errorf("nvmeof: controller reports IORCSZ %d, less than a completion", id.IORCSZ)
+	}
+	return nil
+}
+
+// ioQueueSize is the I/O queue size (entries; Connect's SQSIZE is one
+// less): ControllerConfig.QueueSize bounded by CAP.MQES+1 and MAXCMD, as the
+// Linux host clamps sqsize (nvme_tcp_setup_ctrl).
+func (c *Controller) ioQueueSize() (int, error) {
+	size := c.cfg.QueueSize
+	mqes := int(nvme.CAPMQES(c.cap)) + 1
+	if mqes < 2 {
+		return 0, fmt.Errorf("nvmeof: controller reports CAP.MQES %d: a queue of one entry holds no command", mqes-1)
+	}
+	if size > mqes {
+		c.log.Info("queue size clamped to the controller's CAP.MQES+1", "queue_size", size, "mqes", mqes-1)
+		size = mqes
+	}
+	// MAXCMD 0: not reported.
+	if maxcmd := int(c.id.MAXCMD); maxcmd != 0 && size > maxcmd {
+		if maxcmd < 2 {
+			return 0, fmt.Errorf("nvmeof: controller reports MAXCMD %d: a queue of one entry holds no command", maxcmd)
+		}
+		c.log.Info("queue size clamped to the controller's MAXCMD", "queue_size", size, "maxcmd", maxcmd)
+		size = maxcmd
+	}
+	return size, nil
+}
+
+// setQueueCount asks for ControllerConfig.IOQueues I/O queues (Set
+// Features Number of Queues, both counts 0's based) and returns how many
+// to create: never more than asked for, whatever the result says
+// (nvme_set_queue_count).
+func (c *Controller) setQueueCount(ctx context.Context) (int, error) {
+	n := uint32(c.cfg.IOQueues - 1)
+	res, err := c.SetFeaturesResult(ctx, nvme.NVME_FEAT_NUM_QUEUES, n|n<<16)
+	if err != nil {
+		return 0, err
+	}
+	nsqa, ncqa := int(res&0xffff), int(res>>16)
+	return min(c.cfg.IOQueues, min(nsqa, ncqa)+1), nil
+}
+
+// identifyNVM reads the NVM Command Set limits (Identify CNS 06h, CSI 0:
+// WZSL, DMRSL, DMRL) when the controller supports Write Zeroes or Dataset
+// Management (nvme_init_non_mdts_limits). A controller that answers with
+// an NVMe status does not know the structure: no limits beyond MDTS then.
+func (c *Controller) identifyNVM(ctx context.Context) error {
+	if c.id.ONCS&(nvme.NVME_CTRL_ONCS_WRITE_ZEROES|nvme.NVME_CTRL_ONCS_DSM) == 0 {
+		return nil
+	}
+	b, err := c.identifyCSI(ctx, nvme.NVME_ID_CNS_CS_CTRL, 0, nvme.NVME_CSI_NVM)
+	var st nvme.Status
+	if errors.As(err, &st) {
+		c.log.Debug("no NVM command set identify data", "err", err)
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	nvm, err := nvme.ParseIdentifyControllerNVM(b)
+	if err != nil {
+		return err
+	}
+	c.nvm = *nvm
+	return nil
+}
+
+// configureACRE enables Advanced Command Retry (Set Features Host Behavior
+// Support, ACRE = 1) when the controller reports a Command Retry Delay
+// (CRDT1 non-zero), as nvme_configure_acre. A controller that refuses with
+// an NVMe status keeps working without it.
+func (c *Controller) configureACRE(ctx context.Context) error {
+	if c.id.CRDT[0] == 0 {
+		return nil
+	}
+	data := make([]byte, nvme.HostBehaviorSize)
+	data[0] = nvme.NVME_ENABLE_ACRE
+	_, err := c.setFeaturesData(ctx, nvme.NVME_FEAT_HOST_BEHAVIOR, 0, data)
+	var st nvme.Status
+	if errors.As(err, &st) {
+		c.log.Info("controller refused Advanced Command Retry", "err", err)
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	c.acre = true
+	return nil
 }
 
 func (c *Controller) queueConfig(qid uint16, size int, timeout time.Duration) QueueConfig {
@@ -278,13 +470,36 @@ func (c *Controller) Traffic() *Traffic { return &c.traffic }
 // MaxTransfer is the largest data transfer of one command: MDTS, bounded
 // by ControllerConfig.MaxData.
 func (c *Controller) MaxTransfer() int {
-	limit := c.cfg.MaxData
-	if c.id != nil && c.id.MDTS != 0 {
-		mdts := int64(1) << (12 + nvme.CAPMPSMin(c.cap) + c.id.MDTS)
-		limit = int(min(int64(limit), mdts))
+	if c.maxTransfer > 0 {
+		return c.maxTransfer
 	}
-	return limit
+	return c.cfg.MaxData
 }
+
+// QueueSize is the I/O queue size negotiated: ControllerConfig.QueueSize
+// bounded by CAP.MQES+1 and MAXCMD. Zero for a discovery controller.
+func (c *Controller) QueueSize() int { return c.queueSize }
+
+// NVMLimits is the NVM Command Set Identify Controller data (CNS 06h):
+// WZSL, DMRSL, DMRL; zero fields where the controller reports none.
+func (c *Controller) NVMLimits() nvme.IdentifyControllerNVM { return c.nvm }
+
+// CRDT are the Command Retry Delay Times the controller reported (Identify
+// Controller CRDT1..CRDT3): the delay before retrying a command whose
+// completion has CRD 1, 2 or 3 (nvme_retry_req). Zero when not reported.
+func (c *Controller) CRDT() [3]time.Duration {
+	var d [3]time.Duration
+	if c.id != nil {
+		for i, t := range c.id.CRDT {
+			d[i] = time.Duration(t) * 100 * time.Millisecond
+		}
+	}
+	return d
+}
+
+// ACRE reports whether Advanced Command Retry is enabled (Host Behavior
+// Support accepted): the controller may then set CRD in completions.
+func (c *Controller) ACRE() bool { return c.acre }
 
 // adminDo runs one admin command synchronously.
 func (c *Controller) adminDo(ctx context.Context, req *Request) error {
@@ -350,7 +565,7 @@ func (c *Controller) waitCSTS(ctx context.Context, mask, want uint32, timeout ti
 // Enable sets CC.EN and waits for CSTS.RDY (nvme_enable_ctrl).
 func (c *Controller) Enable(ctx context.Context) error {
 	if min := nvme.CAPMPSMin(c.cap); min > 0 {
-		return fmt.Errorf("nvmeof: controller needs pages of at least %d bytes", 1<<(12+min))
+		return fmt.Errorf("nvmeof: controller reports CAP.MPSMIN %d: it needs pages of at least %d bytes, the host uses 4096", min, 1<<(12+min))
 	}
 	cc := uint64(nvme.NVME_CC_CSS_NVM | 0<<nvme.NVME_CC_MPS_SHIFT | nvme.NVME_CC_AMS_RR |
 		nvme.NVME_CC_SHN_NONE | nvme.NVME_CC_IOSQES | nvme.NVME_CC_IOCQES | nvme.NVME_CC_ENABLE)
@@ -377,10 +592,17 @@ func (c *Controller) ShutdownController(ctx context.Context) error {
 
 // identify reads a 4096-byte Identify structure.
 func (c *Controller) identify(ctx context.Context, cns uint8, nsid uint32) ([]byte, error) {
+	return c.identifyCSI(ctx, cns, nsid, 0)
+}
+
+// identifyCSI reads a 4096-byte Identify structure of an I/O command set
+// (CDW11 bits 31:24).
+func (c *Controller) identifyCSI(ctx context.Context, cns uint8, nsid uint32, csi uint8) ([]byte, error) {
 	req := &Request{Data: make([]byte, nvme.IdentifySize)}
 	req.Cmd.SetOpcode(nvme.NVME_ADMIN_IDENTIFY)
 	req.Cmd.SetNSID(nsid)
 	req.Cmd.SetCDW(10, uint32(cns))
+	req.Cmd.SetCDW(11, uint32(csi)<<24)
 	if err := c.adminDo(ctx, req); err != nil {
 		return nil, fmt.Errorf("nvmeof: identify cns %#x nsid %d: %w", cns, nsid, err)
 	}
@@ -405,8 +627,14 @@ func (c *Controller) IdentifyNamespace(ctx context.Context, nsid uint32) (*nvme.
 	return nvme.ParseIdentifyNamespace(b)
 }
 
+// maxActiveNamespaces bounds the active namespace list a controller can
+// make the host read and keep: 64 pages of 1024 IDs.
+const maxActiveNamespaces = 1 << 16
+
 // ActiveNamespaces lists the active namespace IDs (Identify CNS 02h),
-// following the list past 1024 entries.
+// following the list past 1024 entries. Every ID is at most NN (the
+// largest valid NSID) where the controller reports NN, and there are at
+// most maxActiveNamespaces.
 func (c *Controller) ActiveNamespaces(ctx context.Context) ([]uint32, error) {
 	var all []uint32
 	var after uint32
@@ -421,6 +649,12 @@ func (c *Controller) ActiveNamespaces(ctx context.Context) ([]uint32, error) {
 		}
 		if len(ids) > 0 && ids[0] <= after {
 			return nil, fmt.Errorf("nvmeof: active namespace list went backwards (%d after %d)", ids[0], after)
+		}
+		if nn := c.id.NN; len(ids) > 0 && nn != 0 && ids[len(ids)-1] > nn {
+			return nil, fmt.Errorf("nvmeof: active namespace list has NSID %d, above NN %d", ids[len(ids)-1], nn)
+		}
+		if len(all)+len(ids) > maxActiveNamespaces {
+			return nil, fmt.Errorf("nvmeof: active namespace list has more than %d namespaces", maxActiveNamespaces)
 		}
 		all = append(all, ids...)
 		if len(ids) < nvme.IdentifySize/4 {
@@ -448,7 +682,13 @@ func (c *Controller) SetFeatures(ctx context.Context, fid uint8, value uint32) e
 
 // SetFeaturesResult sets a feature and returns completion dword 0.
 func (c *Controller) SetFeaturesResult(ctx context.Context, fid uint8, value uint32) (uint32, error) {
-	req := &Request{}
+	return c.setFeaturesData(ctx, fid, value, nil)
+}
+
+// setFeaturesData sets a feature that takes a data buffer (host to
+// controller) as well as cdw11.
+func (c *Controller) setFeaturesData(ctx context.Context, fid uint8, value uint32, data []byte) (uint32, error) {
+	req := &Request{Data: data, Write: len(data) > 0}
 	req.Cmd.SetOpcode(nvme.NVME_ADMIN_SET_FEATURES)
 	req.Cmd.SetCDW(10, uint32(fid))
 	req.Cmd.SetCDW(11, value)
@@ -476,8 +716,13 @@ func (c *Controller) GetLogPage(ctx context.Context, lid uint8, nsid uint32, off
 	if length <= 0 || length%4 != 0 || offset%4 != 0 {
 		return nil, fmt.Errorf("nvmeof: get log page %#x: offset %d length %d not dword multiples", lid, offset, length)
 	}
-	out := make([]byte, length)
+	// MaxTransfer is at least 4096 (MaxData and MDTS are bounded at
+	// connect), so every round moves at least a page.
 	chunk := c.MaxTransfer() &^ 3
+	if chunk <= 0 {
+		return nil, fmt.Errorf("nvmeof: get log page %#x: transfer limit %d bytes", lid, c.MaxTransfer())
+	}
+	out := make([]byte, length)
 	for done := 0; done < length; {
 		n := min(chunk, length-done)
 		req := &Request{Data: out[done : done+n]}

@@ -21,12 +21,64 @@ type Namespace struct {
 	// MaxTransfer is the largest transfer of one command in bytes (MDTS
 	// and the host's limit), a multiple of the block size.
 	MaxTransfer int
+	// MaxWriteZeroesBlocks is the most blocks one Write Zeroes may cover:
+	// WZSL, or MDTS where WZSL is not reported (as the Linux host, which
+	// is cautious there), and at most 65536 (NLB is 16 bits).
+	MaxWriteZeroesBlocks uint32
+	// MaxDeallocateBlocks is the most blocks one Dataset Management range
+	// may cover (DMRSL, and DMSL), MaxDeallocateRanges the most ranges of
+	// one command (DMRL, at most 256).
+	MaxDeallocateBlocks uint32
+	MaxDeallocateRanges int
+	// dmsl is DMSL, the most blocks of all ranges of one command; 0: none.
+	dmsl uint64
 	// ONCS is the controller's Optional NVM Command Support.
 	ONCS uint16
 	// VolatileWriteCache is VWC.present: writes need Flush (or FUA) to be
 	// durable.
 	VolatileWriteCache bool
 }
+
+// setCommandLimits derives the Write Zeroes and Dataset Management limits
+// from the controller's NVM command set limits (nvme_init_non_mdts_limits,
+// nvme_config_discard). An operation whose limit is below one block is
+// treated as unsupported.
+func (ns *Namespace) setCommandLimits(c *Controller) {
+	const maxNLB = 65536 // NLB is 16 bits, 0's based
+	nvm := c.NVMLimits()
+	wz := uint64(maxNLB)
+	switch bytes, ok := pagesLimit(nvm.WZSL, nvme.CAPMPSMin(c.CAP())); {
+	case nvm.WZSL != 0 && ok:
+		wz = min(wz, bytes>>ns.BlockShift)
+	case nvm.WZSL == 0 && c.id.MDTS != 0:
+		// Bounded at connect; MaxTransfer may be lower (the host's limit).
+		mdts, _ := pagesLimit(c.id.MDTS, nvme.CAPMPSMin(c.CAP()))
+		wz = min(wz, mdts>>ns.BlockShift)
+	}
+	// A WZSL above 2^32 bytes limits nothing (as nvme_mps_to_sectors
+	// saturates).
+	ns.MaxWriteZeroesBlocks = uint32(wz)
+	if wz == 0 {
+		ns.ONCS &^= nvme.NVME_CTRL_ONCS_WRITE_ZEROES
+	}
+
+	dm := uint64(1<<32 - 1) // a range's NLB is 32 bits
+	if nvm.DMRSL != 0 {
+		dm = min(dm, uint64(nvm.DMRSL))
+	}
+	if nvm.DMSL != 0 {
+		dm = min(dm, nvm.DMSL)
+	}
+	ns.MaxDeallocateBlocks = uint32(dm)
+	ns.dmsl = nvm.DMSL
+	ns.MaxDeallocateRanges = maxDSMRanges
+	if nvm.DMRL != 0 {
+		ns.MaxDeallocateRanges = min(int(nvm.DMRL), maxDSMRanges)
+	}
+}
+
+// maxDSMRanges is NVME_DSM_MAX_RANGES: NR is 8 bits, 0's based.
+const maxDSMRanges = 256
 
 // BlockSize is the LBA data size in bytes.
 func (ns *Namespace) BlockSize() int { return 1 << ns.BlockShift }
@@ -52,12 +104,17 @@ func (c *Controller) Namespace(ctx context.Context, nsid uint32) (*Namespace, er
 	}
 	ns := &Namespace{NSID: nsid, Blocks: id.NSZE, BlockShift: shift, NGUID: id.NGUID, EUI64: id.EUI64,
 		ONCS: c.id.ONCS, VolatileWriteCache: c.id.VWC&nvme.NVME_CTRL_VWC_PRESENT != 0}
+	// The size in bytes must fit a signed 64-bit offset (loff_t).
+	if id.NSZE > (1<<63-1)>>shift {
+		return nil, fmt.Errorf("nvmeof: namespace %d: NSZE %d blocks of %d bytes is beyond 2^63 bytes", nsid, id.NSZE, ns.BlockSize())
+	}
 	ns.MaxTransfer = c.MaxTransfer() &^ (ns.BlockSize() - 1)
 	// NLB is 16 bits: at most 65536 blocks per command.
 	ns.MaxTransfer = min(ns.MaxTransfer, 65536<<shift)
 	if ns.MaxTransfer < ns.BlockSize() {
 		return nil, fmt.Errorf("nvmeof: namespace %d: block size %d above the transfer limit", nsid, ns.BlockSize())
 	}
+	ns.setCommandLimits(c)
 	ids, err := c.NamespaceIDs(ctx, nsid)
 	var st nvme.Status
 	switch {
@@ -137,8 +194,11 @@ func (ns *Namespace) PrepareWriteZeroes(req *Request, lba uint64, blocks uint32,
 	if !ns.SupportsWriteZeroes() {
 		return fmt.Errorf("write zeroes: %w", ErrNotSupported)
 	}
-	if blocks == 0 || blocks > 65536 || lba >= ns.Blocks || uint64(blocks) > ns.Blocks-lba {
+	if blocks == 0 || lba >= ns.Blocks || uint64(blocks) > ns.Blocks-lba {
 		return fmt.Errorf("nvmeof: write zeroes of %d blocks at %d out of range", blocks, lba)
+	}
+	if blocks > ns.writeZeroesLimit() {
+		return fmt.Errorf("nvmeof: write zeroes of %d blocks above the controller's limit of %d (WZSL, MDTS)", blocks, ns.writeZeroesLimit())
 	}
 	*req = Request{Timeout: req.Timeout}
 	req.Cmd.SetOpcode(nvme.NVME_CMD_WRITE_ZEROES)
@@ -159,13 +219,21 @@ func (ns *Namespace) PrepareDeallocate(req *Request, ranges []nvme.DSMRange) err
 	if !ns.SupportsDeallocate() {
 		return fmt.Errorf("deallocate: %w", ErrNotSupported)
 	}
-	if len(ranges) == 0 || len(ranges) > 256 {
-		return fmt.Errorf("nvmeof: %d DSM ranges, want 1..256", len(ranges))
+	maxRanges, maxBlocks := ns.deallocateLimits()
+	if len(ranges) == 0 || len(ranges) > maxRanges {
+		return fmt.Errorf("nvmeof: %d DSM ranges, want 1..%d (DMRL)", len(ranges), maxRanges)
 	}
 	data := make([]byte, 0, len(ranges)*nvme.DSMRangeSize)
+	var total uint64
 	for _, r := range ranges {
 		if r.NLB == 0 || r.SLBA >= ns.Blocks || uint64(r.NLB) > ns.Blocks-r.SLBA {
 			return fmt.Errorf("nvmeof: deallocate range %d+%d out of range", r.SLBA, r.NLB)
+		}
+		if r.NLB > maxBlocks {
+			return fmt.Errorf("nvmeof: deallocate range of %d blocks above the controller's limit of %d (DMRSL)", r.NLB, maxBlocks)
+		}
+		if total += uint64(r.NLB); ns.dmsl != 0 && total > ns.dmsl {
+			return fmt.Errorf("nvmeof: deallocate of %d blocks above the controller's limit of %d (DMSL)", total, ns.dmsl)
 		}
 		data = nvme.AppendDSMRange(data, r)
 	}
@@ -175,6 +243,28 @@ func (ns *Namespace) PrepareDeallocate(req *Request, ranges []nvme.DSMRange) err
 	req.Cmd.SetCDW(10, uint32(len(ranges)-1))
 	req.Cmd.SetCDW(11, nvme.NVME_DSMGMT_AD)
 	return nil
+}
+
+// writeZeroesLimit is MaxWriteZeroesBlocks, or 65536 for a Namespace
+// built by hand without it.
+func (ns *Namespace) writeZeroesLimit() uint32 {
+	if ns.MaxWriteZeroesBlocks == 0 {
+		return 65536
+	}
+	return ns.MaxWriteZeroesBlocks
+}
+
+// deallocateLimits are MaxDeallocateRanges and MaxDeallocateBlocks, with
+// the protocol's limits for a Namespace built by hand without them.
+func (ns *Namespace) deallocateLimits() (ranges int, blocks uint32) {
+	ranges, blocks = ns.MaxDeallocateRanges, ns.MaxDeallocateBlocks
+	if ranges == 0 {
+		ranges = maxDSMRanges
+	}
+	if blocks == 0 {
+		blocks = 1<<32 - 1
+	}
+	return ranges, blocks
 }
 
 // Synchronous wrappers. Each waits for the command's completion.
