@@ -224,7 +224,10 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 	ns, queues := connector.First()
 	params := blockParams(ns)
 	status.setQueues(queues)
-	depth := min(o.QueueSize-1, 4096)
+	// One less than the negotiated queue size, as --queue-size gave
+	// before the controller could lower it (a later association with
+	// smaller queues holds what does not fit in the slow path).
+	depth := min(connector.FirstQueueSize()-1, 4096)
 	backend = newBlockBackend(lc, metrics, queues, depth)
 
 	dev, err := openDevice(ctx, ctl, o, ublk.Options{
@@ -383,14 +386,18 @@ func blockParams(ns *nvmeof.Namespace) ublk.Params {
 	}
 	if ns.SupportsDeallocate() || ns.SupportsWriteZeroes() {
 		d := &ublk.DiscardParams{Granularity: bs}
-		// One command moves at most 65536 blocks (NLB is 16 bits; a DSM
-		// range is 32 bits but keep requests in one command's reach).
-		maxSectors := uint32(min(uint64(65536)<<ns.BlockShift>>9, 1<<22))
+		// One request is one command: a discard one DSM range of at most
+		// DMRSL blocks (and 65536, as Write Zeroes: a range is 32 bits
+		// but keep requests in one command's reach), a write zeroes at
+		// most WZSL (or MDTS) blocks.
+		sectors := func(blocks uint32) uint32 {
+			return uint32(min(uint64(blocks)<<ns.BlockShift>>9, 1<<22))
+		}
 		if ns.SupportsDeallocate() {
-			d.MaxDiscardSectors = maxSectors
+			d.MaxDiscardSectors = sectors(min(ns.MaxDeallocateBlocks, 65536))
 		}
 		if ns.SupportsWriteZeroes() {
-			d.MaxWriteZeroesSectors = maxSectors
+			d.MaxWriteZeroesSectors = sectors(ns.MaxWriteZeroesBlocks)
 		}
 		p.Discard = d
 	}

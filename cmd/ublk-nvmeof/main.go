@@ -220,7 +220,7 @@ func connectCommand(stdout io.Writer, name, usage string, mustRecover bool) *cli
 			Usage:  fmt.Sprintf("I/O queues (and ublk hardware queues), 1-%d (the CPUs)", cpus),
 			Action: inRange[int]("nr-io-queues", 1, cpus), EnvVars: env("NR_IO_QUEUES")},
 		&cli.IntFlag{Name: "queue-size", Aliases: []string{"Q"}, Value: d.QueueSize,
-			Usage:  fmt.Sprintf("I/O queue size, %d-%d", attach.MinQueueSize, attach.MaxQueueSize),
+			Usage:  fmt.Sprintf("I/O queue size, %d-%d (the controller may lower it: CAP.MQES+1, MAXCMD)", attach.MinQueueSize, attach.MaxQueueSize),
 			Action: inRange[int]("queue-size", attach.MinQueueSize, attach.MaxQueueSize), EnvVars: env("QUEUE_SIZE")},
 		&cli.IntFlag{Name: "keep-alive-tmo", Aliases: []string{"k"}, Value: int(d.KeepAliveTmo / time.Second),
 			Usage:  fmt.Sprintf("keep-alive timeout, seconds, 0-%d (0: off; Connect carries milliseconds in 32 bits)", maxKATO),

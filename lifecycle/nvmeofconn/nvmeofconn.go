@@ -28,9 +28,10 @@ type Connector struct {
 	// that completed.
 	KeepAliveRTT func(time.Duration)
 
-	mu          sync.Mutex
-	firstNS     *nvmeof.Namespace // of the first association
-	firstQueues int               // I/O queues the controller granted first
+	mu             sync.Mutex
+	firstNS        *nvmeof.Namespace // of the first association
+	firstQueues    int               // I/O queues the controller granted first
+	firstQueueSize int               // their size: Config.QueueSize within CAP.MQES+1 and MAXCMD
 }
 
 // First returns the namespace and the number of I/O queues of the first
@@ -39,6 +40,14 @@ func (k *Connector) First() (*nvmeof.Namespace, int) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	return k.firstNS, k.firstQueues
+}
+
+// FirstQueueSize is the I/O queue size the first association negotiated
+// (nvmeof.Controller.QueueSize); 0 before one was made.
+func (k *Connector) FirstQueueSize() int {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.firstQueueSize
 }
 
 // NamespaceError is a Connect that found no usable namespace NSID.
@@ -66,6 +75,7 @@ func (k *Connector) Connect(ctx context.Context, onError func(error)) (lifecycle
 	k.mu.Lock()
 	if k.firstNS == nil {
 		k.firstNS, k.firstQueues = ns, len(ctrl.IOQueues())
+		k.firstQueueSize = ctrl.QueueSize()
 	}
 	k.mu.Unlock()
 	return &Conn{ctrl: ctrl, ns: ns, rtt: k.KeepAliveRTT}, nil
