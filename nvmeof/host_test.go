@@ -213,7 +213,7 @@ func TestIOQueueDepthsAndDigests(t *testing.T) {
 				// several PDUs each way; CPDA pads H2C data.
 				tt := startTarget(t, target.Config{MaxH2CData: 4096, C2HChunk: 3072, CPDA: 3, C2HSuccess: c2hSuccess, InCapsuleDataSize: 4096}, 9, 8<<20)
 				c := connect(t, tt, nvmeof.ControllerConfig{QueueSize: 128, HeaderDigest: dg.hd, DataDigest: dg.dd})
-				for _, qd := range []int{1, 8, 128} {
+				for _, qd := range []int{1, 8, 127} { // 127: SQSIZE of a queue of 128
 					ioPattern(t, c, qd, 200)
 				}
 			})
@@ -331,9 +331,10 @@ func TestDoWaitsForSlot(t *testing.T) {
 	}
 	remove()
 
-	// Fill every slot with held commands: the next Submit is refused.
+	// Fill every slot (SQSIZE of them) with held commands: the next
+	// Submit is refused.
 	tt.InjectFault(target.Fault{QID: 1, Delay: time.Hour})
-	for range 4 {
+	for range q.Depth() {
 		var req nvmeof.Request
 		ns.PrepareFlush(&req)
 		r := req

@@ -120,8 +120,10 @@ func (t *Traffic) completed(seq uint64) {
 type QueueConfig struct {
 	// QID is 0 for the admin queue.
 	QID uint16
-	// Size is the number of command slots (queue_size; Connect's SQSIZE
-	// is Size-1). At most 4096.
+	// Size is the number of queue entries (queue_size): Connect's SQSIZE
+	// is Size-1, 0's based, and at most Size-1 commands are outstanding,
+	// as with the Linux host (its tag depth is ctrl->sqsize; a queue of N
+	// entries holds N-1 commands). 2..4096.
 	Size int
 	// HeaderDigest and DataDigest are requested in ICReq; the controller
 	// must agree or the connection fails (as with the Linux host).
@@ -173,6 +175,7 @@ type Request struct {
 	inCapsule bool
 	received  int    // C2HData bytes received
 	r2tNext   uint32 // next offset an R2T may ask for
+	r2tActive bool   // an R2T's data is still being sent (MAXR2T 0: at most one)
 	sending   int    // writer items still referencing the request
 	responded bool   // response read while the writer still sent data
 	respErr   error
@@ -292,7 +295,8 @@ func NewQueue(ctx context.Context, conn net.Conn, cfg QueueConfig) (*Queue, erro
 	}
 	q.bw = bufio.NewWriterSize(conn, 64<<10)
 	q.minTimeout.Store(int64(cfg.Timeout))
-	for i := cfg.Size - 1; i >= 0; i-- {
+	// One entry stays empty: at most SQSIZE (Size-1) commands outstanding.
+	for i := cfg.Size - 2; i >= 0; i-- {
 		q.free = append(q.free, uint16(i))
 	}
 	if cfg.QID == 0 {
@@ -353,7 +357,9 @@ func (q *Queue) initConnection(ctx context.Context, rd *pdu.Reader) error {
 	switch {
 	case r.PFV != pdu.NVME_TCP_PFV_1_0:
 		return fmt.Errorf("nvmeof: queue %d: unsupported PFV %#x", q.cfg.QID, r.PFV)
-	case r.Digest&^3 != 0 || r.Digest != digest:
+	case r.Digest&(pdu.NVME_TCP_HDR_DIGEST_ENABLE|pdu.NVME_TCP_DATA_DIGEST_ENABLE) != digest:
+		// Each digest bit must match what was asked; the reserved bits
+		// are ignored, as Linux's nvme_tcp_init_connection does.
 		return fmt.Errorf("nvmeof: queue %d: controller digests %#x, requested %#x", q.cfg.QID, r.Digest, digest)
 	case r.CPDA > 31:
 		return fmt.Errorf("nvmeof: queue %d: CPDA %d out of range", q.cfg.QID, r.CPDA)
@@ -370,8 +376,11 @@ func (q *Queue) initConnection(ctx context.Context, rd *pdu.Reader) error {
 // QID is the queue ID.
 func (q *Queue) QID() uint16 { return q.cfg.QID }
 
-// Size is the number of command slots.
+// Size is the number of queue entries; Connect's SQSIZE is Size-1.
 func (q *Queue) Size() int { return q.cfg.Size }
+
+// Depth is how many commands may be outstanding at once: Size-1.
+func (q *Queue) Depth() int { return q.cfg.Size - 1 }
 
 // MaxH2CData is the controller's MAXH2CDATA.
 func (q *Queue) MaxH2CData() uint32 { return q.maxH2CData }
@@ -451,7 +460,8 @@ func (q *Queue) Submit(req *Request, done func(error)) error {
 		return fmt.Errorf("nvmeof: %d bytes exceed the queue's %d byte transfer limit", len(req.Data), q.cfg.MaxData)
 	}
 	req.done = done
-	req.received, req.r2tNext, req.sending, req.responded, req.respErr = 0, 0, 1, false, nil
+	req.received, req.r2tNext, req.r2tActive = 0, 0, false
+	req.sending, req.responded, req.respErr = 1, false, nil
 	req.Result, req.Status = 0, 0
 	req.inCapsule = req.Write && len(req.Data) > 0 && int64(len(req.Data)) <= q.inCapsuleMax.Load()
 	switch {
@@ -784,11 +794,16 @@ func (q *Queue) readLoop(rd *pdu.Reader) error {
 				err = q.protocolError("R2T for unknown command ID %#x", t.CommandID)
 			case !r.Write || r.inCapsule:
 				err = q.protocolError("R2T for command %#x that has no data to transfer", t.CommandID)
+			case r.r2tActive:
+				// ICReq said MAXR2T 0: one R2T outstanding per command
+				// until its data is sent (nvme_tcp_handle_r2t).
+				err = q.protocolError("R2T for %#x at %d+%d while the data of its previous R2T is still being sent (MAXR2T 0)", t.CommandID, t.Offset, t.Length)
 			case t.Length == 0 || t.Offset != r.r2tNext || int64(t.Offset)+int64(t.Length) > int64(len(r.Data)):
 				err = &pdu.ProtocolError{FES: pdu.NVME_TCP_FES_DATA_OUT_OF_RANGE, Msg: fmt.Sprintf(
 					"R2T for %#x at %d+%d, expected offset %d of %d", t.CommandID, t.Offset, t.Length, r.r2tNext, len(r.Data))}
 			default:
 				r.r2tNext += t.Length
+				r.r2tActive = true
 				r.sending++
 				q.sendq = append(q.sendq, sendItem{req: r, h2c: true, ttag: t.TTag, offset: t.Offset, length: t.Length})
 			}
@@ -925,6 +940,9 @@ func (q *Queue) sendQueued(writer bool) error {
 			}
 			q.mu.Lock()
 			it.req.sending--
+			if it.h2c {
+				it.req.r2tActive = false
+			}
 			finish := it.req.sending == 0 && it.req.responded
 			if finish && !writer {
 				q.finishq = append(q.finishq, it.req)

@@ -3,6 +3,7 @@ package nvmeof
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/internal/pdu"
+	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/nvme"
 )
 
 // TestICRespChecks: the queue refuses an ICResp it cannot work with.
@@ -127,5 +129,221 @@ func TestDeferAndPush(t *testing.T) {
 	}
 	if err := <-done; err != nil {
 		t.Fatal(err)
+	}
+}
+
+// scriptedController answers ICReq on ctrl with resp, then hands every
+// PDU the host sends to handle (with the connection's options), until the
+// pipe closes or handle returns false. Data is read into h's buffer.
+func scriptedController(ctrl net.Conn, resp pdu.ICResp, handle func(h *pdu.Header, data []byte, o pdu.Options) bool) {
+	defer ctrl.Close()
+	icreq := make([]byte, 128)
+	if _, err := io.ReadFull(ctrl, icreq); err != nil {
+		return
+	}
+	h := pdu.Header{CommonHeader: pdu.CommonHeader{Type: pdu.TypeICResp}, ICResp: resp}
+	if _, err := ctrl.Write(pdu.Append(nil, &h, nil, pdu.Options{})); err != nil {
+		return
+	}
+	o := pdu.Options{HeaderDigest: resp.Digest&pdu.NVME_TCP_HDR_DIGEST_ENABLE != 0, DataDigest: resp.Digest&pdu.NVME_TCP_DATA_DIGEST_ENABLE != 0}
+	rd := pdu.NewReader(ctrl, pdu.HostToController, 1<<20)
+	rd.Options = o
+	for {
+		var cmd pdu.Header
+		if err := rd.ReadHeader(&cmd); err != nil {
+			return
+		}
+		data := make([]byte, cmd.DataLen)
+		if err := rd.ReadData(data); cmd.DataLen > 0 && err != nil {
+			return
+		}
+		if !handle(&cmd, data, o) {
+			io.Copy(io.Discard, ctrl)
+			return
+		}
+	}
+}
+
+func quietQueueConfig(qid uint16, size int) QueueConfig {
+	return QueueConfig{QID: qid, Size: size, Timeout: hangTimeout, Logger: slog.New(slog.DiscardHandler)}
+}
+
+// hangTimeout bounds waits in these tests: reaching it means a hang.
+const hangTimeout = 60 * time.Second
+
+func waitDone(t *testing.T, what string, ch <-chan error) error {
+	t.Helper()
+	select {
+	case err := <-ch:
+		return err
+	case <-time.After(hangTimeout):
+		t.Fatalf("%s: never completed", what)
+		return nil
+	}
+}
+
+// TestQueueDepthIsSQSIZE: a queue of Size entries, whose Connect says
+// SQSIZE = Size-1 (0's based), keeps at most SQSIZE commands outstanding
+// (Linux: tag depth ctrl->sqsize); the next Submit is refused.
+func TestQueueDepthIsSQSIZE(t *testing.T) {
+	host, ctrl := net.Pipe()
+	received := make(chan uint16, 16)
+	ctrlDone := make(chan struct{})
+	go func() {
+		defer close(ctrlDone)
+		scriptedController(ctrl, pdu.ICResp{MaxH2CData: 8192}, func(h *pdu.Header, _ []byte, _ pdu.Options) bool {
+			received <- h.Cmd.CommandID() // and never answer
+			return true
+		})
+	}()
+	defer func() { <-ctrlDone }()
+	q, err := NewQueue(context.Background(), host, quietQueueConfig(1, 4))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Close()
+	if q.Depth() != q.Size()-1 {
+		t.Fatalf("depth %d of a queue of %d entries", q.Depth(), q.Size())
+	}
+	for i := range q.Size() - 1 {
+		if err := q.Submit(&Request{}, func(error) {}); err != nil {
+			t.Fatalf("command %d of SQSIZE %d: %v", i+1, q.Size()-1, err)
+		}
+		<-received
+	}
+	if err := q.Submit(&Request{}, func(error) {}); !errors.Is(err, ErrQueueFull) {
+		t.Fatalf("command SQSIZE+1 (%d): %v, want ErrQueueFull", q.Size(), err)
+	}
+}
+
+// TestSecondR2TWhileActive: the host announced MAXR2T 0 (one R2T
+// outstanding per command); a second R2T while the data of the first is
+// still being sent is a protocol error that fails the queue
+// (nvme_tcp_handle_r2t), not a second transfer queued behind it.
+func TestSecondR2TWhileActive(t *testing.T) {
+	const n = 256 << 10
+	host, ctrl := net.Pipe()
+	ctrlDone := make(chan struct{})
+	go func() {
+		defer close(ctrlDone)
+		scriptedController(ctrl, pdu.ICResp{MaxH2CData: n / 2}, func(h *pdu.Header, _ []byte, o pdu.Options) bool {
+			if h.Type != pdu.TypeCapsuleCmd {
+				return true
+			}
+			// Two R2Ts back to back, without reading the data the
+			// first asks for: the host's writer is still sending it
+			// (net.Pipe does not buffer) when the second arrives.
+			var b []byte
+			for _, off := range []uint32{0, n / 2} {
+				r := pdu.Header{CommonHeader: pdu.CommonHeader{Type: pdu.TypeR2T},
+					R2T: pdu.R2T{CommandID: h.Cmd.CommandID(), TTag: uint16(1 + off/(n/2)), Offset: off, Length: n / 2}}
+				b = pdu.Append(b, &r, nil, o)
+			}
+			ctrl.Write(b)
+			return false
+		})
+	}()
+	defer func() { <-ctrlDone }()
+	cfg := quietQueueConfig(1, 4)
+	cfg.MaxData = n
+	q, err := NewQueue(context.Background(), host, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Close()
+	done := make(chan error, 1)
+	req := &Request{Data: make([]byte, n), Write: true}
+	if err := q.Submit(req, func(err error) { done <- err }); err != nil {
+		t.Fatal(err)
+	}
+	err = waitDone(t, "write", done)
+	var pe *pdu.ProtocolError
+	if !errors.As(err, &pe) || !strings.Contains(pe.Msg, "MAXR2T") {
+		t.Fatalf("write: %v, want a protocol error about the second R2T", err)
+	}
+}
+
+// TestICRespReservedDigestBits: each digest bit must match what was asked
+// for; the reserved bits of the digest field are ignored, as Linux's
+// nvme_tcp_init_connection ignores them.
+func TestICRespReservedDigestBits(t *testing.T) {
+	host, ctrl := net.Pipe()
+	ctrlDone := make(chan struct{})
+	go func() {
+		defer close(ctrlDone)
+		scriptedController(ctrl, pdu.ICResp{MaxH2CData: 4096, Digest: 0xfc | pdu.NVME_TCP_HDR_DIGEST_ENABLE}, func(*pdu.Header, []byte, pdu.Options) bool { return true })
+	}()
+	defer func() { <-ctrlDone }()
+	cfg := quietQueueConfig(1, 4)
+	cfg.HeaderDigest = true
+	q, err := NewQueue(context.Background(), host, cfg)
+	if err != nil {
+		host.Close()
+		t.Fatalf("ICResp with reserved digest bits set: %v", err)
+	}
+	q.Close()
+}
+
+// TestCPDAPadding: with CPDA > 0 every H2C PDU carrying data (in-capsule
+// data, H2CData) starts its data at a multiple of (CPDA+1)*4 bytes, and
+// no H2CData is longer than MAXH2CDATA.
+func TestCPDAPadding(t *testing.T) {
+	const cpda, maxH2C = 7, 4096 // 32-byte alignment
+	host, ctrl := net.Pipe()
+	ctrlDone := make(chan struct{})
+	bad := make(chan string, 16)
+	go func() {
+		defer close(ctrlDone)
+		scriptedController(ctrl, pdu.ICResp{MaxH2CData: maxH2C, CPDA: cpda}, func(h *pdu.Header, _ []byte, o pdu.Options) bool {
+			if h.DataLen > 0 && int(h.PDO)%((cpda+1)*4) != 0 {
+				bad <- fmt.Sprintf("%v with PDO %d", h.Type, h.PDO)
+			}
+			var b []byte
+			switch {
+			case h.Type == pdu.TypeCapsuleCmd && h.DataLen == 0:
+				_, n, _ := h.Cmd.SGL()
+				r := pdu.Header{CommonHeader: pdu.CommonHeader{Type: pdu.TypeR2T}, R2T: pdu.R2T{CommandID: h.Cmd.CommandID(), TTag: 1, Length: n}}
+				b = pdu.Append(b, &r, nil, o)
+			case h.Type == pdu.TypeH2CData && h.Data.DataLength > maxH2C:
+				bad <- fmt.Sprintf("H2CData of %d bytes", h.Data.DataLength)
+				return false
+			case h.Type == pdu.TypeH2CData && h.Flags&pdu.NVME_TCP_F_DATA_LAST == 0:
+				return true
+			}
+			var cqe nvme.Completion
+			cqe.SetCommandID(h.Cmd.CommandID())
+			if h.Type == pdu.TypeH2CData {
+				cqe.SetCommandID(h.Data.CommandID)
+			}
+			r := pdu.Header{CommonHeader: pdu.CommonHeader{Type: pdu.TypeCapsuleResp}, Resp: cqe}
+			_, err := ctrl.Write(pdu.Append(b, &r, nil, o))
+			return err == nil
+		})
+	}()
+	defer func() { <-ctrlDone }()
+	q, err := NewQueue(context.Background(), host, quietQueueConfig(1, 4))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Close()
+	q.SetInCapsuleSize(4096)
+	for _, n := range []int{100, 4096, 3 * maxH2C} {
+		done := make(chan error, 1)
+		req := &Request{Data: make([]byte, n), Write: true}
+		req.Cmd.SetOpcode(nvme.NVME_CMD_WRITE)
+		if err := q.Submit(req, func(err error) { done <- err }); err != nil {
+			t.Fatal(err)
+		}
+		if err := waitDone(t, fmt.Sprintf("write of %d", n), done); err != nil {
+			t.Fatalf("write of %d: %v", n, err)
+		}
+	}
+	for {
+		select {
+		case b := <-bad:
+			t.Error(b)
+		default:
+			return
+		}
 	}
 }
