@@ -45,6 +45,9 @@ type ControllerConfig struct {
 	// sends zero. The caller sends the Keep Alive commands (keepalive/).
 	KATO        time.Duration
 	NoKeepAlive bool
+	// Auth holds DH-HMAC-CHAP secrets: every queue authenticates after
+	// Connect when the controller requires it (auth.go). Nil: none.
+	Auth *AuthConfig
 	// HeaderDigest and DataDigest enable NVMe/TCP digests on every queue.
 	HeaderDigest, DataDigest bool
 	// IOTimeout and AdminTimeout are per-command timeouts [30 s, 60 s].
@@ -242,7 +245,7 @@ func Connect(ctx context.Context, cfg ControllerConfig) (_ *Controller, err erro
 		}
 		c.io = append(c.io, &IOQueue{q})
 		q.SetInCapsuleSize(inCapsule)
-		if _, err := connectQueue(ctx, q, cfg.Host, cfg.SubsysNQN, c.cntlid, 0, cfg.AdminTimeout); err != nil {
+		if _, err := connectQueue(ctx, q, cfg.Host, cfg.SubsysNQN, c.cntlid, 0, cfg.AdminTimeout, cfg.Auth); err != nil {
 			return nil, err
 		}
 	}
@@ -275,7 +278,7 @@ func (c *Controller) connectAdmin(ctx context.Context) (err error) {
 	if c.admin, err = c.dialQueue(ctx, c.queueConfig(0, AdminQueueSize, cfg.AdminTimeout)); err != nil {
 		return err
 	}
-	c.cntlid, err = connectQueue(ctx, c.admin, cfg.Host, cfg.SubsysNQN, nvme.NVME_CNTLID_DYNAMIC, uint32(cfg.KATO/time.Millisecond), cfg.AdminTimeout)
+	c.cntlid, err = connectQueue(ctx, c.admin, cfg.Host, cfg.SubsysNQN, nvme.NVME_CNTLID_DYNAMIC, uint32(cfg.KATO/time.Millisecond), cfg.AdminTimeout, cfg.Auth)
 	if err != nil {
 		return err
 	}

@@ -146,7 +146,9 @@ func ValidateNQN(nqn string) error {
 
 // connect sends Fabrics Connect on q (nvmf_connect_admin_queue,
 // nvmf_connect_io_queue) and returns the controller ID.
-func connectQueue(ctx context.Context, q *Queue, host HostIdentity, subsysNQN string, cntlid uint16, kato uint32, timeout time.Duration) (uint16, error) {
+// When the controller requires it, the queue is then authenticated with
+// a (auth.go).
+func connectQueue(ctx context.Context, q *Queue, host HostIdentity, subsysNQN string, cntlid uint16, kato uint32, timeout time.Duration, a *AuthConfig) (uint16, error) {
 	data := (&nvme.ConnectData{HostID: host.ID, CNTLID: cntlid, SubsysNQN: subsysNQN, HostNQN: host.NQN}).Marshal()
 	req := &Request{Data: data, Write: true, Timeout: timeout}
 	req.Cmd.SetConnect(nvme.Connect{QID: q.QID(), SQSize: uint16(q.Size() - 1), KATO: kato})
@@ -156,6 +158,9 @@ func connectQueue(ctx context.Context, q *Queue, host HostIdentity, subsysNQN st
 			return 0, fmt.Errorf("nvmeof: connect queue %d to %s: %w", q.QID(), subsysNQN, err)
 		}
 		return 0, fmt.Errorf("nvmeof: connect queue %d: %w", q.QID(), err)
+	}
+	if err := authenticateQueue(ctx, q, a, host, subsysNQN, uint32(req.Result), timeout); err != nil {
+		return 0, err
 	}
 	return uint16(req.Result), nil
 }

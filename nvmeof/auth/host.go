@@ -34,6 +34,10 @@ type HostConfig struct {
 	DHGroups []DHGroupID
 	// Rand is the source of challenges and DH keys; nil is crypto/rand.
 	Rand io.Reader
+	// Trace, when set, sees every message sent and received (tests record
+	// transcripts with it). The messages hold no secret, but the session
+	// key follows from them and Rand's output.
+	Trace func(sent bool, msg []byte)
 }
 
 // AllHashes and AllDHGroups are what the Linux host offers.
@@ -89,6 +93,9 @@ const success1AL = success1Fixed + NVME_AUTH_MAX_DIGEST_SIZE
 func Authenticate(ctx context.Context, t Transport, cfg *HostConfig, tid uint16) (*Result, error) {
 	if cfg.Secret == nil {
 		return nil, errors.New("DH-HMAC-CHAP: no host secret")
+	}
+	if cfg.Trace != nil {
+		t = &tracer{t: t, trace: cfg.Trace}
 	}
 	x := &hostTransaction{cfg: cfg, t: t, tid: tid, rand: cfg.Rand}
 	if x.rand == nil {
@@ -155,7 +162,14 @@ func (x *hostTransaction) receive(ctx context.Context, al int, want string) ([]b
 	}
 	if h, err := ParseHeader(b); err == nil && h.AuthType == NVME_AUTH_COMMON_MESSAGES && h.AuthID == NVME_AUTH_DHCHAP_MESSAGE_FAILURE1 {
 		f, _ := ParseFailure(b)
-		return nil, &Error{Remote: true, Reason: f.Reason}
+		e := &Error{Remote: true, Reason: f.Reason}
+		if f.Reason == NVME_AUTH_DHCHAP_FAILURE_FAILED {
+			e.Detail = "the controller rejected the host: wrong host secret, or a host NQN it has no secret for"
+			if x.c2 != nil {
+				e.Detail += ", or it has no controller secret for bidirectional authentication"
+			}
+		}
+		return nil, e
 	}
 	return b, nil
 }
@@ -235,4 +249,22 @@ func (x *hostTransaction) fail2(ctx context.Context, aerr *Error) error {
 	f := &Failure{AuthID: NVME_AUTH_DHCHAP_MESSAGE_FAILURE2, TID: x.tid, Code: NVME_AUTH_DHCHAP_FAILURE_REASON_FAILED, Reason: aerr.Reason}
 	_ = x.t.Send(ctx, f.Marshal())
 	return aerr
+}
+
+type tracer struct {
+	t     Transport
+	trace func(bool, []byte)
+}
+
+func (t *tracer) Send(ctx context.Context, msg []byte) error {
+	t.trace(true, msg)
+	return t.t.Send(ctx, msg)
+}
+
+func (t *tracer) Receive(ctx context.Context, al int) ([]byte, error) {
+	b, err := t.t.Receive(ctx, al)
+	if err == nil {
+		t.trace(false, b)
+	}
+	return b, err
 }
