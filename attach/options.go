@@ -46,6 +46,8 @@ type Options struct {
 	// LinkWatch watches the link and route towards TrAddr (netlink): a
 	// link going down starts recovery at once instead of after KATO.
 	LinkWatch bool
+	// DH-HMAC-CHAP in-band authentication (auth.go).
+	AuthOptions
 }
 
 // Defaults as the Linux host (drivers/nvme/host/fabrics.h: NVMF_DEF_*).
@@ -150,7 +152,7 @@ func (o *Options) Validate() error {
 	if o.DevID < -1 || o.DevID > MaxDevID {
 		return invalid("--dev-id %d: must be -1 (the kernel picks) or 0-%d", o.DevID, MaxDevID)
 	}
-	return nil
+	return o.validateAuth()
 }
 
 // ValidateTarget checks the target's address and port only.

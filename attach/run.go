@@ -17,6 +17,7 @@ import (
 	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle/linkwatch"
 	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle/nvmeofconn"
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof"
+	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/auth"
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/nvme"
 	"github.com/ublk-nvmeof/ublk-nvmeof/ublk"
 )
@@ -131,6 +132,7 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 			IOQueues: o.NrIOQueues, QueueSize: o.QueueSize,
 			KATO: o.KeepAliveTmo, NoKeepAlive: o.KeepAliveTmo == 0,
 			HeaderDigest: o.HdrDigest, DataDigest: o.DataDigest,
+			Auth:   o.authConfig(),
 			Logger: logs.nvme,
 		},
 		NSID: o.NSID,
@@ -431,12 +433,13 @@ func classifyConnectError(o Options, err error) error {
 	var op *net.OpError
 	var st nvme.Status
 	var nse *nvmeofconn.NamespaceError
+	var ae *auth.Error // DH-HMAC-CHAP failed, either way
 	switch {
 	case errors.As(err, &nse):
 		return fmt.Errorf("%w: %d: %w", ErrNoNamespace, nse.NSID, nse.Err)
 	case errors.As(err, &op) && op.Op == "dial":
 		return fmt.Errorf("%w: %s: %w", ErrUnreachable, o.Addr(), err)
-	case errors.As(err, &st):
+	case errors.As(err, &st), errors.As(err, &ae), errors.Is(err, nvmeof.ErrAuthRequired):
 		return fmt.Errorf("%w: %s at %s: %w", ErrRejected, o.NQN, o.Addr(), err)
 	}
 	return fmt.Errorf("connect to %s: %w", o.Addr(), err)

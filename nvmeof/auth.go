@@ -2,6 +2,7 @@ package nvmeof
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync/atomic"
 	"time"
@@ -38,13 +39,16 @@ var authTestHook func(qid uint16, cfg *auth.HostConfig)
 // ctrl->transaction; any value is allowed, the controller echoes it).
 var authTransaction atomic.Uint32
 
-// authRequiredError is returned when the controller requires
-// authentication and no secret was given; it is not retried.
+// ErrAuthRequired is wrapped by the error returned when the controller
+// requires authentication and no secret was given; it is not retried.
+var ErrAuthRequired = errors.New("requires in-band authentication (DH-HMAC-CHAP) and no host secret was given")
+
 type authRequiredError struct{ subsys string }
 
 func (e *authRequiredError) Error() string {
-	return fmt.Sprintf("nvmeof: %s requires in-band authentication (DH-HMAC-CHAP) and no host secret was given", e.subsys)
+	return fmt.Sprintf("nvmeof: %s %v", e.subsys, ErrAuthRequired)
 }
+func (e *authRequiredError) Unwrap() error    { return ErrAuthRequired }
 func (e *authRequiredError) DoNotRetry() bool { return true }
 
 // authenticateQueue runs after a successful Connect whose response dword 0

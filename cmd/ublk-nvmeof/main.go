@@ -253,6 +253,14 @@ func connectCommand(stdout io.Writer, name, usage string, mustRecover bool) *cli
 			Action: func(_ *cli.Context, v string) error { _, err := attach.PprofListenAddr(v); return err }},
 		&cli.BoolFlag{Name: "link-watch", Usage: "watch the link and route to the target: recover at once when it goes down", EnvVars: env("LINK_WATCH")},
 		&cli.BoolFlag{Name: "recover", Usage: "take over the device a crashed daemon left for this target, if any", EnvVars: env("RECOVER")},
+		&cli.StringFlag{Name: "dhchap-secret-file", EnvVars: env("DHCHAP_SECRET_FILE"),
+			Usage: "file holding the host's DH-HMAC-CHAP secret (DHHC-1:..., nvme gen-dhchap-key), read again at every reconnect; the safe form: prefer it to --dhchap-secret"},
+		&cli.StringFlag{Name: "dhchap-ctrl-secret-file", EnvVars: env("DHCHAP_CTRL_SECRET_FILE"),
+			Usage: "file holding the controller's DH-HMAC-CHAP secret: the controller must authenticate too (bidirectional)"},
+		&cli.StringFlag{Name: "dhchap-secret", Aliases: []string{"S"}, EnvVars: env("DHCHAP_SECRET"),
+			Usage: "the host's DH-HMAC-CHAP secret itself; LEAKS: visible in ps (and in the unit's environment): use --dhchap-secret-file"},
+		&cli.StringFlag{Name: "dhchap-ctrl-secret", Aliases: []string{"C"}, EnvVars: env("DHCHAP_CTRL_SECRET"),
+			Usage: "the controller's DH-HMAC-CHAP secret itself; LEAKS as --dhchap-secret: use --dhchap-ctrl-secret-file"},
 	)
 	return &cli.Command{
 		Name:  name,
@@ -274,6 +282,10 @@ func connectCommand(stdout io.Writer, name, usage string, mustRecover bool) *cli
 				NSID: uint32(c.Uint("nsid")), DevID: c.Int("dev-id"), Recovery: c.Bool("recovery"),
 				RecoveryFailIO: c.Bool("recovery-fail-io"),
 				Recover:        c.Bool("recover"), MustRecover: mustRecover, LinkWatch: c.Bool("link-watch"),
+				AuthOptions: attach.AuthOptions{
+					DHChapSecret: c.String("dhchap-secret"), DHChapSecretFile: c.String("dhchap-secret-file"),
+					DHChapCtrlSecret: c.String("dhchap-ctrl-secret"), DHChapCtrlSecretFile: c.String("dhchap-ctrl-secret-file"),
+				},
 			}
 			if err := o.Validate(); err != nil {
 				return err

@@ -1,0 +1,148 @@
+package main
+
+import (
+	"bytes"
+	"crypto/rand"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/guest"
+)
+
+// Secrets made with nvme-cli 2.3 gen-dhchap-key.
+const (
+	authKeyA    = "DHHC-1:01:bHuByyp0b3RFSx1xQPMVO1HKmUWfzveoahfydpW4fNgSLMVm:"
+	authKeyB    = "DHHC-1:01:hu688yn1RDFCP9LNeEsWgy0Uqqe6cs1zhSjRdGMWD1TV8Hue:"
+	authKeyCtrl = "DHHC-1:03:6Sk/KoEx2yBxvZz2+MVzAw15dsEOjogC/Dcj/9iyvG4qXaA0fd0gfgsqx9dEplu9B2192fQw9dYGrvAEY/4u+zR22jo=:"
+	authKeyBad  = "DHHC-1:00:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh+KfiaR:"
+	authHostNQN = "nqn.2014-08.org.nvmexpress:uuid:8d1c6f0e-3b4a-4e59-a1d2-7c9e0f5b2a61"
+)
+
+// writeKey replaces path atomically with secret, as the README says to.
+func writeKey(t *testing.T, path, secret string) {
+	t.Helper()
+	if err := os.WriteFile(path+".new", []byte(secret+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(path+".new", path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func nvmetSet(t *testing.T, path, value string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(value), 0); err != nil {
+		t.Fatalf("%s = %q: %v", path, value, err)
+	}
+}
+
+// TestGuestAttachAuth: `attach` against Linux nvmet that requires
+// DH-HMAC-CHAP. Wrong host secret, wrong controller secret and no secret
+// exit 6 with one line and leave no device; with the right files the data
+// path works; a secret rotated on the target and in the file is used by
+// the next reconnect; a secret rotated on the target only ends the
+// reconnects at the first failure (not at ctrl-loss-tmo) with a clear
+// error and no device left.
+func TestGuestAttachAuth(t *testing.T) {
+	guest.Require(t)
+	t.Setenv("UBLK_NVMEOF_RUN_DIR", t.TempDir())
+	tg := guest.NewTarget(t, guest.TargetOptions{NQN: "nqn.2026-11.io.ublk-nvmeof:attach-auth", Device: "/dev/ram1", Port: 4481, PortID: 41})
+	sub := filepath.Join("/sys/kernel/config/nvmet/subsystems", tg.Opts.NQN)
+	host := filepath.Join("/sys/kernel/config/nvmet/hosts", authHostNQN)
+	nvmetSet(t, filepath.Join(sub, "attr_allow_any_host"), "0")
+	if err := os.Mkdir(host, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.Remove(host) })
+	if err := os.Symlink(host, filepath.Join(sub, "allowed_hosts", authHostNQN)); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.Remove(filepath.Join(sub, "allowed_hosts", authHostNQN)) })
+	nvmetSet(t, filepath.Join(host, "dhchap_key"), authKeyA)
+	nvmetSet(t, filepath.Join(host, "dhchap_ctrl_key"), authKeyCtrl)
+	nvmetSet(t, filepath.Join(host, "dhchap_hash"), "hmac(sha384)")
+	nvmetSet(t, filepath.Join(host, "dhchap_dhgroup"), "ffdhe3072")
+
+	dir := t.TempDir()
+	keyFile, ctrlFile, badFile := filepath.Join(dir, "host.key"), filepath.Join(dir, "ctrl.key"), filepath.Join(dir, "bad.key")
+	writeKey(t, keyFile, authKeyA)
+	writeKey(t, ctrlFile, authKeyCtrl)
+	writeKey(t, badFile, authKeyBad)
+	base := []string{"attach", "-a", "127.0.0.1", "-s", "4481", "-n", tg.Opts.NQN, "-q", authHostNQN, "-i", "1", "-c", "1", "-l", "20"}
+
+	for _, c := range []struct {
+		name string
+		args []string
+		msg  string
+	}{
+		{"wrong host secret", []string{"--dhchap-secret-file", badFile}, "rejected the host"},
+		{"wrong controller secret", []string{"--dhchap-secret-file", keyFile, "--dhchap-ctrl-secret-file", badFile}, "controller failed bidirectional authentication"},
+		{"no secret", nil, "requires in-band authentication"},
+	} {
+		start := time.Now()
+		_, stderr, code := runCLI(t, append(base, c.args...)...)
+		lines := strings.Split(strings.TrimSpace(stderr), "\n")
+		last := lines[len(lines)-1]
+		t.Logf("%s: exit %d after %v: %s", c.name, code, time.Since(start).Round(time.Millisecond), last)
+		if code != exitRejected || !strings.HasPrefix(last, "ublk-nvmeof: ") || !strings.Contains(last, c.msg) {
+			t.Errorf("%s: exit %d, stderr %q; want exit %d and a last line with %q", c.name, code, stderr, exitRejected, c.msg)
+		}
+		if devs := ublkDevices(t); len(devs) != 0 {
+			t.Fatalf("%s: devices left: %v", c.name, devs)
+		}
+	}
+
+	d := startAttach(t, append(base[1:], "--dhchap-secret-file", keyFile, "--dhchap-ctrl-secret-file", ctrlFile)...)
+	if err := guest.WaitFor(d.device, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	verify := func(off int64) {
+		t.Helper()
+		buf := guest.AlignedBuf(t, 1<<20)
+		if _, err := rand.Read(buf); err != nil {
+			t.Fatal(err)
+		}
+		guest.DirectIO(t, d.device, buf, off, true)
+		back := guest.AlignedBuf(t, 1<<20)
+		guest.DirectIO(t, "/dev/ram1", back, off, false)
+		if !bytes.Equal(back, buf) {
+			t.Fatal("the RAM disk differs from what was written through ublk")
+		}
+	}
+	verify(0)
+
+	// Rotation on both sides, then a forced reconnect: the daemon reads
+	// the file again and the new association authenticates with B (A is
+	// refused by now, so I/O completing proves it).
+	nvmetSet(t, filepath.Join(host, "dhchap_key"), authKeyB)
+	writeKey(t, keyFile, authKeyB)
+	if err := tg.DeleteControllers(); err != nil {
+		t.Fatal(err)
+	}
+	verify(1 << 20)
+
+	// Rotation on the target only: the next reconnect fails
+	// authentication, which ends the retries at once (not after
+	// ctrl-loss-tmo) with a clear error, and the device goes away.
+	nvmetSet(t, filepath.Join(host, "dhchap_key"), authKeyA)
+	start := time.Now()
+	if err := tg.DeleteControllers(); err != nil {
+		t.Fatal(err)
+	}
+	code := d.wait(t)
+	stderr := d.stderr.String()
+	lines := strings.Split(strings.TrimSpace(stderr), "\n")
+	last := lines[len(lines)-1]
+	t.Logf("after a target-only rotation: exit %d after %v: %s", code, time.Since(start).Round(time.Millisecond), last)
+	// "not retrying": lifecycle stopped on the DNR-like error, instead of
+	// retrying until ctrl-loss-tmo.
+	if code != exitLost || !strings.Contains(last, "rejected the host") || !strings.Contains(last, "not retrying") {
+		t.Fatalf("exit %d, last line %q", code, last)
+	}
+	if devs := ublkDevices(t); len(devs) != 0 {
+		t.Fatalf("devices left: %v", devs)
+	}
+}

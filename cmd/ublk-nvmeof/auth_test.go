@@ -1,0 +1,47 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestDHChapOptions: a bad secret, from the command line, the environment
+// or a file, is a usage error on one line that does not repeat it.
+func TestDHChapOptions(t *testing.T) {
+	const bad = "DHHC-1:01:cHuByyp0b3RFSx1xQPMVO1HKmUWfzveoahfydpW4fNgSLMVm:" // CRC mismatch
+	file := filepath.Join(t.TempDir(), "key")
+	if err := os.WriteFile(file, []byte(bad), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	base := []string{"attach", "-a", "127.0.0.1", "-n", "nqn.2014-08.org.example:x"}
+	for _, tc := range []struct {
+		args []string
+		env  string
+		want string
+	}{
+		{[]string{"-S", bad}, "", "--dhchap-secret: invalid DH-HMAC-CHAP secret: CRC mismatch"},
+		{[]string{"--dhchap-secret-file", file}, "", "--dhchap-secret-file: " + file},
+		{[]string{"-C", bad}, "", "--dhchap-ctrl-secret needs --dhchap-secret"},
+		{nil, "UBLK_NVMEOF_DHCHAP_SECRET=" + bad, "--dhchap-secret: invalid DH-HMAC-CHAP secret"},
+	} {
+		if tc.env != "" {
+			k, v, _ := strings.Cut(tc.env, "=")
+			t.Setenv(k, v)
+		}
+		_, stderr, code := runCLI(t, append(base, tc.args...)...)
+		if code != exitUsage || !strings.Contains(stderr, tc.want) || strings.Count(stderr, "\n") != 1 || strings.Contains(stderr, "cHuByyp0") {
+			t.Errorf("%v %s: exit %d, stderr %q; want %d with %q", tc.args, tc.env, code, stderr, exitUsage, tc.want)
+		}
+		if tc.env != "" {
+			os.Unsetenv(strings.SplitN(tc.env, "=", 2)[0])
+		}
+	}
+	out, _, _ := runCLI(t, "attach", "--help")
+	for _, want := range []string{"--dhchap-secret-file", "--dhchap-ctrl-secret-file", "-S", "-C", "LEAKS", "UBLK_NVMEOF_DHCHAP_SECRET_FILE"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("attach --help lacks %q", want)
+		}
+	}
+}
