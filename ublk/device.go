@@ -25,6 +25,12 @@ type Device struct {
 	errs   []error        // per queue loop result, written before wg.Done
 	done   chan struct{}  // closed when every queue loop returned
 
+	// sizeMu orders Resize against Stop (resize.go); it guards size,
+	// the device's size in bytes, and stopping.
+	sizeMu   sync.Mutex
+	size     uint64
+	stopping bool
+
 	stopOnce  sync.Once
 	stopErr   error
 	closeOnce sync.Once
@@ -61,6 +67,7 @@ func (c *Control) Create(ctx context.Context, o Options, b Backend) (*Device, er
 	}
 	// The kernel may have lowered the buffer size (it rounds to pages).
 	d.params.MaxIOBytes = min(d.params.MaxIOBytes, info.MaxIOBytes)
+	d.size = d.params.Size
 	if err := c.setParams(ctx, info.ID, &d.params); err != nil {
 		return undo(err)
 	}
@@ -124,7 +131,7 @@ func (c *Control) Recover(ctx context.Context, id int, b Backend) (*Device, erro
 	if err != nil {
 		return nil, err
 	}
-	d := &Device{ctrl: c, info: info, params: params, cdev: -1, log: c.logger().With("ublk", id)}
+	d := &Device{ctrl: c, info: info, params: params, size: params.Size, cdev: -1, log: c.logger().With("ublk", id)}
 	d.params.MaxIOBytes = min(d.params.MaxIOBytes, info.MaxIOBytes)
 	if err := d.startQueues(ctx, b); err != nil {
 		// Leave the device for another attempt: it is still recoverable.
@@ -254,8 +261,12 @@ func (d *Device) ID() int { return d.info.ID }
 // Info is the device as created (or found at recovery).
 func (d *Device) Info() DeviceInfo { return d.info }
 
-// Params are the device's parameters.
-func (d *Device) Params() Params { return d.params }
+// Params are the device's parameters, with its size as Resize last set it.
+func (d *Device) Params() Params {
+	p := d.params
+	p.Size = d.Size()
+	return p
+}
 
 // BlockDevice is the block node, /dev/ublkbN.
 func (d *Device) BlockDevice() string { return d.info.BlockDevice() }
@@ -298,6 +309,7 @@ func (d *Device) Stop(ctx context.Context) error {
 }
 
 func (d *Device) stop(ctx context.Context) error {
+	d.noMoreResize()
 	var errs []error
 	err := d.ctrl.stopDev(ctx, d.info.ID)
 	if err != nil && !errors.Is(err, unix.ENODEV) {

@@ -53,7 +53,7 @@ var featureTable = [...]featureInfo{
 	{"USER_COPY", "6.4"},
 	{"ZONED", "6.6"},
 	{"USER_RECOVERY_FAIL_IO", "6.13"},
-	{"UPDATE_SIZE", "6.14"},
+	{"UPDATE_SIZE", "6.16"}, // 98b995660bff, merged for 6.16
 	{"AUTO_BUF_REG", "6.16"},
 	{"QUIESCE", "6.16"},
 	{"PER_IO_DAEMON", ""},

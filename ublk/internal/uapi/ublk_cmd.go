@@ -60,6 +60,10 @@ var (
 	UBLK_U_CMD_GET_DEV_INFO2       = _IOR('u', UBLK_CMD_GET_DEV_INFO2, ctrlCmdSize)
 	UBLK_U_CMD_GET_FEATURES        = _IOR('u', 0x13, ctrlCmdSize) // 6.5, no legacy form
 	UBLK_U_CMD_DEL_DEV_ASYNC       = _IOR('u', 0x14, ctrlCmdSize) // 6.9
+	// UBLK_U_CMD_UPDATE_SIZE sets a started device's size to data[0]
+	// sectors of 512 bytes (set_capacity_and_notify). 6.16 (98b995660bff),
+	// with UBLK_F_UPDATE_SIZE; no legacy form.
+	UBLK_U_CMD_UPDATE_SIZE = _IOWR('u', 0x15, ctrlCmdSize)
 )
 
 // Legacy and ioctl-encoded I/O command opcodes, issued on /dev/ublkcN
@@ -107,7 +111,7 @@ const (
 	UBLK_F_USER_COPY              = 1 << 7  // 6.4
 	UBLK_F_ZONED                  = 1 << 8  // 6.6
 	UBLK_F_USER_RECOVERY_FAIL_IO  = 1 << 9  // 6.13
-	UBLK_F_UPDATE_SIZE            = 1 << 10 // 6.14
+	UBLK_F_UPDATE_SIZE            = 1 << 10 // 6.16
 	UBLK_F_AUTO_BUF_REG           = 1 << 11 // 6.16
 	UBLK_F_QUIESCE                = 1 << 12 // 6.16
 	UBLK_F_PER_IO_DAEMON          = 1 << 13 // 6.16
