@@ -81,8 +81,8 @@ type Block interface {
 }
 
 // Namespace is the identity of a namespace (Identify Namespace and the
-// Namespace Identification Descriptor list). A reconnect must find the same
-// one.
+// Namespace Identification Descriptor list) and its size. A reconnect must
+// find the same identity; the size may change (namespace.go).
 type Namespace struct {
 	NSID      uint32
 	NGUID     [16]byte
@@ -90,26 +90,6 @@ type Namespace struct {
 	UUID      [16]byte
 	Blocks    uint64 // NSZE
 	BlockSize uint32 // of the LBA format in use
-}
-
-// sameAs returns an error describing the first difference between n (the
-// namespace first connected to) and o (the one found on reconnect).
-func (n Namespace) sameAs(o Namespace) error {
-	switch {
-	case n.NSID != o.NSID:
-		return fmt.Errorf("NSID %d, was %d", o.NSID, n.NSID)
-	case n.NGUID != o.NGUID:
-		return fmt.Errorf("NGUID %x, was %x", o.NGUID, n.NGUID)
-	case n.EUI64 != o.EUI64:
-		return fmt.Errorf("EUI64 %x, was %x", o.EUI64, n.EUI64)
-	case n.UUID != o.UUID:
-		return fmt.Errorf("UUID %x, was %x", o.UUID, n.UUID)
-	case n.Blocks != o.Blocks:
-		return fmt.Errorf("size %d blocks, was %d", o.Blocks, n.Blocks)
-	case n.BlockSize != o.BlockSize:
-		return fmt.Errorf("block size %d, was %d", o.BlockSize, n.BlockSize)
-	}
-	return nil
 }
 
 var (
@@ -122,7 +102,8 @@ var (
 	// ErrRetriesExhausted: an I/O failed on the path more times than
 	// Options.MaxRetries.
 	ErrRetriesExhausted = fmt.Errorf("path error retries exhausted: %w", syscall.EIO)
-	// ErrNamespaceChanged: a reconnect found a different namespace.
+	// ErrNamespaceChanged: a reconnect or a change event found a
+	// different namespace.
 	ErrNamespaceChanged = errors.New("namespace changed across reconnect")
 	// ErrLinkDown: the link or route towards the target went down.
 	ErrLinkDown = errors.New("link to target down")

@@ -100,12 +100,15 @@ type Controller struct {
 
 	// Owned by the supervisor goroutine (and Start before it runs).
 	keeper *keepalive.Keeper
-	ns     Namespace // identity found by the first connect
+
+	// resizeMu serializes resizes of the block device (namespace.go).
+	resizeMu sync.Mutex
 
 	mu         sync.Mutex
-	conn       Conn   // the association; nil while there is none
-	gen        uint64 // association generation; errors from older ones are stale
-	pendingErr error  // first error reported for gen
+	ns         Namespace // found by the first connect; its size follows resizes
+	conn       Conn      // the association; nil while there is none
+	gen        uint64    // association generation; errors from older ones are stale
+	pendingErr error     // first error reported for gen
 	block      Block
 	failfast   bool          // fast_io_fail_tmo expired while reconnecting
 	wake       chan struct{} // closed and replaced when state or failfast changes
@@ -171,8 +174,13 @@ func (c *Controller) States() *StateMachine { return c.sm }
 // State returns the current state.
 func (c *Controller) State() State { return c.sm.State() }
 
-// Namespace returns the namespace identity found by the first connect.
-func (c *Controller) Namespace() Namespace { return c.ns }
+// Namespace returns the namespace identity found by the first connect,
+// with its current size.
+func (c *Controller) Namespace() Namespace {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.ns
+}
 
 // Done is closed when the controller is DEAD and every goroutine it started
 // has returned.
@@ -190,8 +198,11 @@ func (c *Controller) Err() error {
 // Start.
 func (c *Controller) SetBlock(b Block) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	c.block = b
+	c.mu.Unlock()
+	if _, ok := b.(Resizer); ok {
+		c.fitBlock() // a device taken over may have another size
+	}
 }
 
 // Start makes the first association and makes the controller LIVE. As with
@@ -215,7 +226,9 @@ func (c *Controller) Start(ctx context.Context) error {
 		close(c.done)
 		return err
 	}
+	c.mu.Lock()
 	c.ns = conn.Namespace()
+	c.mu.Unlock()
 	c.goLive(conn, "connected")
 	go c.run()
 	return nil
@@ -401,6 +414,10 @@ func (c *Controller) run() {
 			c.remove(errors.New("deleted"))
 			return
 		}
+		if errors.Is(cause, ErrNamespaceChanged) {
+			c.remove(cause) // never resume I/O onto a different namespace
+			return
+		}
 		c.log.Warn("controller error, recovering", "err", cause)
 		if !c.recoverAndReconnect(cause) {
 			return
@@ -411,6 +428,9 @@ func (c *Controller) run() {
 // waitForTrouble waits, while LIVE, for an error of the current association
 // or a delete request.
 func (c *Controller) waitForTrouble() (cause error, deleted bool) {
+	c.mu.Lock()
+	nsChanged := namespaceChanges(c.conn)
+	c.mu.Unlock()
 	for {
 		// A delete wins over an error reported at the same time: Hurry
 		// shuts the sockets right after requesting it, and the I/O
@@ -432,6 +452,10 @@ func (c *Controller) waitForTrouble() (cause error, deleted bool) {
 		case <-c.kick:
 		case err := <-c.keepAliveFailed():
 			return err, false
+		case ns := <-nsChanged:
+			if err := c.namespaceChanged(ns); err != nil {
+				return err, false
+			}
 		}
 	}
 }
@@ -493,10 +517,11 @@ func (c *Controller) recoverAndReconnect(cause error) bool {
 			cause = err
 			continue
 		}
-		if err := c.ns.sameAs(conn.Namespace()); err != nil {
-			// Never resume I/O onto a different namespace.
+		// The same namespace, perhaps resized (the device follows);
+		// never resume I/O onto a different one.
+		if err := c.adoptNamespace(conn.Namespace()); err != nil {
 			c.releaseConn(conn)
-			c.remove(fmt.Errorf("%w: %v", ErrNamespaceChanged, err))
+			c.remove(err)
 			return false
 		}
 		c.goLive(conn, "reconnected")

@@ -408,27 +408,6 @@ func TestNamespaceChangedOnReconnect(t *testing.T) {
 	h.finish() // the second association was released in order too
 }
 
-func TestNamespaceSameAs(t *testing.T) {
-	base := Namespace{NSID: 1, NGUID: [16]byte{1}, EUI64: [8]byte{2}, UUID: [16]byte{3}, Blocks: 100, BlockSize: 512}
-	if err := base.sameAs(base); err != nil {
-		t.Fatal(err)
-	}
-	for i, mut := range []func(*Namespace){
-		func(n *Namespace) { n.NSID = 2 },
-		func(n *Namespace) { n.NGUID[15] = 1 },
-		func(n *Namespace) { n.EUI64[7] = 1 },
-		func(n *Namespace) { n.UUID[15] = 1 },
-		func(n *Namespace) { n.Blocks = 101 },
-		func(n *Namespace) { n.BlockSize = 4096 },
-	} {
-		o := base
-		mut(&o)
-		if base.sameAs(o) == nil {
-			t.Errorf("mutation %d not detected", i)
-		}
-	}
-}
-
 func TestDeleteWhileReconnectWaiting(t *testing.T) {
 	h := newHarness(t, nil)
 	h.tgt.lastConn().onError(errSocket)

@@ -24,8 +24,10 @@
 // error on I/O starts error recovery: RESETTING, teardown, CONNECTING,
 // then a reconnect every reconnect_delay until ctrl_loss_tmo (at once, as
 // an extra attempt, when the link watch sees the path come back); a Connect
-// rejected with DNR, a different namespace found on reconnect, or
-// ctrl_loss_tmo delete the controller. An I/O that failed with a Path
+// rejected with DNR, a different namespace found on reconnect or after a
+// namespace-changed event, or ctrl_loss_tmo delete the controller. The same
+// namespace with a new size keeps the device and resizes it; a namespace no
+// longer active starts recovery (namespace.go). An I/O that failed with a Path
 // Related Status (SCT 3) without DNR starts no recovery: the controller
 // answered, so Do retries it on the same association. Everything else only
 // signals the supervisor, so no callback ever tears down inline, and

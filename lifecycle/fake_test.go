@@ -80,14 +80,18 @@ type fakeTarget struct {
 	kaAllocated func(ctx context.Context)
 	// connected is signalled at every successful connect, when set.
 	connected chan *fakeConn
+	// nsEvents is every association's NamespaceChanged channel
+	// (namespace_test.go).
+	nsEvents chan Namespace
 }
 
 func newFakeTarget(v *violations) *fakeTarget {
 	return &fakeTarget{
-		v:    v,
-		ns:   Namespace{NSID: 1, NGUID: [16]byte{1, 2, 3}, Blocks: 1 << 20, BlockSize: 4096},
-		kato: 4 * time.Second,
-		data: map[uint64]uint64{},
+		v:        v,
+		ns:       Namespace{NSID: 1, NGUID: [16]byte{1, 2, 3}, Blocks: 1 << 20, BlockSize: 4096},
+		kato:     4 * time.Second,
+		data:     map[uint64]uint64{},
+		nsEvents: make(chan Namespace),
 	}
 }
 
