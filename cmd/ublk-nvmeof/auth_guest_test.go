@@ -1,11 +1,15 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"crypto/rand"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -18,7 +22,8 @@ const (
 	authKeyB    = "DHHC-1:01:hu688yn1RDFCP9LNeEsWgy0Uqqe6cs1zhSjRdGMWD1TV8Hue:"
 	authKeyCtrl = "DHHC-1:03:6Sk/KoEx2yBxvZz2+MVzAw15dsEOjogC/Dcj/9iyvG4qXaA0fd0gfgsqx9dEplu9B2192fQw9dYGrvAEY/4u+zR22jo=:"
 	authKeyBad  = "DHHC-1:00:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh+KfiaR:"
-	authHostNQN = "nqn.2014-08.org.nvmexpress:uuid:8d1c6f0e-3b4a-4e59-a1d2-7c9e0f5b2a61"
+	authHostID  = "8d1c6f0e-3b4a-4e59-a1d2-7c9e0f5b2a61"
+	authHostNQN = "nqn.2014-08.org.nvmexpress:uuid:" + authHostID
 )
 
 // writeKey replaces path atomically with secret, as the README says to.
@@ -144,5 +149,93 @@ func TestGuestAttachAuth(t *testing.T) {
 	}
 	if devs := ublkDevices(t); len(devs) != 0 {
 		t.Fatalf("devices left: %v", devs)
+	}
+}
+
+// startServe runs `serve` with args and returns when it listens.
+func startServe(t *testing.T, args ...string) {
+	t.Helper()
+	srv := exec.Command(os.Args[0], append([]string{"serve"}, args...)...)
+	srv.Env = append(os.Environ(), envRunMain+"=1")
+	var stderr lockedBuffer
+	srv.Stderr = &stderr
+	stdout, err := srv.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = srv.Process.Signal(syscall.SIGTERM)
+		if err := srv.Wait(); err != nil {
+			t.Errorf("serve: %v\n%s", err, stderr.String())
+		}
+	})
+	if _, err := bufio.NewReader(stdout).ReadString('\n'); err != nil {
+		t.Fatalf("serve did not start: %v\n%s", err, stderr.String())
+	}
+}
+
+// TestGuestKernelInitiatorToServeAuth: the Linux kernel's nvme-tcp
+// initiator (nvme connect -S ... -C ...) authenticates with `serve`, the
+// in-process target's controller side, for several hashes and groups,
+// uni- and bidirectionally; data written through /dev/nvmeXnY is in the
+// exported file. A wrong host secret, or a controller secret serve does
+// not hold, is refused by the kernel's connect.
+func TestGuestKernelInitiatorToServeAuth(t *testing.T) {
+	guest.Require(t)
+	dir := t.TempDir()
+	keyFile, ctrlFile := filepath.Join(dir, "host.key"), filepath.Join(dir, "ctrl.key")
+	writeKey(t, keyFile, authKeyA)
+	writeKey(t, ctrlFile, authKeyCtrl)
+	for i, tc := range []struct {
+		hash, group string
+		bidi        bool
+	}{
+		{"sha256", "null", false},
+		{"sha384", "ffdhe2048", true},
+		{"sha512", "ffdhe4096", true},
+	} {
+		t.Run(tc.hash+"/"+tc.group, func(t *testing.T) {
+			port := 4482 + i
+			nqn := "nqn.2026-11.io.ublk-nvmeof:serve-auth"
+			file := filepath.Join(dir, "ns"+tc.hash)
+			startServe(t, "--listen", "127.0.0.1:"+strconv.Itoa(port), "--nqn", nqn, "--file", file, "--size", "8M",
+				"--dhchap-secret-file", keyFile, "--dhchap-ctrl-secret-file", ctrlFile, "--dhchap-hash", tc.hash, "--dhchap-dhgroup", tc.group)
+			tg := &guest.Target{Opts: guest.TargetOptions{NQN: nqn, Addr: "127.0.0.1", Port: port, NSID: 1}}
+			opts := []string{"hostnqn=" + authHostNQN, "hostid=" + authHostID, "dhchap_secret=" + authKeyA}
+			if tc.bidi {
+				opts = append(opts, "dhchap_ctrl_secret="+authKeyCtrl)
+			}
+			kc, err := guest.ConnectKernel(tg, opts...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			pattern := guest.AlignedBuf(t, 1<<20)
+			if _, err := rand.Read(pattern); err != nil {
+				t.Fatal(err)
+			}
+			guest.DirectIO(t, kc.NamespaceDevice(1), pattern, 1<<20, true)
+			if err := kc.Disconnect(); err != nil {
+				t.Fatal(err)
+			}
+			b, err := os.ReadFile(file)
+			if err != nil || len(b) < 2<<20 || !bytes.Equal(b[1<<20:2<<20], pattern) {
+				t.Fatalf("the exported file differs from what the kernel wrote (%v)", err)
+			}
+
+			for name, bad := range map[string][]string{
+				"wrong host secret":       {"hostnqn=" + authHostNQN, "hostid=" + authHostID, "dhchap_secret=" + authKeyBad},
+				"wrong controller secret": {"hostnqn=" + authHostNQN, "hostid=" + authHostID, "dhchap_secret=" + authKeyA, "dhchap_ctrl_secret=" + authKeyBad},
+			} {
+				if kc, err := guest.ConnectKernel(tg, bad...); err == nil {
+					_ = kc.Disconnect()
+					t.Fatalf("%s: the kernel connected", name)
+				} else {
+					t.Logf("%s: %v", name, err)
+				}
+			}
+		})
 	}
 }

@@ -8,7 +8,8 @@ import (
 )
 
 // TestDHChapOptions: a bad secret, from the command line, the environment
-// or a file, is a usage error on one line that does not repeat it.
+// or a file, is a usage error on one line that does not repeat it; so are
+// serve's bad settings.
 func TestDHChapOptions(t *testing.T) {
 	const bad = "DHHC-1:01:cHuByyp0b3RFSx1xQPMVO1HKmUWfzveoahfydpW4fNgSLMVm:" // CRC mismatch
 	file := filepath.Join(t.TempDir(), "key")
@@ -36,6 +37,25 @@ func TestDHChapOptions(t *testing.T) {
 		}
 		if tc.env != "" {
 			os.Unsetenv(strings.SplitN(tc.env, "=", 2)[0])
+		}
+	}
+	good := filepath.Join(t.TempDir(), "good")
+	if err := os.WriteFile(good, []byte("DHHC-1:01:bHuByyp0b3RFSx1xQPMVO1HKmUWfzveoahfydpW4fNgSLMVm:\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	serve := []string{"serve", "--listen", "127.0.0.1:0", "--nqn", "nqn.2014-08.org.example:x", "--size", "1M"}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--dhchap-secret-file", file}, "--dhchap-secret-file: " + file},
+		{[]string{"--dhchap-ctrl-secret-file", good}, "--dhchap-ctrl-secret-file needs --dhchap-secret-file"},
+		{[]string{"--dhchap-secret-file", good, "--dhchap-hash", "md5"}, "--dhchap-hash: unknown DH-HMAC-CHAP hash"},
+		{[]string{"--dhchap-secret-file", good, "--dhchap-dhgroup", "ffdhe1024"}, "--dhchap-dhgroup: unknown DH-HMAC-CHAP DH group"},
+	} {
+		_, stderr, code := runCLI(t, append(serve, tc.args...)...)
+		if code != exitUsage || !strings.Contains(stderr, tc.want) || strings.Count(stderr, "\n") != 1 {
+			t.Errorf("serve %v: exit %d, stderr %q; want %d with %q", tc.args, code, stderr, exitUsage, tc.want)
 		}
 	}
 	out, _, _ := runCLI(t, "attach", "--help")

@@ -20,14 +20,14 @@ func serveCommand(stdout io.Writer) *cli.Command {
 	return &cli.Command{
 		Name:  "serve",
 		Usage: "export a file, block device or memory as an NVMe/TCP subsystem (the in-process target; for tests and demos)",
-		Flags: []cli.Flag{
+		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:4420", Usage: "address to listen on (port 0: any free port)", EnvVars: env("SERVE_LISTEN")},
 			&cli.StringFlag{Name: "nqn", Aliases: []string{"n"}, Usage: "subsystem NQN", EnvVars: env("SERVE_NQN")},
 			&cli.StringFlag{Name: "file", Usage: "file or block device to export (created if missing)", EnvVars: env("SERVE_FILE")},
 			&cli.StringFlag{Name: "size", Usage: "size: memory to export, or to grow --file to (e.g. 64M, 1G)", EnvVars: env("SERVE_SIZE")},
 			&cli.IntFlag{Name: "block-size", Value: 512, Usage: "logical block size, a power of two from 512 to 65536", EnvVars: env("SERVE_BLOCK_SIZE")},
 			&cli.StringSliceFlag{Name: "allow-host", Usage: "host NQN allowed to connect (repeatable; default: any)", EnvVars: env("SERVE_ALLOW_HOST")},
-		},
+		}, serveAuthFlags()...),
 		Action: func(c *cli.Context) error {
 			nqn := c.String("nqn")
 			if err := nvmeof.ValidateNQN(nqn); err != nil {
@@ -67,7 +67,11 @@ func serveCommand(stdout io.Writer) *cli.Command {
 				}
 			}
 
-			t := target.New(target.Config{AllowedHosts: c.StringSlice("allow-host")})
+			authCfg, err := serveAuth(c)
+			if err != nil {
+				return err
+			}
+			t := target.New(target.Config{AllowedHosts: c.StringSlice("allow-host"), Auth: authCfg})
 			defer t.Close()
 			sub, err := t.AddSubsystem(nqn)
 			if err != nil {

@@ -33,6 +33,7 @@ type conn struct {
 
 	// Owned by the serve goroutine.
 	ctrl     *controller
+	auth     *connAuth           // DH-HMAC-CHAP, set at Connect (auth.go)
 	pending  map[uint16]*command // writes waiting for H2CData, by command ID
 	nextTTag uint16
 
@@ -253,7 +254,7 @@ func (c *conn) receive(cmd *command, inCapsule bool) error {
 // (opcode bits 1:0 = 01b; Connect for fabrics commands).
 func hostToController(cmd *nvme.Command) bool {
 	if cmd.Opcode() == nvme.NVME_FABRICS_COMMAND {
-		return cmd.FabricsType() == nvme.NVME_FABRICS_TYPE_CONNECT
+		return cmd.FabricsType() == nvme.NVME_FABRICS_TYPE_CONNECT || cmd.FabricsType() == nvme.NVME_FABRICS_TYPE_AUTH_SEND
 	}
 	return cmd.Opcode()&3 == 1
 }
@@ -269,6 +270,8 @@ func (c *conn) execute(cmd *command) {
 	switch {
 	case cmd.fault != nil && cmd.fault.Status.Code() != nvme.NVME_SC_SUCCESS:
 		st = cmd.fault.Status
+	case c.authBlocks(&cmd.cmd):
+		st = nvme.NVME_SC_AUTH_REQUIRED | nvme.NVME_STATUS_DNR
 	case c.qid == 0 || cmd.cmd.Opcode() == nvme.NVME_FABRICS_COMMAND:
 		st, result, out = c.executeAdmin(cmd)
 	default:

@@ -53,6 +53,8 @@ func (c *conn) executeAdmin(cmd *command) (nvme.Status, uint64, []byte) {
 		switch cmd.cmd.FabricsType() {
 		case nvme.NVME_FABRICS_TYPE_CONNECT:
 			return c.connect(cmd)
+		case nvme.NVME_FABRICS_TYPE_AUTH_SEND, nvme.NVME_FABRICS_TYPE_AUTH_RECEIVE:
+			return c.authCommand(cmd)
 		case nvme.NVME_FABRICS_TYPE_PROPERTY_GET, nvme.NVME_FABRICS_TYPE_PROPERTY_SET:
 			if c.ctrl == nil || c.qid != 0 {
 				return nvme.NVME_SC_CMD_SEQ_ERROR | nvme.NVME_STATUS_DNR, 0, nil
@@ -163,7 +165,7 @@ func (c *conn) connect(cmd *command) (nvme.Status, uint64, []byte) {
 	c.qid, c.sqsize, c.sqhdDisabled = f.QID, f.SQSize, f.CAttr&(1<<2) != 0
 	c.wmu.Unlock()
 	c.ctrl = ctrl
-	return nvme.NVME_SC_SUCCESS, uint64(ctrl.cntlid), nil
+	return nvme.NVME_SC_SUCCESS, uint64(ctrl.cntlid) | c.startAuth(subsys, d.HostNQN), nil
 }
 
 // detach is called when a connection of the controller closes. Losing the

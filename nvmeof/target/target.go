@@ -23,6 +23,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/auth"
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/nvme"
 )
 
@@ -52,7 +53,11 @@ type Config struct {
 	// AllowedHosts, if not empty, is the list of host NQNs that may
 	// connect to NVM subsystems.
 	AllowedHosts []string
-	Logger       *slog.Logger
+	// Auth, when set, gives the DH-HMAC-CHAP settings for a host
+	// connecting to a subsystem (nil: no authentication): every queue of
+	// such a host must authenticate after Connect (auth.go).
+	Auth   func(hostNQN, subsysNQN string) *auth.ControllerConfig
+	Logger *slog.Logger
 }
 
 // Target is an in-process NVMe/TCP target.
