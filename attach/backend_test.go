@@ -290,6 +290,9 @@ func TestConnectorNamespaceAndRTT(t *testing.T) {
 		conn.FreeIOQueues()
 		conn.FreeAdminQueue()
 	}()
+	if err := conn.ConnectIOQueues(ctx); err != nil {
+		t.Fatal(err)
+	}
 	if ns, queues := k.First(); ns == nil || ns.NSID != 1 || queues != 1 {
 		t.Fatalf("first association: namespace %v, %d queues", ns, queues)
 	}

@@ -56,6 +56,9 @@ func TestDeviceFollowsControllerLimits(t *testing.T) {
 		conn.FreeIOQueues()
 		conn.FreeAdminQueue()
 	}()
+	if err := conn.ConnectIOQueues(context.Background()); err != nil {
+		t.Fatal(err)
+	}
 	// run.go: depth := min(connector.FirstQueueSize()-1, 4096)
 	if n := k.FirstQueueSize(); n != 16 {
 		t.Errorf("negotiated queue size %d, want 16 (MAXCMD)", n)

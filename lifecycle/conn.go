@@ -10,26 +10,40 @@ import (
 	"github.com/ublk-nvmeof/ublk-nvmeof/keepalive"
 )
 
-// Connector makes a new association with the controller: the admin queue
-// (fabrics Connect with KATO, Identify, Set Features) and the I/O queues.
+// Connector makes a new association with the controller, in two phases,
+// as the Linux host does since 6.7 (4733b65d82bd, "nvme: start keep-alive
+// after admin queue setup"): Connect makes the admin queue (fabrics Connect
+// with KATO, enable, Identify, Set Features) and identifies the namespace;
+// lifecycle then starts keep-alive on it and calls Conn.ConnectIOQueues.
+// Connecting many I/O queues over a slow link can so not outlast KATO.
 //
 // onError must be called when the association fails while it is in use: a
 // socket error, a command timeout, a C2HTermReq. It may be called from any
 // goroutine, any number of times, also during Connect; it only records the
 // error and wakes the controller, it never blocks or tears anything down.
 //
-// A Connect that fails must have released everything it set up. An error
+// A Connect that fails must have released everything it set up. A
+// ConnectIOQueues that fails leaves the association to lifecycle, which
+// tears it down in the teardown order (keep-alive stopped first). An error
 // whose chain has a method DoNotRetry() bool or DNR() bool returning true
 // (a Connect response with the DNR bit set) stops reconnect attempts.
 type Connector interface {
 	Connect(ctx context.Context, onError func(error)) (Conn, error)
 }
 
-// Conn is one association. lifecycle calls the teardown methods in this
-// order, once each: Shutdown, WaitIdle, FreeIOQueues, FreeAdminQueue;
-// Shutdown may come from the goroutine calling Controller.Hurry, the others
-// come from the supervisor. A Conn must be comparable (a pointer).
+// Conn is one association. lifecycle calls ConnectIOQueues once, after
+// Connect and with keep-alive running; then, to tear it down, these in
+// this order, once each: Shutdown, WaitIdle, FreeIOQueues, FreeAdminQueue. Shutdown may come from
+// the goroutine calling Controller.Hurry, the others come from the
+// supervisor. A Conn must be comparable (a pointer).
 type Conn interface {
+	// ConnectIOQueues connects the I/O queues, while keep-alive runs on
+	// the admin queue. It must return promptly once ctx is cancelled
+	// (lifecycle cancels it when a keep-alive fails, or on delete). If it
+	// fails, lifecycle tears the association down: the I/O queues
+	// connected so far are freed by FreeIOQueues.
+	ConnectIOQueues(ctx context.Context) error
+
 	// KeepAlive sends one Keep Alive on the admin queue; see
 	// keepalive.Sender for what it must do when ctx is cancelled.
 	keepalive.Sender

@@ -323,18 +323,64 @@ func (c *Controller) reportError(gen uint64, err error) {
 }
 
 // connect makes a new association whose errors are reported under a new
-// generation.
+// generation: the admin queue, then keep-alive on it, then the I/O queues
+// (Connector). A failure after the admin queue was made tears the
+// association down here, keep-alive first (discardConn).
 func (c *Controller) connect(ctx context.Context) (Conn, error) {
 	c.mu.Lock()
 	c.gen++
 	gen := c.gen
 	c.pendingErr = nil
 	c.mu.Unlock()
-	return c.connector.Connect(ctx, func(err error) { c.reportError(gen, err) })
+	conn, err := c.connector.Connect(ctx, func(err error) { c.reportError(gen, err) })
+	if err != nil {
+		return nil, err
+	}
+	// From the moment the admin queue is up, as the Linux host since
+	// 4733b65d82bd: the I/O queues' connects may outlast KATO.
+	c.startKeepAlive(conn)
+	if err := c.connectIOQueues(ctx, conn, gen); err != nil {
+		c.discardConn(conn)
+		return nil, err
+	}
+	return conn, nil
 }
 
-// goLive publishes conn, makes the controller LIVE, and only then starts
-// keep-alive (it is started only when LIVE).
+// connectIOQueues runs conn.ConnectIOQueues, cut short when the keep-alive
+// fails meanwhile: the controller is gone, waiting for the I/O queues'
+// connect timeouts would only delay the next attempt. Such a failure is
+// also reported, so that it is not lost if the I/O queues connected anyway.
+func (c *Controller) connectIOQueues(ctx context.Context, conn Conn, gen uint64) error {
+	ictx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	quit := make(chan struct{})
+	var watch sync.WaitGroup
+	watch.Add(1)
+	go func() {
+		defer watch.Done()
+		select {
+		case err := <-c.keepAliveFailed():
+			c.reportError(gen, err)
+			cancel(err)
+		case <-quit:
+		}
+	}()
+	err := conn.ConnectIOQueues(ictx)
+	close(quit)
+	watch.Wait()
+	if err != nil && ctx.Err() == nil {
+		if kaErr := context.Cause(ictx); kaErr != nil && kaErr != context.Canceled {
+			return fmt.Errorf("connecting I/O queues: %w (%v)", kaErr, err)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("connecting I/O queues: %w", err)
+	}
+	return nil
+}
+
+// goLive publishes conn and makes the controller LIVE. Keep-alive runs
+// already (connect started it).
 func (c *Controller) goLive(conn Conn, reason string) {
 	c.mu.Lock()
 	c.conn = conn
@@ -349,7 +395,6 @@ func (c *Controller) goLive(conn Conn, reason string) {
 	c.live.Store(&liveConn{conn: conn, gen: c.gen})
 	c.broadcastLocked()
 	c.mu.Unlock()
-	c.startKeepAlive(conn)
 }
 
 // liveConn is the association I/O may use, with its generation.
@@ -358,10 +403,10 @@ type liveConn struct {
 	gen  uint64
 }
 
+// startKeepAlive starts keep-alive on conn's admin queue, while
+// CONNECTING: it keeps running once LIVE, and stops re-arming in any other
+// state; teardown stops it (StepStopKeepAlive).
 func (c *Controller) startKeepAlive(conn Conn) {
-	if c.sm.State() != StateLive {
-		return
-	}
 	c.keeper = keepalive.Start(conn, keepalive.Config{
 		KATO:    conn.KATO(),
 		Traffic: conn.Traffic(),
@@ -520,7 +565,7 @@ func (c *Controller) recoverAndReconnect(cause error) bool {
 		// The same namespace, perhaps resized (the device follows);
 		// never resume I/O onto a different one.
 		if err := c.adoptNamespace(conn.Namespace()); err != nil {
-			c.releaseConn(conn)
+			c.discardConn(conn)
 			c.remove(err)
 			return false
 		}

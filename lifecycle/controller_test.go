@@ -31,6 +31,18 @@ type harness struct {
 
 func newHarness(t *testing.T, tweak func(*Options, *fakeTarget)) *harness {
 	t.Helper()
+	h := newUnstartedHarness(t, tweak)
+	if err := h.c.Start(context.Background()); err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	h.c.SetBlock(h.blk)
+	return h
+}
+
+// newUnstartedHarness is newHarness without Start: for tests of the first
+// connect.
+func newUnstartedHarness(t *testing.T, tweak func(*Options, *fakeTarget)) *harness {
+	t.Helper()
 	v := &violations{}
 	h := &harness{t: t, v: v, tgt: newFakeTarget(v), clk: clock.NewFake(epoch), blk: &fakeBlock{v: v}}
 	opts := DefaultOptions()
@@ -55,11 +67,23 @@ func newHarness(t *testing.T, tweak func(*Options, *fakeTarget)) *harness {
 		default:
 		}
 	})
-	if err := c.Start(context.Background()); err != nil {
-		t.Fatalf("Start: %v", err)
-	}
-	c.SetBlock(h.blk)
 	return h
+}
+
+// waitTimers is h.clk.WaitTimers(n), failing the test instead of hanging
+// when the timers are never armed.
+func (h *harness) waitTimers(n int) {
+	h.t.Helper()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		h.clk.WaitTimers(n)
+	}()
+	select {
+	case <-done:
+	case <-time.After(20 * time.Second):
+		h.t.Fatalf("%d timers never armed (%d pending)", n, h.clk.Pending())
+	}
 }
 
 // finish deletes the controller if needed and checks that nothing was

@@ -34,6 +34,12 @@
 // keep-alive's failure is a channel the supervisor selects on: no
 // self-join.
 //
+// A connect has two phases: the admin queue (Connector.Connect), then the
+// I/O queues (Conn.ConnectIOQueues). Keep-alive starts between them, as
+// the Linux host's since 4733b65d82bd, so that connecting many I/O queues
+// cannot outlast KATO; an association whose I/O queues fail to connect is
+// torn down keep-alive first (teardown.go, discardConn).
+//
 // Teardown is in teardown.go, in docs/design.md's order, once: change
 // state (no new submissions), stop keep-alive synchronously, quiesce the
 // ublk side, shut the sockets, wait until every completion handler and

@@ -83,6 +83,9 @@ type fakeTarget struct {
 	// nsEvents is every association's NamespaceChanged channel
 	// (namespace_test.go).
 	nsEvents chan Namespace
+	// ioConnect, if set, is ConnectIOQueues: called after Connect, with
+	// keep-alive running on the admin queue.
+	ioConnect func(ctx context.Context, c *fakeConn) error
 }
 
 func newFakeTarget(v *violations) *fakeTarget {
@@ -201,6 +204,21 @@ func (c *fakeConn) stopKeepAliveReturned() {
 	if c.kaActive != 0 {
 		c.target.v.add("%d KeepAlive calls still running after the keep-alive was stopped", c.kaActive)
 	}
+}
+
+func (c *fakeConn) ConnectIOQueues(ctx context.Context) error {
+	c.target.mu.Lock()
+	hook := c.target.ioConnect
+	c.target.mu.Unlock()
+	if hook != nil {
+		if err := hook(ctx, c); err != nil {
+			return err
+		}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.touchLocked(false, "I/O queue connect")
+	return nil
 }
 
 func (c *fakeConn) Namespace() Namespace       { return c.ns }
@@ -396,6 +414,9 @@ func (c *fakeConn) FreeIOQueues() {
 	if c.usage != 0 || !c.shut {
 		c.target.v.add("I/O queues freed with usage %d, shut %v", c.usage, c.shut)
 	}
+	if c.kaActive != 0 {
+		c.target.v.add("I/O queues freed with %d KeepAlive calls running", c.kaActive)
+	}
 	if c.ioFreed || c.adminFreed {
 		c.target.v.add("I/O queues freed twice or after the admin queue")
 	}
@@ -407,6 +428,9 @@ func (c *fakeConn) FreeAdminQueue() {
 	defer c.mu.Unlock()
 	if c.usage != 0 || !c.shut {
 		c.target.v.add("admin queue freed with usage %d, shut %v", c.usage, c.shut)
+	}
+	if c.kaActive != 0 {
+		c.target.v.add("admin queue freed with %d KeepAlive calls running", c.kaActive)
 	}
 	if !c.ioFreed {
 		c.target.v.add("admin queue freed before the I/O queues")

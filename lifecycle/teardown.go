@@ -80,12 +80,7 @@ func (c *Controller) teardown(mode teardownMode, reason string) {
 
 	// 2. Keep-alive stopped synchronously: when Stop returns no keep-alive
 	// runs and none can be submitted.
-	c.step(StepStopKeepAlive, func() {
-		if c.keeper != nil {
-			c.keeper.Stop()
-			c.keeper = nil
-		}
-	})
+	c.step(StepStopKeepAlive, c.stopKeepAlive)
 
 	// 3. Quiesce the ublk side.
 	c.step(StepQuiesceBlock, func() {
@@ -117,10 +112,29 @@ func (c *Controller) teardown(mode teardownMode, reason string) {
 	})
 }
 
+// discardConn tears down an association that was never published: its
+// I/O queues failed to connect, or a reconnect found a different
+// namespace. The same order from step 2 on: keep-alive (started when the
+// admin queue was connected) stopped and waited for first, then the
+// sockets shut, the completions waited for, and the queues freed, the
+// admin queue last. Nothing on the ublk side: no I/O was on it.
+func (c *Controller) discardConn(conn Conn) {
+	c.step(StepStopKeepAlive, c.stopKeepAlive)
+	c.releaseConn(conn)
+}
+
+// stopKeepAlive is step 2: when it returns no keep-alive runs and none can
+// be submitted.
+func (c *Controller) stopKeepAlive() {
+	if c.keeper != nil {
+		c.keeper.Stop()
+		c.keeper = nil
+	}
+}
+
 // releaseConn is steps 4 and 5: shut the sockets, wait for every completion
 // handler and every Do caller, free the I/O queues, then the admin queue.
-// Keep-alive must already be stopped. It also releases an association that
-// was never published (a reconnect onto a different namespace).
+// Keep-alive must already be stopped.
 func (c *Controller) releaseConn(conn Conn) {
 	c.step(StepShutdownSockets, func() { c.shutdown(conn) })
 	c.step(StepWaitCompletions, func() {

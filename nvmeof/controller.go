@@ -110,9 +110,14 @@ type Controller struct {
 	queueSize   int
 	nvm         nvme.IdentifyControllerNVM
 	acre        bool
+	// ioWanted is how many I/O queues ConnectIOQueues makes (Number of
+	// Queues granted, never more than asked for; none for a discovery
+	// controller); ioConnectCalled says it ran.
+	ioWanted        int
+	ioConnectCalled bool
 
 	// The event goroutine handles AER completions; it is started by
-	// Connect and joined by WaitIdle.
+	// ConnectAdmin and joined by WaitIdle.
 	events    chan aerCompletion
 	eventStop chan struct{}
 	eventDone chan struct{}
@@ -132,10 +137,28 @@ type aerCompletion struct {
 // IsDiscovery reports whether cfg connects to a discovery controller.
 func (cfg *ControllerConfig) IsDiscovery() bool { return cfg.SubsysNQN == nvme.NVME_DISC_SUBSYS_NAME }
 
-// Connect creates the association: admin queue, Fabrics Connect, enable,
-// Identify Controller, Number of Queues, asynchronous events, I/O queues.
-// On error everything set up is released.
-func Connect(ctx context.Context, cfg ControllerConfig) (_ *Controller, err error) {
+// Connect creates the association: ConnectAdmin, then ConnectIOQueues. On
+// error everything set up is released.
+func Connect(ctx context.Context, cfg ControllerConfig) (*Controller, error) {
+	c, err := ConnectAdmin(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.ConnectIOQueues(ctx); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// ConnectAdmin is the first phase of a connect: admin queue, Fabrics
+// Connect, enable, Identify Controller, Number of Queues, asynchronous
+// event configuration. The I/O queues are made by ConnectIOQueues, once the
+// caller has started keep-alive on the admin queue, as the Linux host does
+// since 4733b65d82bd ("nvme: start keep-alive after admin queue setup"):
+// connecting many I/O queues may outlast KATO. On error everything set up
+// is released. A discovery controller is complete after ConnectAdmin.
+func ConnectAdmin(ctx context.Context, cfg ControllerConfig) (_ *Controller, err error) {
 	if err := ValidateNQN(cfg.SubsysNQN); err != nil {
 		return nil, fmt.Errorf("subsystem: %w", err)
 	}
@@ -226,8 +249,7 @@ func Connect(ctx context.Context, cfg ControllerConfig) (_ *Controller, err erro
 	if c.queueSize, err = c.ioQueueSize(); err != nil {
 		return nil, err
 	}
-	nio, err := c.setQueueCount(ctx)
-	if err != nil {
+	if c.ioWanted, err = c.setQueueCount(ctx); err != nil {
 		return nil, err
 	}
 	if c.id.OAES&nvme.NVME_AEN_CFG_NS_ATTR != 0 {
@@ -235,22 +257,39 @@ func Connect(ctx context.Context, cfg ControllerConfig) (_ *Controller, err erro
 			return nil, err
 		}
 	}
+	return c, nil
+}
+
+// ConnectIOQueues is the second phase of a connect: it makes the I/O queues
+// and then submits the Asynchronous Event Request. Call it once, after
+// ConnectAdmin; it returns promptly once ctx is cancelled. On error the
+// queues made so far stay: release the association (Shutdown, WaitIdle,
+// FreeIOQueues, FreeAdminQueue, or Close).
+func (c *Controller) ConnectIOQueues(ctx context.Context) error {
+	if c.ioConnectCalled {
+		return errors.New("nvmeof: ConnectIOQueues called twice")
+	}
+	c.ioConnectCalled = true
+	if c.cfg.IsDiscovery() {
+		return nil // its AER is out already
+	}
+	cfg := &c.cfg
 	// In-capsule write data: IOCCSZ*16 bytes of capsule less the command,
 	// never more than one transfer (checkIdentify bounded IOCCSZ below).
 	inCapsule := int(min(uint64(c.id.IOCCSZ)*16-nvme.CommandSize, uint64(c.maxTransfer)))
-	for qid := 1; qid <= nio; qid++ {
+	for qid := 1; qid <= c.ioWanted; qid++ {
 		q, err := c.dialQueue(ctx, c.queueConfig(uint16(qid), c.queueSize, cfg.IOTimeout))
 		if err != nil {
-			return nil, err
+			return err
 		}
 		c.io = append(c.io, &IOQueue{q})
 		q.SetInCapsuleSize(inCapsule)
 		if _, err := connectQueue(ctx, q, cfg.Host, cfg.SubsysNQN, c.cntlid, 0, cfg.AdminTimeout, cfg.Auth); err != nil {
-			return nil, err
+			return err
 		}
 	}
 	c.submitAER()
-	return c, nil
+	return nil
 }
 
 // dialQueue opens a connection with cfg.Dial (TCP by default) and makes it

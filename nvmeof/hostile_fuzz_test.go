@@ -176,8 +176,8 @@ func hostileDiscover(ctx context.Context, cfg nvmeof.ControllerConfig) {
 	}
 }
 
-// hostileAttach is attach's connect (nvmeofconn: connect, identify the
-// namespace), then what a running daemon asks of the association.
+// hostileAttach is attach's connect (nvmeofconn: connect the admin queue,
+// identify the namespace, connect the I/O queues), then what a running daemon asks of the association.
 func hostileAttach(ctx context.Context, cfg nvmeof.ControllerConfig, flags byte) {
 	cfg.SubsysNQN = scripted.PoliteNQN
 	k := &nvmeofconn.Connector{Config: cfg, NSID: 1 + uint32(flags>>1&1)}
@@ -192,6 +192,10 @@ func hostileAttach(ctx context.Context, cfg nvmeof.ControllerConfig, flags byte)
 		conn.FreeIOQueues()
 		conn.FreeAdminQueue()
 	}()
+	// lifecycle starts keep-alive here, between the two phases.
+	if err := conn.ConnectIOQueues(ctx); err != nil {
+		return
+	}
 	c, ns := conn.Controller(), conn.NS()
 	if ns.MaxTransfer < ns.BlockSize() || ns.MaxTransfer > c.MaxTransfer() || c.MaxTransfer() < 4096 || c.MaxTransfer() > 1<<20 ||
 		c.QueueSize() < 2 || c.QueueSize() > 8 || len(c.IOQueues()) < 1 || len(c.IOQueues()) > 2 ||

@@ -237,6 +237,46 @@ func TestConnectIODelete(t *testing.T) {
 	}
 }
 
+// Keep-alive runs from the moment the admin queue is connected (Linux
+// 4733b65d82bd), not only once every I/O queue is: the target holds the
+// first I/O queue's Connect until a Keep Alive has reached it on the admin
+// queue. The controller goes LIVE, and keep-alive goes on.
+func TestKeepAliveWhileIOQueuesConnect(t *testing.T) {
+	r := newRig(t, target.Config{}, time.Second)
+	sawKA := make(chan struct{})
+	var once sync.Once
+	defer r.tg.InjectFault(target.Fault{QID: 0, Match: target.MatchKeepAlive(), Before: func() {
+		once.Do(func() { close(sawKA) })
+	}})()
+	var heldUntilKA atomic.Bool
+	// A queue's QID is known to the target only from its Connect.
+	defer r.tg.InjectFault(target.Fault{QID: target.AnyQueue, Times: 1, Match: isIOQueueConnect, Before: func() {
+		// The deadline only ends the test's wait when no keep-alive
+		// comes; nothing is asserted about time.
+		select {
+		case <-sawKA:
+			heldUntilKA.Store(true)
+		case <-time.After(10 * time.Second):
+		}
+	}})()
+	c := r.start(nil)
+	defer c.Delete()
+	if !heldUntilKA.Load() {
+		t.Fatal("no keep-alive reached the target while the I/O queues connected")
+	}
+	if err := write(c, 0, 9, 99); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	if v, err := read(c, 9); err != nil || v != 99 {
+		t.Fatalf("read: %d, %v", v, err)
+	}
+}
+
+func isIOQueueConnect(cmd *nvme.Command) bool {
+	return cmd.Opcode() == nvme.NVME_FABRICS_COMMAND && cmd.FabricsType() == nvme.NVME_FABRICS_TYPE_CONNECT &&
+		cmd.Connect().QID != 0
+}
+
 // The target drops keep-alive responses: the keep-alive times out, the
 // controller recovers, and I/O issued while recovering completes.
 func TestKeepAliveDroppedRecovers(t *testing.T) {

@@ -59,11 +59,13 @@ type NamespaceError struct {
 func (e *NamespaceError) Error() string { return fmt.Sprintf("namespace %d: %v", e.NSID, e.Err) }
 func (e *NamespaceError) Unwrap() error { return e.Err }
 
-// Connect implements lifecycle.Connector.
+// Connect implements lifecycle.Connector: the admin queue
+// (nvmeof.ConnectAdmin) and the namespace's identity. The I/O queues are
+// Conn.ConnectIOQueues.
 func (k *Connector) Connect(ctx context.Context, onError func(error)) (lifecycle.Conn, error) {
 	cfg := k.Config
 	cfg.OnFailure = onError
-	ctrl, err := nvmeof.Connect(ctx, cfg)
+	ctrl, err := nvmeof.ConnectAdmin(ctx, cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -72,18 +74,23 @@ func (k *Connector) Connect(ctx context.Context, onError func(error)) (lifecycle
 		ctrl.Close()
 		return nil, &NamespaceError{NSID: k.NSID, Err: err}
 	}
+	return &Conn{k: k, ctrl: ctrl, ns: ns, rtt: k.KeepAliveRTT}, nil
+}
+
+// connected records the first association whose I/O queues connected.
+func (k *Connector) connected(ctrl *nvmeof.Controller, ns *nvmeof.Namespace) {
 	k.mu.Lock()
+	defer k.mu.Unlock()
 	if k.firstNS == nil {
 		k.firstNS, k.firstQueues = ns, len(ctrl.IOQueues())
 		k.firstQueueSize = ctrl.QueueSize()
 	}
-	k.mu.Unlock()
-	return &Conn{ctrl: ctrl, ns: ns, rtt: k.KeepAliveRTT}, nil
 }
 
 // Conn is one nvmeof association as lifecycle sees it. The I/O path gets it
 // in Controller.Do and uses Controller, NS and IOQueue.
 type Conn struct {
+	k    *Connector
 	ctrl *nvmeof.Controller
 	ns   *nvmeof.Namespace
 	rtt  func(time.Duration)
@@ -102,6 +109,16 @@ func (c *Conn) NS() *nvmeof.Namespace { return c.ns }
 func (c *Conn) IOQueue(i int) *nvmeof.IOQueue {
 	qs := c.ctrl.IOQueues()
 	return qs[i%len(qs)]
+}
+
+// ConnectIOQueues implements lifecycle.Conn: keep-alive runs on the admin
+// queue meanwhile.
+func (c *Conn) ConnectIOQueues(ctx context.Context) error {
+	if err := c.ctrl.ConnectIOQueues(ctx); err != nil {
+		return err
+	}
+	c.k.connected(c.ctrl, c.ns)
+	return nil
 }
 
 func (c *Conn) KeepAlive(ctx context.Context) error {
