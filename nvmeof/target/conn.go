@@ -30,12 +30,18 @@ type conn struct {
 	sqsize       uint16
 	sqhd         uint16
 	sqhdDisabled bool
+	// outstanding counts commands received and not yet answered, under
+	// wmu: at most SQSIZE (and MAXCMD on an I/O queue) may be.
+	outstanding int
 
 	// Owned by the serve goroutine.
-	ctrl     *controller
-	auth     *connAuth           // DH-HMAC-CHAP, set at Connect (auth.go)
-	pending  map[uint16]*command // writes waiting for H2CData, by command ID
-	nextTTag uint16
+	ctrl           *controller
+	auth           *connAuth           // DH-HMAC-CHAP, set at Connect (auth.go)
+	connectPending bool                // a Connect arrived and has not been executed
+	pending        map[uint16]*command // writes waiting for H2CData (or for buffer), by command ID
+	waiting        []*command          // writes waiting for write buffer, in arrival order
+	buffered       int64               // bytes of write buffers allocated for R2Ts
+	nextTTag       uint16
 
 	closeOnce sync.Once
 	closed    chan struct{}
@@ -44,7 +50,8 @@ type conn struct {
 // command is a command being executed.
 type command struct {
 	cmd      nvme.Command
-	data     []byte // write data (received) or nil
+	data     []byte // write data (received) or nil; allocated when its R2T is sent
+	length   uint32 // transport data length of a write waiting for data
 	received int
 	ttag     uint16
 	fault    *Fault
@@ -114,12 +121,19 @@ func (c *conn) serveLoop() error {
 		}
 		switch h.Type {
 		case pdu.TypeCapsuleCmd:
-			limit := c.t.cfg.InCapsuleDataSize
+			if err := c.admit(&h.Cmd); err != nil {
+				return c.protocolFailure(err)
+			}
+			limit := c.t.inCapsuleDataSize()
 			if c.qid == 0 {
 				limit = pdu.NVME_TCP_ADMIN_CCSZ - nvme.CommandSize
 			}
 			if h.DataLen > limit {
-				return c.protocolFailure(&pdu.ProtocolError{FES: pdu.NVME_TCP_FES_DATA_LIMIT_EXCEEDED, FEI: uint32(limit), Msg: "in-capsule data too long"})
+				return c.protocolFailure(c.violationFES(pdu.NVME_TCP_FES_DATA_LIMIT_EXCEEDED, uint32(limit),
+					"%d bytes of in-capsule data, at most %d on queue %d (IOCCSZ)", h.DataLen, limit, c.qid))
+			}
+			if err := c.checkPDA(&h); err != nil {
+				return c.protocolFailure(err)
 			}
 			cmd := &command{cmd: h.Cmd}
 			if h.DataLen > 0 {
@@ -135,8 +149,11 @@ func (c *conn) serveLoop() error {
 
 		case pdu.TypeH2CData:
 			d := h.Data
+			if err := c.checkH2CData(&h); err != nil {
+				return c.protocolFailure(err)
+			}
 			cmd := c.pending[d.CommandID]
-			if cmd == nil || d.TTag != cmd.ttag || int64(d.DataOffset) != int64(cmd.received) ||
+			if cmd == nil || cmd.data == nil || d.TTag != cmd.ttag || int64(d.DataOffset) != int64(cmd.received) ||
 				int64(d.DataOffset)+int64(d.DataLength) > int64(len(cmd.data)) {
 				return c.protocolFailure(&pdu.ProtocolError{FES: pdu.NVME_TCP_FES_DATA_OUT_OF_RANGE, Msg: fmt.Sprintf("unexpected H2CData %+v", d)})
 			}
@@ -150,7 +167,12 @@ func (c *conn) serveLoop() error {
 			}
 			if last {
 				delete(c.pending, d.CommandID)
+				c.buffered -= int64(len(cmd.data))
 				c.execute(cmd)
+				cmd.data = nil
+				if err := c.requestWaitingData(); err != nil {
+					return err
+				}
 			}
 
 		case pdu.TypeH2CTermReq:
@@ -164,6 +186,80 @@ func (c *conn) serveLoop() error {
 			return net.ErrClosed
 		}
 	}
+}
+
+// admit checks an arriving command capsule against the queue's state
+// before anything is allocated for it. Before the queue is connected only
+// one Fabrics Connect may arrive: anything else is a host that skipped
+// Connect. Once connected, at most SQSIZE commands may be outstanding (the
+// SQSIZE of Connect is 0's based: a queue of SQSIZE+1 entries holds SQSIZE
+// commands), and on an I/O queue at most MAXCMD.
+func (c *conn) admit(cmd *nvme.Command) error {
+	if c.ctrl == nil {
+		if !isConnect(cmd) {
+			return c.violation("command opcode %#x before Fabrics Connect", cmd.Opcode())
+		}
+		if c.connectPending {
+			return c.violation("second Fabrics Connect before the first was answered")
+		}
+		c.connectPending = true
+	}
+	c.wmu.Lock()
+	c.outstanding++
+	n, limit := c.outstanding, c.depthLimitLocked()
+	c.wmu.Unlock()
+	if n > limit {
+		return c.violation("%d commands outstanding on queue %d, more than its limit of %d (SQSIZE %d, MAXCMD %d)",
+			n, c.qid, limit, c.sqsize, c.t.maxCmd())
+	}
+	return nil
+}
+
+// depthLimitLocked is how many commands may be outstanding: one (the
+// Connect) before the queue is connected; wmu held.
+func (c *conn) depthLimitLocked() int {
+	if c.sqsize == 0 {
+		return 1
+	}
+	limit := int(c.sqsize)
+	if c.qid > 0 {
+		limit = min(limit, c.t.maxCmd())
+	}
+	return limit
+}
+
+func isConnect(cmd *nvme.Command) bool {
+	return cmd.Opcode() == nvme.NVME_FABRICS_COMMAND && cmd.FabricsType() == nvme.NVME_FABRICS_TYPE_CONNECT
+}
+
+// checkH2CData enforces what ICResp told the host about H2C data PDUs: at
+// most MAXH2CDATA bytes each, and the data placed at a multiple of
+// (CPDA+1)*4 bytes.
+func (c *conn) checkH2CData(h *pdu.Header) error {
+	if max := c.t.cfg.MaxH2CData; h.Data.DataLength > max {
+		return c.violationFES(pdu.NVME_TCP_FES_DATA_LIMIT_EXCEEDED, max, "H2CData of %d bytes, MAXH2CDATA %d", h.Data.DataLength, max)
+	}
+	return c.checkPDA(h)
+}
+
+// checkPDA enforces CPDA on an H2C PDU carrying data.
+func (c *conn) checkPDA(h *pdu.Header) error {
+	if align := (int(c.t.cfg.CPDA) + 1) * 4; c.t.cfg.CPDA > 0 && h.DataLen > 0 && int(h.PDO)%align != 0 {
+		return c.violationFES(pdu.NVME_TCP_FES_INVALID_PDU_HDR, 3, "%v data at PDO %d, CPDA %d asks for a multiple of %d", h.Type, h.PDO, c.t.cfg.CPDA, align)
+	}
+	return nil
+}
+
+// violation records that the host broke the protocol and returns the
+// error that ends the connection (with a C2HTermReq).
+func (c *conn) violation(format string, args ...any) error {
+	return c.violationFES(pdu.NVME_TCP_FES_PDU_SEQ_ERR, 0, format, args...)
+}
+
+func (c *conn) violationFES(fes uint16, fei uint32, format string, args ...any) error {
+	msg := fmt.Sprintf(format, args...)
+	c.t.recordViolation(msg)
+	return &pdu.ProtocolError{FES: fes, FEI: fei, Msg: msg}
 }
 
 // protocolFailure sends a C2HTermReq for a protocol error and returns err.
@@ -183,7 +279,20 @@ func (c *conn) write(hdr, data []byte, o pdu.Options) error {
 	return c.writeLocked(hdr, data, o)
 }
 
+// retireLocked counts a command as answered: called before its last PDU
+// is written, so the host cannot have reused the slot yet; wmu held.
+func (c *conn) retireLocked() {
+	if c.outstanding > 0 {
+		c.outstanding--
+	}
+}
+
 func (c *conn) writeLocked(hdr, data []byte, o pdu.Options) error {
+	return c.writeDigestLocked(hdr, data, o, false)
+}
+
+// writeDigestLocked is writeLocked, with a wrong data digest if corrupt.
+func (c *conn) writeDigestLocked(hdr, data []byte, o pdu.Options, corrupt bool) error {
 	if c.isClosed() {
 		return net.ErrClosed
 	}
@@ -192,7 +301,11 @@ func (c *conn) writeLocked(hdr, data []byte, o pdu.Options) error {
 		c.bw.Write(data)
 		if o.DataDigest {
 			var d [4]byte
-			c.bw.Write(pdu.AppendDataDigest(d[:0], data))
+			b := pdu.AppendDataDigest(d[:0], data)
+			if corrupt {
+				b[0] ^= 0xff
+			}
+			c.bw.Write(b)
 		}
 	}
 	return c.bw.Flush()
@@ -218,7 +331,11 @@ func (c *conn) receive(cmd *command, inCapsule bool) error {
 			return net.ErrClosed
 		}
 		if f.Reply != nil {
-			c.write(f.Reply(&cmd.cmd), nil, pdu.Options{})
+			c.connectPending = false
+			c.wmu.Lock()
+			c.retireLocked()
+			c.writeLocked(f.Reply(&cmd.cmd), nil, pdu.Options{})
+			c.wmu.Unlock()
 			return nil
 		}
 	}
@@ -229,8 +346,12 @@ func (c *conn) receive(cmd *command, inCapsule bool) error {
 			c.respond(cmd, nvme.NVME_SC_SGL_INVALID_DATA|nvme.NVME_STATUS_DNR, 0)
 			return nil
 		}
+	case c.authBlocks(&cmd.cmd):
+		// Not admitted yet: answered (Authentication Required) with
+		// nothing allocated for its data.
 	case typ == nvme.SGLTransport && length > 0 && hostToController(&cmd.cmd):
-		if int64(length) > c.maxTransfer() {
+		if int64(length) > c.t.maxTransfer() || c.ctrl == nil && length != nvme.ConnectDataSize {
+			c.connectPending = false
 			c.respond(cmd, nvme.NVME_SC_SGL_INVALID_DATA|nvme.NVME_STATUS_DNR, 0)
 			return nil
 		}
@@ -238,15 +359,39 @@ func (c *conn) receive(cmd *command, inCapsule bool) error {
 			c.respond(cmd, nvme.NVME_SC_CMDID_CONFLICT|nvme.NVME_STATUS_DNR, 0)
 			return nil
 		}
-		cmd.data = make([]byte, length)
-		c.nextTTag++
-		cmd.ttag = c.nextTTag
+		cmd.length = length
 		c.pending[cmd.cmd.CommandID()] = cmd
-		h := pdu.Header{CommonHeader: pdu.CommonHeader{Type: pdu.TypeR2T},
-			R2T: pdu.R2T{CommandID: cmd.cmd.CommandID(), TTag: cmd.ttag, Offset: 0, Length: length}}
-		return c.write(pdu.Append(nil, &h, nil, c.sendOpts), nil, c.sendOpts)
+		c.waiting = append(c.waiting, cmd)
+		return c.requestWaitingData()
 	}
 	c.execute(cmd)
+	return nil
+}
+
+// requestWaitingData sends an R2T, with a buffer for its data, to each
+// waiting write in turn while the connection's write buffer allows: a
+// host cannot make the target hold more than Config.MaxWriteBuffer (or one
+// maximum transfer) of write data on one connection, however many writes
+// it starts. The writes wait in order, with nothing allocated but their
+// command.
+func (c *conn) requestWaitingData() error {
+	for len(c.waiting) > 0 {
+		cmd := c.waiting[0]
+		if c.buffered > 0 && c.buffered+int64(cmd.length) > c.t.maxWriteBuffer() {
+			return nil
+		}
+		c.waiting[0] = nil
+		c.waiting = c.waiting[1:]
+		cmd.data = make([]byte, cmd.length)
+		c.buffered += int64(cmd.length)
+		c.nextTTag++
+		cmd.ttag = c.nextTTag
+		h := pdu.Header{CommonHeader: pdu.CommonHeader{Type: pdu.TypeR2T},
+			R2T: pdu.R2T{CommandID: cmd.cmd.CommandID(), TTag: cmd.ttag, Offset: 0, Length: cmd.length}}
+		if err := c.write(pdu.Append(nil, &h, nil, c.sendOpts), nil, c.sendOpts); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
@@ -259,11 +404,12 @@ func hostToController(cmd *nvme.Command) bool {
 	return cmd.Opcode()&3 == 1
 }
 
-func (c *conn) maxTransfer() int64 { return 4096 << c.t.cfg.MDTS }
-
 // execute runs a command whose data (if any) has arrived and sends its
 // data and response.
 func (c *conn) execute(cmd *command) {
+	if isConnect(&cmd.cmd) {
+		c.connectPending = false
+	}
 	var st nvme.Status
 	var result uint64
 	var out []byte
@@ -279,6 +425,11 @@ func (c *conn) execute(cmd *command) {
 	}
 	if st == statusPending {
 		return // an AER: completed by an event
+	}
+	if st&nvme.NVME_STATUS_CRD != 0 && (c.ctrl == nil || !c.ctrl.acreEnabled()) {
+		// The Command Retry Delay field is cleared unless the host
+		// enabled Advanced Command Retry (NVMe Base 2.0, 4.2.3).
+		st &^= nvme.NVME_STATUS_CRD
 	}
 	_, length, typ := cmd.cmd.SGL()
 	if len(out) > 0 && (typ != nvme.SGLTransport || int(length) < len(out)) {
@@ -348,7 +499,15 @@ func (c *conn) sendData(cmd *command, out []byte) bool {
 			c.close()
 			return false
 		}
-		if err := c.write(pdu.AppendHeader(nil, &h, n, c.sendOpts), out[off:off+n], c.sendOpts); err != nil {
+		c.wmu.Lock()
+		if h.Flags&pdu.NVME_TCP_F_DATA_SUCCESS != 0 {
+			c.retireLocked() // this PDU is the command's response
+		}
+		// CorruptDataDigest spoils the first C2HData of the command.
+		corrupt := off == 0 && cmd.fault != nil && cmd.fault.CorruptDataDigest
+		err := c.writeDigestLocked(pdu.AppendHeader(nil, &h, n, c.sendOpts), out[off:off+n], c.sendOpts, corrupt)
+		c.wmu.Unlock()
+		if err != nil {
 			return false
 		}
 		sent += n
@@ -366,6 +525,7 @@ func (c *conn) respond(cmd *command, st nvme.Status, result uint64) {
 	// the serve goroutine, delayed-response goroutines and events.
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	c.retireLocked()
 	cqe.SetSQID(c.qid)
 	if !c.sqhdDisabled {
 		c.sqhd = (c.sqhd + 1) % (c.sqsize + 1)

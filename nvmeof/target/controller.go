@@ -26,7 +26,8 @@ type controller struct {
 	kato      time.Duration
 	lastKA    time.Time
 	conns     map[uint16]*conn
-	ioQueues  int // granted by Set Features Number of Queues
+	ioQueues  int  // granted by Set Features Number of Queues
+	acre      bool // Host Behavior Support: Advanced Command Retry Enable
 	aenConfig uint32
 	aers      []aer    // outstanding Asynchronous Event Requests
 	events    []uint32 // events waiting for an AER
@@ -77,7 +78,7 @@ func (c *conn) executeAdmin(cmd *command) (nvme.Status, uint64, []byte) {
 	case nvme.NVME_ADMIN_IDENTIFY:
 		return ctrl.identify(&cmd.cmd)
 	case nvme.NVME_ADMIN_SET_FEATURES:
-		return ctrl.setFeatures(&cmd.cmd)
+		return ctrl.setFeatures(&cmd.cmd, cmd.data)
 	case nvme.NVME_ADMIN_GET_FEATURES:
 		return ctrl.getFeatures(&cmd.cmd)
 	case nvme.NVME_ADMIN_GET_LOG_PAGE:
@@ -214,6 +215,13 @@ func (ctrl *controller) delete(why string) {
 	}
 }
 
+// acreEnabled reports whether the host enabled Advanced Command Retry.
+func (ctrl *controller) acreEnabled() bool {
+	ctrl.mu.Lock()
+	defer ctrl.mu.Unlock()
+	return ctrl.acre
+}
+
 func (ctrl *controller) touch() {
 	ctrl.mu.Lock()
 	ctrl.lastKA = time.Now()
@@ -291,8 +299,8 @@ func (ctrl *controller) identify(cmd *nvme.Command) (nvme.Status, uint64, []byte
 		id := nvme.IdentifyController{
 			VID: 0x1b36, SSVID: 0x1b36, MN: targetModel, FR: "1.0", MDTS: t.cfg.MDTS,
 			CNTLID: ctrl.cntlid, VER: targetVS, KAS: 1, AERL: aerLimit - 1,
-			SQES: 0x66, CQES: 0x44, MAXCMD: uint16(t.cfg.MaxQueueSize),
-			SGLS: 1 | 1<<2 | 1<<20, IOCCSZ: uint32(t.cfg.InCapsuleDataSize+nvme.CommandSize) / 16, IORCSZ: 1, MSDBD: 1,
+			SQES: 0x66, CQES: 0x44, MAXCMD: uint16(min(t.cfg.MaxCmd, 0xffff)),
+			SGLS: 1 | 1<<2 | 1<<20, IOCCSZ: uint32(t.inCapsuleDataSize()+nvme.CommandSize) / 16, IORCSZ: 1, MSDBD: 1,
 		}
 		if ctrl.subsys == nil {
 			id.CNTRLTYPE = 2 // discovery controller
@@ -306,6 +314,7 @@ func (ctrl *controller) identify(cmd *nvme.Command) (nvme.Status, uint64, []byte
 			id.ONCS = nvme.NVME_CTRL_ONCS_DSM | nvme.NVME_CTRL_ONCS_WRITE_ZEROES
 			id.VWC = nvme.NVME_CTRL_VWC_PRESENT
 			id.OAES = 1 << 8
+			id.CRDT = t.cfg.CRDT
 		}
 		if t.cfg.TBKAS {
 			id.CTRATT = nvme.NVME_CTRL_CTRATT_TBKAS
@@ -359,12 +368,18 @@ func (ctrl *controller) identify(cmd *nvme.Command) (nvme.Status, uint64, []byte
 	return nvme.NVME_SC_INVALID_FIELD | nvme.NVME_STATUS_DNR, 0, nil
 }
 
-func (ctrl *controller) setFeatures(cmd *nvme.Command) (nvme.Status, uint64, []byte) {
+func (ctrl *controller) setFeatures(cmd *nvme.Command, data []byte) (nvme.Status, uint64, []byte) {
 	fid := uint8(cmd.CDW(10))
 	v := cmd.CDW(11)
 	ctrl.mu.Lock()
 	defer ctrl.mu.Unlock()
 	switch fid {
+	case nvme.NVME_FEAT_HOST_BEHAVIOR:
+		if ctrl.subsys == nil || len(data) != nvme.HostBehaviorSize || data[0] > 1 {
+			return nvme.NVME_SC_INVALID_FIELD | nvme.NVME_STATUS_DNR, 0, nil
+		}
+		ctrl.acre = data[0] == nvme.NVME_ENABLE_ACRE
+		return 0, 0, nil
 	case nvme.NVME_FEAT_NUM_QUEUES:
 		if ctrl.subsys == nil || v&0xffff == 0xffff || v>>16 == 0xffff {
 			return nvme.NVME_SC_INVALID_FIELD | nvme.NVME_STATUS_DNR, 0, nil
@@ -394,6 +409,12 @@ func (ctrl *controller) getFeatures(cmd *nvme.Command) (nvme.Status, uint64, []b
 		return 0, uint64(ctrl.aenConfig), nil
 	case nvme.NVME_FEAT_KATO:
 		return 0, uint64(ctrl.kato / time.Millisecond), nil
+	case nvme.NVME_FEAT_HOST_BEHAVIOR:
+		b := make([]byte, nvme.HostBehaviorSize)
+		if ctrl.acre {
+			b[0] = nvme.NVME_ENABLE_ACRE
+		}
+		return 0, 0, b
 	}
 	return nvme.NVME_SC_INVALID_FIELD | nvme.NVME_STATUS_DNR, 0, nil
 }
@@ -404,7 +425,7 @@ func (ctrl *controller) getLogPage(cmd *nvme.Command) (nvme.Status, uint64, []by
 	length := numd * 4
 	offset := uint64(cmd.CDW(12)) | uint64(cmd.CDW(13))<<32
 	_, sglLen, _ := cmd.SGL()
-	if uint64(sglLen) != length || length > uint64(4096)<<ctrl.t.cfg.MDTS {
+	if uint64(sglLen) != length || length > uint64(ctrl.t.maxTransfer()) {
 		return nvme.NVME_SC_SGL_INVALID_DATA | nvme.NVME_STATUS_DNR, 0, nil
 	}
 	var log []byte

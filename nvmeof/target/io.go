@@ -61,7 +61,7 @@ func (c *conn) executeIO(cmd *command) (nvme.Status, uint64, []byte) {
 		if st != 0 {
 			return st, 0, nil
 		}
-		if int64(sglLen) != n || n > c.maxTransfer() {
+		if int64(sglLen) != n || n > c.t.maxTransfer() {
 			return nvme.NVME_SC_SGL_INVALID_DATA | nvme.NVME_STATUS_DNR, 0, nil
 		}
 		if op == nvme.NVME_CMD_READ {

@@ -29,19 +29,39 @@ import (
 
 // Config configures a Target. Zero values pick the defaults in brackets.
 type Config struct {
-	// MaxQueueSize is CAP.MQES+1 [1024].
+	// MaxQueueSize is CAP.MQES+1 [1024]; a Connect with a larger queue
+	// (admin or I/O, as nvmet_install_queue) is refused.
 	MaxQueueSize int
+	// MaxCmd is Identify Controller MAXCMD: at most this many commands
+	// outstanding on one I/O queue [MaxQueueSize].
+	MaxCmd int
 	// MaxIOQueues is how many I/O queues a controller may have [8].
 	MaxIOQueues int
 	// MDTS is Identify Controller MDTS (2^MDTS 4 KiB pages) [8: 1 MiB].
+	// Values past 12 are reported as they are (a host must refuse or
+	// clamp them) while the target accepts at most 16 MiB.
 	MDTS uint8
+	// NoMDTS reports MDTS 0, no transfer size limit; the target still
+	// accepts at most 16 MiB in one command.
+	NoMDTS bool
 	// InCapsuleDataSize is the largest in-capsule write data on I/O queues
-	// (IOCCSZ*16-64) [8192].
+	// (IOCCSZ*16-64) [8192]; NoInCapsuleData reports IOCCSZ at its
+	// minimum, 4 (the 64-byte command alone).
 	InCapsuleDataSize int
-	// MaxH2CData is ICResp MAXH2CDATA [131072].
+	// MaxH2CData is ICResp MAXH2CDATA [131072]; a longer H2CData is a
+	// protocol error.
 	MaxH2CData uint32
-	// CPDA is the ICResp controller PDU data alignment [0].
+	// CPDA is the ICResp controller PDU data alignment [0]; H2C data at
+	// a PDO that is not a multiple of (CPDA+1)*4 is a protocol error.
 	CPDA uint8
+	// CRDT are Identify Controller CRDT1..3, Command Retry Delay Times
+	// in 100 ms units, which the CRD field of a status (Fault.Status)
+	// selects once the host enabled Advanced Command Retry.
+	CRDT [3]uint16
+	// MaxWriteBuffer bounds the write data one connection holds while it
+	// waits for H2CData [4 MiB, and at least one maximum transfer]:
+	// further writes wait for their R2T with nothing allocated.
+	MaxWriteBuffer int64
 	// C2HChunk bounds the data in one C2HData PDU [131072].
 	C2HChunk int
 	// C2HSuccess sends reads' last C2HData with the SUCCESS flag instead of
@@ -75,9 +95,21 @@ type Target struct {
 	nextCNTLID uint16
 	discGen    uint64
 	faults     []*faultEntry
+	violations []string // the first maxViolations protocol violations by hosts
+	nViolation int
 
 	wg sync.WaitGroup
 }
+
+// NoInCapsuleData as Config.InCapsuleDataSize reports IOCCSZ 4: commands
+// only, all write data through R2T.
+const NoInCapsuleData = -1
+
+// maxTransferCap bounds one command's data whatever MDTS says, so that
+// no value from a host sizes an allocation beyond it.
+const maxTransferCap = 16 << 20
+
+const maxViolations = 64
 
 // New returns a Target with a discovery subsystem and no NVM subsystems.
 func New(cfg Config) *Target {
@@ -89,6 +121,15 @@ func New(cfg Config) *Target {
 	}
 	if cfg.MDTS == 0 {
 		cfg.MDTS = 8
+	}
+	if cfg.NoMDTS {
+		cfg.MDTS = 0
+	}
+	if cfg.MaxCmd == 0 {
+		cfg.MaxCmd = cfg.MaxQueueSize
+	}
+	if cfg.MaxWriteBuffer == 0 {
+		cfg.MaxWriteBuffer = 4 << 20
 	}
 	if cfg.InCapsuleDataSize == 0 {
 		cfg.InCapsuleDataSize = 8192
@@ -364,6 +405,44 @@ func (t *Target) removeConn(c *conn) {
 	t.mu.Lock()
 	delete(t.conns, c)
 	t.mu.Unlock()
+}
+
+// maxTransfer is the most data one command may move: 2^MDTS pages, at
+// most maxTransferCap.
+func (t *Target) maxTransfer() int64 {
+	if t.cfg.MDTS == 0 || t.cfg.MDTS > 12 {
+		return maxTransferCap
+	}
+	return min(int64(4096)<<t.cfg.MDTS, maxTransferCap)
+}
+
+// maxWriteBuffer is how much write data one connection may hold.
+func (t *Target) maxWriteBuffer() int64 { return max(t.cfg.MaxWriteBuffer, t.maxTransfer()) }
+
+func (t *Target) maxCmd() int { return t.cfg.MaxCmd }
+
+// inCapsuleDataSize is the largest in-capsule data on an I/O queue.
+func (t *Target) inCapsuleDataSize() int { return max(t.cfg.InCapsuleDataSize, 0) }
+
+// recordViolation keeps a protocol violation by a host for Violations.
+func (t *Target) recordViolation(msg string) {
+	t.log.Warn("target: host protocol violation", "err", msg)
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.nViolation++
+	if len(t.violations) < maxViolations {
+		t.violations = append(t.violations, msg)
+	}
+}
+
+// Violations returns the protocol violations hosts committed (the first
+// 64) and how many there were: more commands outstanding than SQSIZE or
+// MAXCMD, commands before Connect, H2CData over MAXH2CDATA or not aligned
+// to CPDA. Each ended its connection.
+func (t *Target) Violations() ([]string, int) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return append([]string(nil), t.violations...), t.nViolation
 }
 
 func (t *Target) hostAllowed(hostnqn string) bool {
