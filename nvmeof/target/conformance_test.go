@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/auth"
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/internal/pdu"
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/nvme"
 )
@@ -531,4 +532,24 @@ func (h *rawHost) sendData(r2t pdu.R2T, data []byte) {
 		b = pdu.Append(b, &d, data[off:off+n], h.o)
 	}
 	h.write(b)
+}
+
+// A connected queue that has not authenticated yet (DH-HMAC-CHAP
+// required) gets Authentication Required for a write at once: no R2T, no
+// buffer for its data.
+func TestTargetUnauthenticatedWriteGetsNoBuffer(t *testing.T) {
+	secret, err := auth.ParseSecret("DHHC-1:01:bHuByyp0b3RFSx1xQPMVO1HKmUWfzveoahfydpW4fNgSLMVm:")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, addr := newRawTarget(t, Config{Auth: func(host, subsys string) *auth.ControllerConfig {
+		return &auth.ControllerConfig{HostSecret: secret}
+	}})
+	h := dialRaw(t, addr, false)
+	h.connect(0, 31, nvme.NVME_CNTLID_DYNAMIC)
+	cid := h.transportWrite(1 << 20)
+	p := h.next()
+	if p.Type != pdu.TypeCapsuleResp || p.Resp.CommandID() != cid || p.Resp.Status().Code() != nvme.NVME_SC_AUTH_REQUIRED {
+		t.Fatalf("got %v (status %v), want Authentication Required for the write", p.Type, p.Resp.Status())
+	}
 }
