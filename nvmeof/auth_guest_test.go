@@ -215,8 +215,18 @@ func TestGuestAuthAgainstLinuxTarget(t *testing.T) {
 			if err := c.IOQueues()[1].Read(ctx, ns, 0, buf); err != nil {
 				t.Fatalf("I/O on queue 2: %v", err)
 			}
-			if got := len(*trs); got != 3 {
-				t.Fatalf("%d queues authenticated, want 3 (admin and 2 I/O)", got)
+			// The admin queue always authenticates. An I/O queue does
+			// when the target sets AUTHREQ.ATR in its Connect response
+			// (nvmet 6.12 does for every queue, 7.3 only for the admin
+			// queue) or, bidirectionally, because the host wants the
+			// controller authenticated on every queue.
+			got := len(*trs)
+			t.Logf("%d of 3 queues authenticated", got)
+			if got == 0 {
+				t.Fatal("no queue authenticated")
+			}
+			if (*trs)[0].QID != 0 || got == 2 || tc.bidi && got != 3 {
+				t.Fatalf("%d queues authenticated, the first qid %d", got, (*trs)[0].QID)
 			}
 			for _, tr := range *trs {
 				want := 4

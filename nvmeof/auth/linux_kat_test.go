@@ -85,7 +85,8 @@ func (r *replay) Receive(_ context.Context, al int) ([]byte, error) {
 	return append(b, make([]byte, al-len(b))...), nil
 }
 
-// TestLinuxNvmetKnownAnswers replays exchanges with Linux nvmet (6.12):
+// TestLinuxNvmetKnownAnswers replays exchanges with Linux nvmet (6.12 and
+// 7.3):
 // with the same random bytes the host must send exactly the reply Linux
 // accepted (so the key transformation, the DH shared secret, the
 // augmented challenge and the host response agree with Linux), and must
@@ -93,10 +94,12 @@ func (r *replay) Receive(_ context.Context, al int) ([]byte, error) {
 func TestLinuxNvmetKnownAnswers(t *testing.T) {
 	trs := loadLinuxTranscripts(t)
 	seen := map[string]bool{}
+	kernels := map[string]bool{}
 	for _, tr := range trs {
-		name := fmt.Sprintf("%s/%s/bidi=%v", tr.Hash, tr.DHGroup, tr.CtrlSecret != "")
+		name := fmt.Sprintf("%s/%s/%s/bidi=%v", tr.Kernel, tr.Hash, tr.DHGroup, tr.CtrlSecret != "")
 		seen[tr.Hash] = true
 		seen[tr.DHGroup] = true
+		kernels[tr.Kernel[:strings.IndexByte(tr.Kernel+".", '.')]] = true
 		t.Run(name, func(t *testing.T) {
 			res, r, err := replayTranscript(t, tr, nil)
 			if err != nil || r.err != nil || len(r.msgs) != 0 {
@@ -120,6 +123,9 @@ func TestLinuxNvmetKnownAnswers(t *testing.T) {
 				}
 			}
 		})
+	}
+	if !kernels["6"] || !kernels["7"] {
+		t.Errorf("transcripts from kernels %v, want 6.x and 7.x", kernels)
 	}
 	for _, want := range []string{"hmac(sha256)", "hmac(sha384)", "hmac(sha512)", "null", "ffdhe2048", "ffdhe3072", "ffdhe4096", "ffdhe6144", "ffdhe8192"} {
 		if !seen[want] {
