@@ -20,13 +20,20 @@ func serveCommand(stdout io.Writer) *cli.Command {
 	return &cli.Command{
 		Name:  "serve",
 		Usage: "export a file, block device or memory as an NVMe/TCP subsystem (the in-process target; for tests and demos)",
+		Description: "Any host may connect unless --allow-host names the admitted host NQNs.\n\n" +
+			"Limits a host cannot get past: until a queue's Fabrics Connect has admitted the host (and, with\n" +
+			"--dhchap-secret-file, it has authenticated) nothing is allocated for its commands; a connection\n" +
+			"holds at most SQSIZE commands (MAXCMD on I/O queues) and at most 4 MiB of write data waiting\n" +
+			"for its H2CData (one command at most 1 MiB, MDTS 8): further writes wait for their R2T with\n" +
+			"nothing allocated. A host that sends a command before Connect, more commands than SQSIZE, or\n" +
+			"data beyond what ICResp and Identify announced is disconnected (C2HTermReq).",
 		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:4420", Usage: "address to listen on (port 0: any free port)", EnvVars: env("SERVE_LISTEN")},
 			&cli.StringFlag{Name: "nqn", Aliases: []string{"n"}, Usage: "subsystem NQN", EnvVars: env("SERVE_NQN")},
 			&cli.StringFlag{Name: "file", Usage: "file or block device to export (created if missing)", EnvVars: env("SERVE_FILE")},
 			&cli.StringFlag{Name: "size", Usage: "size: memory to export, or to grow --file to (e.g. 64M, 1G)", EnvVars: env("SERVE_SIZE")},
 			&cli.IntFlag{Name: "block-size", Value: 512, Usage: "logical block size, a power of two from 512 to 65536", EnvVars: env("SERVE_BLOCK_SIZE")},
-			&cli.StringSliceFlag{Name: "allow-host", Usage: "host NQN allowed to connect (repeatable; default: any)", EnvVars: env("SERVE_ALLOW_HOST")},
+			&cli.StringSliceFlag{Name: "allow-host", Usage: "host NQN admitted to the subsystem (repeatable); without it any host may connect", EnvVars: env("SERVE_ALLOW_HOST")},
 		}, serveAuthFlags()...),
 		Action: func(c *cli.Context) error {
 			nqn := c.String("nqn")
