@@ -619,6 +619,8 @@ func TestServeAndDiscover(t *testing.T) {
 		{"serve", "--nqn", nqn},
 		{"serve", "--nqn", nqn, "--size", "lots"},
 		{"serve", "--nqn", nqn, "--size", "1M", "--block-size", "1000"},
+		{"serve", "--nqn", nqn, "--size", "1M", "--max-connections", "0"},
+		{"serve", "--nqn", nqn, "--size", "1M", "--max-connections", "65536"},
 	} {
 		if _, stderr, code := runCLI(t, args...); code != exitUsage || strings.Count(strings.TrimSpace(stderr), "\n") != 0 {
 			t.Errorf("%v: exit %d %q", args, code, stderr)

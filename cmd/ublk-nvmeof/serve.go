@@ -26,13 +26,16 @@ func serveCommand(stdout io.Writer) *cli.Command {
 			"holds at most SQSIZE commands (MAXCMD on I/O queues) and at most 4 MiB of write data waiting\n" +
 			"for its H2CData (one command at most 1 MiB, MDTS 8): further writes wait for their R2T with\n" +
 			"nothing allocated. A host that sends a command before Connect, more commands than SQSIZE, or\n" +
-			"data beyond what ICResp and Identify announced is disconnected (C2HTermReq).",
+			"data beyond what ICResp and Identify announced is disconnected (C2HTermReq). At most\n" +
+			"--max-connections connections are served at once: with the default 64, write buffers\n" +
+			"stay under 64 x 4 MiB however many clients connect.",
 		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:4420", Usage: "address to listen on (port 0: any free port)", EnvVars: env("SERVE_LISTEN")},
 			&cli.StringFlag{Name: "nqn", Aliases: []string{"n"}, Usage: "subsystem NQN", EnvVars: env("SERVE_NQN")},
 			&cli.StringFlag{Name: "file", Usage: "file or block device to export (created if missing)", EnvVars: env("SERVE_FILE")},
 			&cli.StringFlag{Name: "size", Usage: "size: memory to export, or to grow --file to (e.g. 64M, 1G)", EnvVars: env("SERVE_SIZE")},
 			&cli.IntFlag{Name: "block-size", Value: 512, Usage: "logical block size, a power of two from 512 to 65536", EnvVars: env("SERVE_BLOCK_SIZE")},
+			&cli.IntFlag{Name: "max-connections", Value: 64, Usage: "connections (queues) served at once, 1 to 65535; one more is closed when accepted", EnvVars: env("SERVE_MAX_CONNECTIONS")},
 			&cli.StringSliceFlag{Name: "allow-host", Usage: "host NQN admitted to the subsystem (repeatable); without it any host may connect", EnvVars: env("SERVE_ALLOW_HOST")},
 		}, serveAuthFlags()...),
 		Action: func(c *cli.Context) error {
@@ -68,6 +71,10 @@ func serveCommand(stdout io.Writer) *cli.Command {
 			if backend.Size() < int64(bs) {
 				return fmt.Errorf("%w: the namespace is smaller than one %d-byte block", attach.ErrInvalidOptions, bs)
 			}
+			maxConns := c.Int("max-connections")
+			if maxConns < 1 || maxConns > 65535 {
+				return fmt.Errorf("%w: --max-connections %d: must be 1 to 65535", attach.ErrInvalidOptions, maxConns)
+			}
 			for _, h := range c.StringSlice("allow-host") {
 				if err := nvmeof.ValidateNQN(h); err != nil {
 					return fmt.Errorf("%w: --allow-host: %w", attach.ErrInvalidOptions, err)
@@ -78,7 +85,7 @@ func serveCommand(stdout io.Writer) *cli.Command {
 			if err != nil {
 				return err
 			}
-			t := target.New(target.Config{AllowedHosts: c.StringSlice("allow-host"), Auth: authCfg})
+			t := target.New(target.Config{AllowedHosts: c.StringSlice("allow-host"), Auth: authCfg, MaxConnections: maxConns})
 			defer t.Close()
 			sub, err := t.AddSubsystem(nqn)
 			if err != nil {

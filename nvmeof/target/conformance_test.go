@@ -553,3 +553,38 @@ func TestTargetUnauthenticatedWriteGetsNoBuffer(t *testing.T) {
 		t.Fatalf("got %v (status %v), want Authentication Required for the write", p.Type, p.Resp.Status())
 	}
 }
+
+// MaxConnections closes a connection past the limit as soon as it is
+// accepted; once one closes, a new one is served.
+func TestTargetMaxConnections(t *testing.T) {
+	_, addr := newRawTarget(t, Config{MaxConnections: 2})
+	a, b := dialRaw(t, addr, false), dialRaw(t, addr, false)
+	nc, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	nc.SetDeadline(time.Now().Add(60 * time.Second))
+	if n, err := nc.Read(make([]byte, 1)); err == nil {
+		t.Fatalf("third connection: read %d bytes, want it closed", n)
+	}
+	a.nc.Close()
+	b.connect(0, 31, nvme.NVME_CNTLID_DYNAMIC)
+	// The closed one leaves the table when its goroutine ends; then a
+	// new connection is served.
+	for {
+		nc, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		nc.SetDeadline(time.Now().Add(60 * time.Second))
+		ic := pdu.Header{CommonHeader: pdu.CommonHeader{Type: pdu.TypeICReq}}
+		nc.Write(pdu.Append(nil, &ic, nil, pdu.Options{}))
+		_, err = io.ReadFull(nc, make([]byte, 128))
+		nc.Close()
+		if err == nil {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
+}

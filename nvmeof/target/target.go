@@ -62,6 +62,9 @@ type Config struct {
 	// waits for H2CData [4 MiB, and at least one maximum transfer]:
 	// further writes wait for their R2T with nothing allocated.
 	MaxWriteBuffer int64
+	// MaxConnections, if not 0, bounds the open connections: one more is
+	// closed as soon as it is accepted.
+	MaxConnections int
 	// C2HChunk bounds the data in one C2HData PDU [131072].
 	C2HChunk int
 	// C2HSuccess sends reads' last C2HData with the SUCCESS flag instead of
@@ -329,6 +332,12 @@ func (t *Target) accept(l net.Listener) {
 			t.mu.Unlock()
 			nc.Close()
 			return
+		}
+		if t.cfg.MaxConnections > 0 && len(t.conns) >= t.cfg.MaxConnections {
+			t.mu.Unlock()
+			t.log.Warn("target: connection refused, at the connection limit", "remote", nc.RemoteAddr(), "limit", t.cfg.MaxConnections)
+			nc.Close()
+			continue
 		}
 		c := newConn(t, nc)
 		t.conns[c] = struct{}{}
