@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"crypto/rand"
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,7 +14,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ublk-nvmeof/ublk-nvmeof/attach"
 	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/guest"
+	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/load"
 )
 
 // Secrets made with nvme-cli 2.3 gen-dhchap-key.
@@ -46,9 +49,10 @@ func nvmetSet(t *testing.T, path, value string) {
 
 // TestGuestAttachAuth: `attach` against Linux nvmet that requires
 // DH-HMAC-CHAP. Wrong host secret, wrong controller secret and no secret
-// exit 6 with one line and leave no device; with the right files the data
-// path works; a secret rotated on the target and in the file is used by
-// the next reconnect; a secret rotated on the target only ends the
+// exit 6 with one line and leave no device; with the right files a
+// verified load runs, and goes on without an error across a reconnect
+// after a secret was rotated on the target and in the file (the new
+// association uses the new secret); a secret rotated on the target only ends the
 // reconnects at the first failure (not at ctrl-loss-tmo) with a clear
 // error and no device left.
 func TestGuestAttachAuth(t *testing.T) {
@@ -100,34 +104,67 @@ func TestGuestAttachAuth(t *testing.T) {
 		}
 	}
 
+	const blocks = 1024 // 4 MiB of the RAM disk, stamped by the load
+	if err := load.Zero("/dev/ram1", 0, blocks, true); err != nil {
+		t.Fatal(err)
+	}
 	d := startAttach(t, append(base[1:], "--dhchap-secret-file", keyFile, "--dhchap-ctrl-secret-file", ctrlFile)...)
 	if err := guest.WaitFor(d.device, 10*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	verify := func(off int64) {
+	// The verified load runs across the reconnect below.
+	l, err := load.Start(load.Config{Path: d.device, Blocks: blocks, RandomJobs: 2, SequentialJobs: 1,
+		ReadPercent: 30, MaxIOBlocks: 8, Direct: true, Run: uint64(time.Now().UnixNano())})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitIO := func(after time.Time, n uint64) {
 		t.Helper()
-		buf := guest.AlignedBuf(t, 1<<20)
-		if _, err := rand.Read(buf); err != nil {
-			t.Fatal(err)
-		}
-		guest.DirectIO(t, d.device, buf, off, true)
-		back := guest.AlignedBuf(t, 1<<20)
-		guest.DirectIO(t, "/dev/ram1", back, off, false)
-		if !bytes.Equal(back, buf) {
-			t.Fatal("the RAM disk differs from what was written through ublk")
+		mark := l.Completed()
+		for deadline := time.Now().Add(90 * time.Second); l.Completed() < mark+n || !l.LastSuccess().After(after); {
+			if time.Now().After(deadline) {
+				t.Fatalf("no I/O completing (a hang): %v\n%s", l.Stats(), d.stderr)
+			}
+			time.Sleep(5 * time.Millisecond)
 		}
 	}
-	verify(0)
+	waitIO(time.Now(), 50)
 
 	// Rotation on both sides, then a forced reconnect: the daemon reads
 	// the file again and the new association authenticates with B (A is
-	// refused by now, so I/O completing proves it).
+	// refused by now, so I/O completing after it proves it). The load
+	// sees no error: its I/O waits for the new association.
 	nvmetSet(t, filepath.Join(host, "dhchap_key"), authKeyB)
 	writeKey(t, keyFile, authKeyB)
 	if err := tg.DeleteControllers(); err != nil {
 		t.Fatal(err)
 	}
-	verify(1 << 20)
+	for deadline := time.Now().Add(90 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		out, stderr, code := runCLI(t, "status", "--json", d.device)
+		var st attach.Status
+		if code != 0 || json.Unmarshal([]byte(out), &st) != nil {
+			t.Fatalf("status: exit %d %s %s", code, out, stderr)
+		}
+		if st.Reconnects >= 1 && st.State == "LIVE" {
+			t.Logf("reconnected: %d reconnect(s), %s", st.Reconnects, st.State)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no reconnect (a hang): %+v\n%s", st, d.stderr)
+		}
+	}
+	waitIO(time.Now(), 50)
+	st := l.Stop()
+	t.Logf("load across the reconnect: %v", st)
+	if st.WritesFailed+st.ReadsFailed+st.Mismatches != 0 || st.WritesAcked == 0 {
+		n, errs := l.Errors()
+		t.Fatalf("load %v; %d errors %v; mismatches %v", st, n, errs, l.Mismatches())
+	}
+	for _, path := range []string{d.device, "/dev/ram1"} {
+		if _, err := l.Verify(path); err != nil {
+			t.Fatalf("verify through %s: %v", path, err)
+		}
+	}
 
 	// Rotation on the target only: the next reconnect fails
 	// authentication, which ends the retries at once (not after
