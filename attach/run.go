@@ -327,6 +327,11 @@ type ublkBlock struct{ dev *ublk.Device }
 func (b ublkBlock) Stop(ctx context.Context) error   { return b.dev.Stop(ctx) }
 func (b ublkBlock) Remove(ctx context.Context) error { return b.dev.Close(ctx) }
 
+// Size and Resize make the device follow its namespace's size
+// (lifecycle.Resizer): UBLK_U_CMD_UPDATE_SIZE where the kernel has it.
+func (b ublkBlock) Size() uint64                                  { return b.dev.Size() }
+func (b ublkBlock) Resize(ctx context.Context, size uint64) error { return b.dev.Resize(ctx, size) }
+
 // openDevice takes over the device a dead daemon left for this target
 // (with Recover), or creates one.
 func openDevice(ctx context.Context, ctl *ublk.Control, o Options, uo ublk.Options, b ublk.Backend, log *slog.Logger) (*ublk.Device, error) {

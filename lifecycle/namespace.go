@@ -78,10 +78,11 @@ func (n Namespace) Bytes() (size uint64, ok bool) {
 	return n.Blocks * uint64(n.BlockSize), true
 }
 
-// sameIdentity returns an error describing the first difference in
+// SameIdentity returns an error describing the first difference in
 // identity between n (the namespace first connected to) and o (found on
-// reconnect or after a change event). A different size is not one.
-func (n Namespace) sameIdentity(o Namespace) error {
+// reconnect or after a change event), nil if there is none. A different
+// size is not one.
+func (n Namespace) SameIdentity(o Namespace) error {
 	switch {
 	case n.NSID != o.NSID:
 		return fmt.Errorf("NSID %d, was %d", o.NSID, n.NSID)
@@ -125,7 +126,7 @@ func (c *Controller) adoptNamespace(o Namespace) error {
 	c.mu.Lock()
 	cur := c.ns
 	c.mu.Unlock()
-	if err := cur.sameIdentity(o); err != nil {
+	if err := cur.SameIdentity(o); err != nil {
 		return fmt.Errorf("%w: %v", ErrNamespaceChanged, err)
 	}
 	if o.Blocks == cur.Blocks {

@@ -71,12 +71,12 @@ func (l *logRecords) warnings(s string) []string {
 
 func TestNamespaceIdentity(t *testing.T) {
 	base := Namespace{NSID: 1, NGUID: [16]byte{1}, EUI64: [8]byte{2}, UUID: [16]byte{3}, Blocks: 100, BlockSize: 512}
-	if err := base.sameIdentity(base); err != nil {
+	if err := base.SameIdentity(base); err != nil {
 		t.Fatal(err)
 	}
 	resized := base
 	resized.Blocks = 101
-	if err := base.sameIdentity(resized); err != nil {
+	if err := base.SameIdentity(resized); err != nil {
 		t.Errorf("a new size alone counted as another namespace: %v", err)
 	}
 	for i, mut := range []func(*Namespace){
@@ -88,7 +88,7 @@ func TestNamespaceIdentity(t *testing.T) {
 	} {
 		o := base
 		mut(&o)
-		if base.sameIdentity(o) == nil {
+		if base.SameIdentity(o) == nil {
 			t.Errorf("identity change %d not detected", i)
 		}
 	}

@@ -96,7 +96,7 @@ func (c *Controller) Namespace(ctx context.Context, nsid uint32) (*Namespace, er
 		return nil, err
 	}
 	if id.NSZE == 0 {
-		return nil, fmt.Errorf("nvmeof: namespace %d is not active", nsid)
+		return nil, fmt.Errorf("nvmeof: namespace %d: %w", nsid, ErrNamespaceNotActive)
 	}
 	shift, err := id.BlockShift()
 	if err != nil {
@@ -134,6 +134,11 @@ func (c *Controller) Namespace(ctx context.Context, nsid uint32) (*Namespace, er
 	}
 	return ns, nil
 }
+
+// ErrNamespaceNotActive: Identify Namespace returned zeroes (NSZE 0), as
+// a controller does for an inactive NSID (NVMe Base Specification 2.1,
+// 3.2.1.5).
+var ErrNamespaceNotActive = errors.New("not active")
 
 // ErrNotSupported is returned for a command the controller does not
 // support (ONCS).

@@ -7,7 +7,9 @@ package nvmeofconn
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ublk-nvmeof/ublk-nvmeof/keepalive"
@@ -63,18 +65,27 @@ func (e *NamespaceError) Unwrap() error { return e.Err }
 // (nvmeof.ConnectAdmin) and the namespace's identity. The I/O queues are
 // Conn.ConnectIOQueues.
 func (k *Connector) Connect(ctx context.Context, onError func(error)) (lifecycle.Conn, error) {
+	conn := &Conn{k: k, nsid: k.NSID, rtt: k.KeepAliveRTT, log: k.Config.Logger, changed: make(chan lifecycle.Namespace, 1)}
 	cfg := k.Config
 	cfg.OnFailure = onError
+	cfg.OnEvent = func(ev nvmeof.AsyncEvent) {
+		if k.Config.OnEvent != nil {
+			k.Config.OnEvent(ev)
+		}
+		conn.onEvent(ev)
+	}
 	ctrl, err := nvmeof.ConnectAdmin(ctx, cfg)
 	if err != nil {
 		return nil, err
 	}
+	conn.ctrl = ctrl
 	ns, err := ctrl.Namespace(ctx, k.NSID)
 	if err != nil {
 		ctrl.Close()
 		return nil, &NamespaceError{NSID: k.NSID, Err: err}
 	}
-	return &Conn{k: k, ctrl: ctrl, ns: ns, rtt: k.KeepAliveRTT}, nil
+	conn.ns.Store(ns) // from here events are handled (namespace.go)
+	return conn, nil
 }
 
 // connected records the first association whose I/O queues connected.
@@ -92,8 +103,14 @@ func (k *Connector) connected(ctrl *nvmeof.Controller, ns *nvmeof.Namespace) {
 type Conn struct {
 	k    *Connector
 	ctrl *nvmeof.Controller
-	ns   *nvmeof.Namespace
-	rtt  func(time.Duration)
+	nsid uint32
+	// ns is the namespace as last identified: replaced when a
+	// namespace-changed event finds it resized, so that I/O is bounded by
+	// its current size (namespace.go). nil until Connect identified it.
+	ns      atomic.Pointer[nvmeof.Namespace]
+	changed chan lifecycle.Namespace // capacity 1: the latest change
+	rtt     func(time.Duration)
+	log     *slog.Logger // nil: slog.Default()
 }
 
 var _ lifecycle.Conn = (*Conn)(nil)
@@ -101,8 +118,9 @@ var _ lifecycle.Conn = (*Conn)(nil)
 // Controller is the nvmeof association.
 func (c *Conn) Controller() *nvmeof.Controller { return c.ctrl }
 
-// NS is the namespace, for building I/O commands.
-func (c *Conn) NS() *nvmeof.Namespace { return c.ns }
+// NS is the namespace as last identified, for building I/O commands: its
+// size bounds them.
+func (c *Conn) NS() *nvmeof.Namespace { return c.ns.Load() }
 
 // IOQueue returns the I/O queue for ublk queue i (queues are shared
 // round-robin if the controller granted fewer).
@@ -117,7 +135,7 @@ func (c *Conn) ConnectIOQueues(ctx context.Context) error {
 	if err := c.ctrl.ConnectIOQueues(ctx); err != nil {
 		return err
 	}
-	c.k.connected(c.ctrl, c.ns)
+	c.k.connected(c.ctrl, c.NS())
 	return nil
 }
 
@@ -130,16 +148,7 @@ func (c *Conn) KeepAlive(ctx context.Context) error {
 	return err
 }
 
-func (c *Conn) Namespace() lifecycle.Namespace {
-	return lifecycle.Namespace{
-		NSID:      c.ns.NSID,
-		NGUID:     c.ns.NGUID,
-		EUI64:     c.ns.EUI64,
-		UUID:      c.ns.UUID,
-		Blocks:    c.ns.Blocks,
-		BlockSize: uint32(c.ns.BlockSize()),
-	}
-}
+func (c *Conn) Namespace() lifecycle.Namespace { return identity(c.ns.Load()) }
 
 func (c *Conn) KATO() time.Duration { return c.ctrl.KATO() }
 

@@ -264,6 +264,31 @@ func (s *Subsystem) RemoveNamespace(nsid uint32) {
 	}
 }
 
+// ResizeNamespace sets the namespace's size to blocks (within its
+// backend) and sends controllers a Namespace Attribute Changed event, as
+// nvmet's revalidate_size does after its backing file changed size.
+func (s *Subsystem) ResizeNamespace(nsid uint32, blocks uint64) error {
+	s.t.mu.Lock()
+	old := s.namespaces[nsid]
+	if old == nil {
+		s.t.mu.Unlock()
+		return fmt.Errorf("target: no namespace %d", nsid)
+	}
+	if blocks == 0 || blocks > uint64(old.cfg.Backend.Size())>>old.cfg.BlockShift {
+		s.t.mu.Unlock()
+		return fmt.Errorf("target: namespace %d: %d blocks do not fit its backend", nsid, blocks)
+	}
+	// A new Namespace: commands already running keep the one they
+	// looked up.
+	s.namespaces[nsid] = &Namespace{cfg: old.cfg, blocks: blocks}
+	ctrls := s.t.controllersLocked(s)
+	s.t.mu.Unlock()
+	for _, c := range ctrls {
+		c.nsChanged(nsid)
+	}
+	return nil
+}
+
 // NQN is the subsystem's NQN.
 func (s *Subsystem) NQN() string { return s.nqn }
 
