@@ -232,7 +232,7 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 	depth := min(connector.FirstQueueSize()-1, 4096)
 	backend = newBlockBackend(lc, metrics, queues, depth)
 
-	dev, err := openDevice(ctx, ctl, o, ublk.Options{
+	dev, err := openDevice(ctx, ctl, o, ns, ublk.Options{
 		ID: devID(o), Queues: queues, Depth: depth,
 		Params: params, Recovery: recovery,
 	}, backend, log)
@@ -263,7 +263,7 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 		return err
 	}
 	defer cs.Close()
-	if err := writeRecord(record{DevID: dev.ID(), TrAddr: o.TrAddr, TrSvcID: o.TrSvcID, NQN: o.NQN, NSID: o.NSID, Size: params.Size}); err != nil {
+	if err := writeRecord(newRecord(dev.ID(), o, ns)); err != nil {
 		return fmt.Errorf("run record: %w", err)
 	}
 	recorded = dev.ID()
@@ -333,16 +333,16 @@ func (b ublkBlock) Size() uint64                                  { return b.dev
 func (b ublkBlock) Resize(ctx context.Context, size uint64) error { return b.dev.Resize(ctx, size) }
 
 // openDevice takes over the device a dead daemon left for this target
-// (with Recover), or creates one.
-func openDevice(ctx context.Context, ctl *ublk.Control, o Options, uo ublk.Options, b ublk.Backend, log *slog.Logger) (*ublk.Device, error) {
+// (with Recover), if it served namespace ns, or creates one.
+func openDevice(ctx context.Context, ctl *ublk.Control, o Options, ns *nvmeof.Namespace, uo ublk.Options, b ublk.Backend, log *slog.Logger) (*ublk.Device, error) {
 	if o.Recover || o.MustRecover {
 		r, found, err := findRecoverable(ctx, ctl, o)
 		if err != nil {
 			return nil, err
 		}
 		if found {
-			if r.Size != uo.Params.Size {
-				return nil, fmt.Errorf("/dev/ublkb%d was %d bytes, the namespace is now %d: not taking it over", r.DevID, r.Size, uo.Params.Size)
+			if err := r.checkNamespace(ns); err != nil {
+				return nil, err
 			}
 			log.Info("recovering the device a dead daemon left", "device", fmt.Sprintf("/dev/ublkb%d", r.DevID))
 			return ctl.Recover(ctx, r.DevID, b)
