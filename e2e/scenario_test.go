@@ -600,9 +600,6 @@ var errorsOfRemoval = &errorRule{
 	},
 }
 
-// errorsEIO accepts EIO only.
-var errorsEIO = &errorRule{what: "EIO", ok: func(err error) bool { return errors.Is(err, syscall.EIO) }}
-
 // verify checks every block of the region through path.
 func (s *scenario) verify(path, what string) {
 	s.t.Helper()

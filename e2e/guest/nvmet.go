@@ -24,6 +24,13 @@ type TargetOptions struct {
 	Addr   string // default 127.0.0.1
 	Port   int    // TCP port, default 4420
 	PortID int    // configfs port id, default 1
+
+	// Optional namespace attributes, set before it is enabled (see
+	// nvmet_ns.go): its UUID and NGUID (device_uuid, device_nguid; nvmet
+	// makes up a UUID otherwise), and buffered_io for a file namespace
+	// (nvmet opens the file with O_DIRECT otherwise).
+	UUID, NGUID string
+	BufferedIO  bool
 }
 
 // Target is a Linux nvmet-tcp target configured through configfs.
@@ -80,6 +87,7 @@ func CreateTarget(opts TargetOptions) (*Target, error) {
 		func() error { return write(filepath.Join(tg.subsys(), "attr_allow_any_host"), "1") },
 		func() error { return os.Mkdir(tg.ns(), 0o755) },
 		func() error { return write(filepath.Join(tg.ns(), "device_path"), tg.Opts.Device) },
+		tg.setNamespaceAttrs,
 		func() error { return write(filepath.Join(tg.ns(), "enable"), "1") },
 		func() error { return os.Mkdir(tg.port(), 0o755) },
 		func() error { return write(filepath.Join(tg.port(), "addr_trtype"), "tcp") },

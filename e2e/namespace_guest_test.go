@@ -1,0 +1,323 @@
+package e2e
+
+// Namespace changes against Linux nvmet in the VM (issue 11, items 6-8),
+// each under the verified load with no application error:
+//
+//   - the backing file of a file namespace grown and shrunk while attached
+//     (nvmet's revalidate_size sends Namespace Attribute Changed): on a
+//     kernel with UBLK_F_UPDATE_SIZE the device follows; without it the
+//     device keeps its size, one WARN line per change says so, and I/O past
+//     the namespace's end fails with EIO. The shrink chosen: the load runs
+//     on the first half, which every size keeps; the part a shrink cuts off
+//     is only touched by the test's own single I/Os, which check that it
+//     is refused while it is gone and usable once it is back.
+//   - the namespace disabled for a few seconds then enabled again: I/O is
+//     held while it is away and nothing fails or is lost;
+//   - attach --recover onto a namespace that was replaced behind the same
+//     NSID: refused with exit 7 and one line, the device left; the right
+//     namespace back, a recover takes the device over and the load
+//     completes.
+//
+//	E2E_PACKAGES=./e2e E2E_RUN='^TestGuestNamespace' go test -count=1 -v -run TestVM ./e2e/
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/guest"
+	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/load"
+	"github.com/ublk-nvmeof/ublk-nvmeof/ublk"
+)
+
+// errorsRetriesExhausted accepts EIO only: see
+// TestGuestNamespaceDisabledBriefly.
+var errorsRetriesExhausted = &errorRule{what: "EIO (path status retries used up)", ok: func(err error) bool { return errors.Is(err, syscall.EIO) }}
+
+// exitNoNamespace is ublk-nvmeof's exit status for a missing (or, with
+// --recover, another) namespace.
+const exitNoNamespace = 7
+
+// updateSize reports whether the kernel's ublk driver can resize a device.
+func updateSize(t *testing.T) (bool, ublk.Features) {
+	t.Helper()
+	c, err := ublk.OpenControl()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	f, err := c.Features()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f.Has(ublk.FeatureUpdateSize), f
+}
+
+// deviceSize is the kernel's size of a block device, in bytes.
+func deviceSize(t *testing.T, dev string) int64 {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "size"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n << 9
+}
+
+// probe writes one stamped 4 KiB block at off through dev with O_DIRECT
+// and reads it back; it returns the first error.
+func probe(dev string, off int64) error {
+	f, err := os.OpenFile(dev, os.O_RDWR|unix.O_DIRECT, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	buf, err := unix.Mmap(-1, 0, load.BlockSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
+	if err != nil {
+		return err
+	}
+	defer unix.Munmap(buf)
+	copy(buf, fmt.Sprintf("probe at %d", off))
+	if _, err := f.WriteAt(buf, off); err != nil {
+		return fmt.Errorf("write at %d: %w", off, err)
+	}
+	clear(buf)
+	if _, err := f.ReadAt(buf, off); err != nil {
+		return fmt.Errorf("read at %d: %w", off, err)
+	}
+	if want := fmt.Sprintf("probe at %d", off); !strings.HasPrefix(string(buf), want) {
+		return fmt.Errorf("read at %d returned %q, want %q", off, buf[:len(want)], want)
+	}
+	return nil
+}
+
+// countLog counts the daemon's log lines containing every one of parts.
+func (d *daemon) countLog(parts ...string) int {
+	n := 0
+	for _, l := range strings.Split(d.Log(), "\n") {
+		all := true
+		for _, p := range parts {
+			all = all && strings.Contains(l, p)
+		}
+		if all {
+			n++
+		}
+	}
+	return n
+}
+
+// waitCount waits until countLog(parts...) reaches n.
+func (d *daemon) waitCount(n int, parts ...string) {
+	d.t.Helper()
+	waitUntil(d.t, fmt.Sprintf("%d daemon log lines with %q", n, parts), func() bool { return d.countLog(parts...) >= n })
+}
+
+func TestGuestNamespaceResizedUpdateSize(t *testing.T) {
+	guest.Require(t)
+	has, f := updateSize(t)
+	if !has {
+		t.Skipf("the kernel's ublk lacks UBLK_F_UPDATE_SIZE (Linux 6.16; features %v): TestGuestNamespaceResizedNoUpdateSize covers this kernel", f)
+	}
+	testNamespaceResized(t, true)
+}
+
+func TestGuestNamespaceResizedNoUpdateSize(t *testing.T) {
+	guest.Require(t)
+	if has, f := updateSize(t); has {
+		t.Skipf("the kernel's ublk has UBLK_F_UPDATE_SIZE (features %v): the device follows the namespace, TestGuestNamespaceResizedUpdateSize covers it", f)
+	}
+	testNamespaceResized(t, false)
+}
+
+// testNamespaceResized: a file namespace of 8 MiB, the load on its first
+// 4 MiB; the file grown to 12 MiB, shrunk to 4 MiB, grown back to 8 MiB.
+func testNamespaceResized(t *testing.T, follows bool) {
+	const mib = 1 << 20
+	file := filepath.Join(t.TempDir(), "ns1.img")
+	if err := guest.CreateFile(file, 8*mib); err != nil {
+		t.Fatal(err)
+	}
+	port, portID := 4460, 30
+	if !follows {
+		port, portID = 4461, 31
+	}
+	s := newScenario(t, guest.TargetOptions{NQN: scenarioNQN(fmt.Sprintf("ns-resized-%v", follows)), Device: file, BufferedIO: true, Port: port, PortID: portID})
+	const metrics = "127.0.0.1:9460"
+	d := startDaemon(t, s.tl, noNetns, s.attachArgs("-l", "30", "--metrics-addr", metrics)...)
+	baseline := daemonGoroutines(t, metrics)
+	if got := deviceSize(t, d.device); got != 8*mib {
+		t.Fatalf("%s is %d bytes, want %d", d.device, got, 8*mib)
+	}
+	s.startLoad(d.device, 20) // blocks 0..1023: the first 4 MiB
+
+	warn := func() int { return d.countLog("level=WARN", "keeps its size") }
+	resize := func(size int64, changes int) {
+		t.Helper()
+		s.tl.add("namespace file resized to %d MiB, revalidate_size", size/mib)
+		if err := s.tg.ResizeFile(size); err != nil {
+			t.Fatal(err)
+		}
+		d.waitCount(changes, "namespace resized")
+		s.waitProgress(100, fmt.Sprintf("after the resize to %d MiB", size/mib))
+	}
+	expectSize := func(want int64) {
+		t.Helper()
+		if follows {
+			waitUntil(t, fmt.Sprintf("%s to be %d MiB", d.device, want/mib), func() bool { return deviceSize(t, d.device) == want })
+			s.tl.add("%s is %d MiB", d.device, want/mib)
+			return
+		}
+		if got := deviceSize(t, d.device); got != 8*mib {
+			t.Errorf("%s is %d bytes, want it to keep its 8 MiB without UPDATE_SIZE", d.device, got)
+		}
+	}
+
+	// Grown: the new area is usable where the device follows.
+	resize(12*mib, 1)
+	expectSize(12 * mib)
+	if follows {
+		if err := probe(d.device, 10*mib); err != nil {
+			t.Errorf("I/O in the grown area: %v", err)
+		}
+	} else {
+		d.waitCount(1, "level=WARN", "keeps its size")
+		s.tl.add("daemon warned: the device keeps its size")
+	}
+
+	// Shrunk below the device's size: I/O past the namespace's end fails.
+	resize(4*mib, 2)
+	expectSize(4 * mib)
+	err := probe(d.device, 6*mib)
+	switch {
+	case err == nil:
+		t.Errorf("I/O at 6 MiB succeeded after the namespace shrank to 4 MiB")
+	case !follows && !errors.Is(err, syscall.EIO):
+		t.Errorf("I/O at 6 MiB past the namespace's end: %v, want EIO", err)
+	}
+	s.tl.add("I/O at 6 MiB, past the namespace's end: %v", err)
+
+	// Grown back to the device's first size: usable again.
+	resize(8*mib, 3)
+	expectSize(8 * mib)
+	if err := probe(d.device, 6*mib); err != nil {
+		t.Errorf("I/O at 6 MiB once the namespace is 8 MiB again: %v", err)
+	}
+	if !follows {
+		// 12 and 4 MiB: the device could not follow; 8 MiB is its size.
+		if n := warn(); n != 2 {
+			t.Errorf("%d WARN lines about the device keeping its size, want 2 (one per change it could not follow)\n%s", n, d.Log())
+		}
+	} else if n := warn(); n != 0 {
+		t.Errorf("%d WARN lines about the device keeping its size on a kernel with UPDATE_SIZE\n%s", n, d.Log())
+	}
+	if n := d.nStates(); n != 2 { // CONNECTING, LIVE
+		t.Errorf("the resizes changed the controller's state (%d changes)\n%s", n, d.Log())
+	}
+	s.finishLoad(nil)
+	s.verify(d.device, "the ublk device")
+	checkGoroutines(t, s.tl, metrics, baseline)
+	s.detach(d)
+	s.verifyBehindTarget()
+}
+
+// The namespace disabled under load for a few seconds, then enabled again:
+// nvmet fails I/O to it with Internal Path Error (nvmet_req_find_ns, 6.10+)
+// and reports it gone (Namespace Attribute Changed, not in the active
+// list); the daemon holds the I/O and reconnects until it is back. Nothing
+// acknowledged is lost. Until lifecycle's retries of a path status wait
+// (the Command Retry Delay work, issue 11 item 3), an I/O that got the
+// path status before the event was handled can use up its immediate
+// retries and fail with EIO: that alone is accepted.
+func TestGuestNamespaceDisabledBriefly(t *testing.T) {
+	guest.Require(t)
+	s := newScenario(t, guest.TargetOptions{NQN: scenarioNQN("ns-disabled-briefly"), Device: "/dev/ram0", Port: 4462, PortID: 32})
+	const metrics = "127.0.0.1:9462"
+	d := startDaemon(t, s.tl, noNetns, s.attachArgs("-l", "30", "--metrics-addr", metrics)...)
+	baseline := daemonGoroutines(t, metrics)
+	s.startLoad(d.device, 21)
+
+	n := d.nStates()
+	s.tl.add("FAULT: namespace %d disabled", s.opts.NSID)
+	if err := s.tg.SetNamespaceEnabled(false); err != nil {
+		t.Fatal(err)
+	}
+	d.waitState(n, "RESETTING")
+	d.waitLog("reconnect failed")
+	s.tl.add("namespace %d enabled again", s.opts.NSID)
+	if err := s.tg.SetNamespaceEnabled(true); err != nil {
+		t.Fatal(err)
+	}
+	d.waitState(n, "LIVE")
+	s.tl.addAt(s.waitProgress(200, "after the namespace came back"), "I/O resumed (the first I/O completed after the namespace came back)")
+	s.finishLoad(errorsRetriesExhausted)
+	s.verify(d.device, "the ublk device")
+	checkGoroutines(t, s.tl, metrics, baseline)
+	s.detach(d)
+	s.verifyBehindTarget()
+}
+
+// The daemon SIGKILLed under load; the namespace behind its NSID replaced
+// (another UUID and NGUID); attach --recover refuses with exit 7 and one
+// line and leaves the device; the namespace back, attach --recover takes
+// the device over and the load completes without an error.
+func TestGuestNamespaceRecoverReplaced(t *testing.T) {
+	guest.Require(t)
+	const (
+		uuid, nguid           = "6b1e2f5c-7a1d-4c39-9a53-0d8f9e4c2a20", "4e564d65-6f66-2d73-6365-6e6172696f20"
+		otherUUID, otherNGUID = "6b1e2f5c-7a1d-4c39-9a53-0d8f9e4c2a21", "4e564d65-6f66-2d73-6365-6e6172696f21"
+	)
+	s := newScenario(t, guest.TargetOptions{NQN: scenarioNQN("ns-recover-replaced"), Device: "/dev/ram0", Port: 4463, PortID: 33, UUID: uuid, NGUID: nguid})
+	first := startDaemon(t, s.tl, noNetns, s.attachArgs("-l", "30")...)
+	s.startLoad(first.device, 22)
+
+	s.tl.add("FAULT: SIGKILL")
+	first.signal(syscall.SIGKILL)
+	first.wait()
+	if gone(first.device) {
+		t.Fatalf("%s disappeared with the daemon: user recovery should keep it", first.device)
+	}
+	s.tl.add("namespace replaced: UUID %s, NGUID %s", otherUUID, otherNGUID)
+	if err := s.tg.ReplaceNamespaceIdentity(otherUUID, otherNGUID); err != nil {
+		t.Fatal(err)
+	}
+	refused, err := tryStartDaemon(t, s.tl, noNetns, s.attachArgs("-l", "30", "--recover")...)
+	if !errors.Is(err, errAttachExited) {
+		t.Fatalf("attach --recover onto another namespace served %s\n%s", refused.device, refused.Log())
+	}
+	if code := refused.cmd.ProcessState.ExitCode(); code != exitNoNamespace {
+		t.Errorf("attach --recover onto another namespace exited %d, want %d\n%s", code, exitNoNamespace, refused.Log())
+	}
+	last := refused.lastLine()
+	s.tl.add("refused: %s", last)
+	if !strings.HasPrefix(last, "ublk-nvmeof: ") || !strings.Contains(last, "another namespace") || !strings.Contains(last, first.device) {
+		t.Errorf("last line %q: want one error line naming %s and another namespace", last, first.device)
+	}
+	refused.checkClean()
+	if gone(first.device) {
+		t.Fatalf("%s was removed by the refused recover", first.device)
+	}
+
+	s.tl.add("namespace back: UUID %s", uuid)
+	if err := s.tg.ReplaceNamespaceIdentity(uuid, nguid); err != nil {
+		t.Fatal(err)
+	}
+	second := startDaemon(t, s.tl, noNetns, s.attachArgs("-l", "30", "--recover")...)
+	if second.device != first.device {
+		t.Fatalf("recovered %s, want %s\n%s", second.device, first.device, second.Log())
+	}
+	s.tl.addAt(s.waitProgress(200, "after recovery"), "I/O resumed (the first I/O completed after recovery)")
+	s.finishLoad(nil)
+	s.verify(second.device, "the ublk device")
+	s.detach(second)
+	s.verifyBehindTarget()
+}
