@@ -198,6 +198,24 @@ func TestBlockBackendRetriesPathError(t *testing.T) {
 	}
 }
 
+// A write completed with a status without DNR on the fast path
+// (Namespace Not Ready, as a namespace briefly disabled) is retried through
+// lifecycle.Retry on the same association: it lands, and no recovery
+// starts.
+func TestBlockBackendRetriesStatus(t *testing.T) {
+	r := newBackendRig(t)
+	remove := r.tg.InjectFault(target.Fault{QID: target.AnyQueue, Match: target.MatchOpcode(nvme.NVME_CMD_WRITE), Times: 3,
+		Status: nvme.NVME_SC_NS_NOT_READY})
+	defer remove()
+	r.writeAll("namespace not ready", span(0, 8))
+	r.verify(span(0, 8))
+	for _, tr := range r.lc.States().History() {
+		if tr.To == lifecycle.StateResetting {
+			t.Fatalf("a status started recovery (%s)", tr.Reason)
+		}
+	}
+}
+
 // I/O arriving while the controller reconnects takes the slow path: held,
 // then served on the new association.
 func TestBlockBackendHeldWhileReconnecting(t *testing.T) {

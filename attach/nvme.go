@@ -28,8 +28,8 @@ import (
 // The slow path is a goroutine per request through lifecycle.Do, which
 // holds the request while the controller recovers: taken when the
 // controller is not LIVE, when the NVMe queue has no free slot, and to
-// retry on the next association a command that failed with the path
-// (lifecycle.Retry).
+// retry a command that failed with the path (on the next association) or
+// with a status without DNR (after its Command Retry Delay; lifecycle.Retry).
 type blockBackend struct {
 	lc      *lifecycle.Controller
 	metrics *Metrics // nil: none
@@ -131,7 +131,9 @@ func (b *blockBackend) Commit(i int) {
 // goroutine. It must not block.
 func (io *blockIO) done(err error) {
 	io.ref.Exit() // the last touch of the association was the queue's, before this call
-	if err != nil && nvmeof.IsPathError(err) {
+	if err != nil && (nvmeof.IsPathError(err) || lifecycle.RetryableStatus(err)) {
+		// Retried by lifecycle: on the next association, or on this
+		// one after the status's Command Retry Delay.
 		io.b.slow(io, err)
 		return
 	}
@@ -139,7 +141,8 @@ func (io *blockIO) done(err error) {
 }
 
 // slow serves the request on a goroutine through lifecycle: with Do, or, if
-// pathErr is set (it failed on io.ref's association), with Retry.
+// pathErr is set (it failed on io.ref's association with a path error or a
+// status without DNR), with Retry.
 func (b *blockBackend) slow(io *blockIO, pathErr error) {
 	b.wg.Add(1) // before the request's own count can drop
 	go func() {

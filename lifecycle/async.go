@@ -3,6 +3,7 @@ package lifecycle
 import (
 	"context"
 	"fmt"
+	"time"
 )
 
 // Ref is a usage reference on the live association, taken without waiting
@@ -41,22 +42,29 @@ func (r Ref) Conn() Conn { return r.conn }
 func (r Ref) Exit() { r.c.exit() }
 
 // Retry finishes, as Do would, an I/O that failed on r's association with
-// the path error err (Conn.IsPathError): it reports err (recovery starts)
+// err, a path error (Conn.IsPathError) or a status without DNR
+// (RetryableStatus). After a path error it reports err (recovery starts)
 // and runs fn on a later association, holding the I/O while the controller
-// recovers; but after a Path Related Status without DNR, the controller
-// answered: no recovery, fn runs again at once, on the same association if
-// it is still live. Up to Options.MaxRetries tries in all after the first.
-// Call it after r.Exit, on a goroutine that may block.
+// recovers. After a status the controller answered: no recovery; fn runs
+// again on the same association if it is still live, after the Command
+// Retry Delay the status names (a delete meanwhile fails it with
+// ErrDeleted at once). Up to Options.MaxRetries tries in all after the
+// first. Call it after r.Exit, on a goroutine that may block.
 func (c *Controller) Retry(ctx context.Context, r Ref, err error, fn func(Conn) error) error {
 	failedGen := r.gen
-	if isPathStatus(err) {
+	var delay time.Duration
+	if RetryableStatus(err) {
 		// The controller answered: the association is fine.
 		failedGen = 0
+		delay = c.retryDelay(err)
 	} else {
 		c.reportError(r.gen, err)
 	}
 	if c.opts.MaxRetries == 0 {
 		return fmt.Errorf("%w: %v", ErrRetriesExhausted, err)
+	}
+	if err := c.retryWait(ctx, delay); err != nil {
+		return err
 	}
 	return c.do(ctx, failedGen, 1, fn)
 }

@@ -64,6 +64,12 @@ type Conn interface {
 	// DNR (nvmeof.IsPathError is): lifecycle recognises that status itself
 	// and retries the command on the same association, without recovery.
 	IsPathError(err error) bool
+	// CRDT are the Command Retry Delay Times 1..3 (Identify Controller
+	// CRDT1..3, in 100 ms units) when Advanced Command Retry was enabled
+	// (Set Features Host Behavior Support, ACRE = 1), zero otherwise: how
+	// long to wait before retrying a command whose status has CRD 1..3.
+	// lifecycle reads them once, when the association goes LIVE.
+	CRDT() [3]time.Duration
 
 	// Shutdown shuts every socket down: from now on no command can be
 	// written, and every command in flight fails (or completes, if its
@@ -113,27 +119,15 @@ var (
 	// ErrFastIOFail: held I/O failed because fast_io_fail_tmo expired
 	// while reconnecting.
 	ErrFastIOFail = fmt.Errorf("fast_io_fail_tmo expired: %w", syscall.EIO)
-	// ErrRetriesExhausted: an I/O failed on the path more times than
-	// Options.MaxRetries.
-	ErrRetriesExhausted = fmt.Errorf("path error retries exhausted: %w", syscall.EIO)
+	// ErrRetriesExhausted: an I/O failed on the path or with a retryable
+	// status more times than Options.MaxRetries.
+	ErrRetriesExhausted = fmt.Errorf("retries exhausted: %w", syscall.EIO)
 	// ErrNamespaceChanged: a reconnect or a change event found a
 	// different namespace.
 	ErrNamespaceChanged = errors.New("namespace changed across reconnect")
 	// ErrLinkDown: the link or route towards the target went down.
 	ErrLinkDown = errors.New("link to target down")
 )
-
-// isPathStatus reports whether err is a Path Related Status (Status Code
-// Type 3, nvme_is_path_error) without the Do Not Retry bit: an error in its
-// chain has methods PathRelated() bool and DNR() bool (nvme.Status), the
-// first true and the second false.
-func isPathStatus(err error) bool {
-	var s interface {
-		PathRelated() bool
-		DNR() bool
-	}
-	return errors.As(err, &s) && s.PathRelated() && !s.DNR()
-}
 
 // isDNR reports whether err carries the Do Not Retry bit: an error in its
 // chain has a method DoNotRetry() bool or DNR() bool (nvme.Status) that

@@ -110,10 +110,11 @@ type Controller struct {
 	gen        uint64    // association generation; errors from older ones are stale
 	pendingErr error     // first error reported for gen
 	block      Block
-	failfast   bool          // fast_io_fail_tmo expired while reconnecting
-	wake       chan struct{} // closed and replaced when state or failfast changes
-	held       int           // Do callers waiting for LIVE
-	idle       *sync.Cond    // signalled when inflight drops to zero while draining
+	crdt       [3]time.Duration // Command Retry Delay Times of the live association
+	failfast   bool             // fast_io_fail_tmo expired while reconnecting
+	wake       chan struct{}    // closed and replaced when state or failfast changes
+	held       int              // Do callers waiting for LIVE
+	idle       *sync.Cond       // signalled when inflight drops to zero while draining
 
 	// The I/O fast path, without c.mu (like percpu_ref_tryget_live on
 	// q_usage_counter): a Do caller counts itself in inflight, then
@@ -382,8 +383,10 @@ func (c *Controller) connectIOQueues(ctx context.Context, conn Conn, gen uint64)
 // goLive publishes conn and makes the controller LIVE. Keep-alive runs
 // already (connect started it).
 func (c *Controller) goLive(conn Conn, reason string) {
+	crdt := conn.CRDT()
 	c.mu.Lock()
 	c.conn = conn
+	c.crdt = crdt
 	c.failfast = false
 	c.mu.Unlock()
 	if err := c.setState(StateLive, reason); err != nil {

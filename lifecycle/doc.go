@@ -27,9 +27,11 @@
 // rejected with DNR, a different namespace found on reconnect or after a
 // namespace-changed event, or ctrl_loss_tmo delete the controller. The same
 // namespace with a new size keeps the device and resizes it; a namespace no
-// longer active starts recovery (namespace.go). An I/O that failed with a Path
-// Related Status (SCT 3) without DNR starts no recovery: the controller
-// answered, so Do retries it on the same association. Everything else only
+// longer active starts recovery (namespace.go). An I/O that failed with any
+// NVMe status without DNR (Namespace Not Ready, a Path Related Status, ...)
+// starts no recovery: the controller answered, so Do retries it on the same
+// association after the Command Retry Delay the status names (retry.go,
+// nvme_decide_disposition). Everything else only
 // signals the supervisor, so no callback ever tears down inline, and
 // keep-alive's failure is a channel the supervisor selects on: no
 // self-join.

@@ -86,6 +86,8 @@ type fakeTarget struct {
 	// ioConnect, if set, is ConnectIOQueues: called after Connect, with
 	// keep-alive running on the admin queue.
 	ioConnect func(ctx context.Context, c *fakeConn) error
+	// crdt is every association's CRDT.
+	crdt [3]time.Duration
 }
 
 func newFakeTarget(v *violations) *fakeTarget {
@@ -219,6 +221,12 @@ func (c *fakeConn) ConnectIOQueues(ctx context.Context) error {
 	defer c.mu.Unlock()
 	c.touchLocked(false, "I/O queue connect")
 	return nil
+}
+
+func (c *fakeConn) CRDT() [3]time.Duration {
+	c.target.mu.Lock()
+	defer c.target.mu.Unlock()
+	return c.target.crdt
 }
 
 func (c *fakeConn) Namespace() Namespace       { return c.ns }

@@ -74,21 +74,6 @@ func TestPathStatusRetriesBounded(t *testing.T) {
 	h.finish()
 }
 
-// A status of another type is not retried, DNR or not: only SCT 3 says
-// the path is at fault.
-func TestOtherStatusNotRetried(t *testing.T) {
-	h := newHarness(t, nil)
-	tries := 0
-	err := h.c.Do(context.Background(), func(Conn) error {
-		tries++
-		return nvme.NVME_SC_INTERNAL
-	})
-	if !errors.Is(err, nvme.NVME_SC_INTERNAL) || tries != 1 {
-		t.Fatalf("Do: %v after %d tries, want Internal Error after 1", err, tries)
-	}
-	h.finish()
-}
-
 // Path errors and path statuses count against the same MaxRetries.
 func TestPathStatusAndPathErrorShareRetries(t *testing.T) {
 	h := newHarness(t, func(o *Options, _ *fakeTarget) { o.MaxRetries = 1 })

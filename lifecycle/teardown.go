@@ -3,6 +3,7 @@ package lifecycle
 import (
 	"context"
 	"fmt"
+	"time"
 )
 
 // Step is one step of teardown, in docs/design.md's order.
@@ -177,12 +178,14 @@ func (c *Controller) step(s Step, fn func()) {
 // fn is retried, up to Options.MaxRetries times in all, when it fails
 //   - with a path error (Conn.IsPathError: the association failed under
 //     it): recovery is started and fn is retried on the next association;
-//   - with a Path Related Status (SCT 3) without DNR: the controller
-//     answered, so the association is fine and no recovery is started; fn
-//     is retried at once on the same association, as the Linux host
-//     retries it (nvme_decide_disposition, nvme_retry_req). The Command
-//     Retry Delay is not honoured: lifecycle does not know the
-//     controller's CRDT values.
+//   - with an NVMe status without DNR (RetryableStatus: Namespace Not
+//     Ready, a Path Related Status, a data digest error on that command,
+//     any other): the controller answered, so the association is fine and
+//     no recovery is started; fn is retried on the same association after
+//     the Command Retry Delay the status names (CRD 1..3: Conn.CRDT), as
+//     the Linux host retries it (nvme_decide_disposition,
+//     nvme_retry_req). The wait holds no reference: a delete during it
+//     fails the I/O with ErrDeleted at once.
 //
 // Any other error, a status with DNR among them, is returned as it is.
 //
@@ -192,8 +195,8 @@ func (c *Controller) Do(ctx context.Context, fn func(Conn) error) error {
 	return c.do(ctx, 0, 0, fn)
 }
 
-// do is Do for an I/O that has already failed on the path `retries` times,
-// the last time on association failedGen (0: none).
+// do is Do for an I/O that has already been tried and failed `retries`
+// times, the last time on the path of association failedGen (0: none).
 func (c *Controller) do(ctx context.Context, failedGen uint64, retries int, fn func(Conn) error) error {
 	for ; ; retries++ {
 		conn, gen, err := c.enter(ctx, failedGen)
@@ -201,13 +204,15 @@ func (c *Controller) do(ctx context.Context, failedGen uint64, retries int, fn f
 			return err
 		}
 		err = c.call(conn, fn)
+		var delay time.Duration
 		switch {
 		case err == nil:
 			return nil
-		case isPathStatus(err):
-			// First: a Conn may count it as a path error too, but
-			// the association works. Retry on it: failedGen stays
-			// what it was.
+		case RetryableStatus(err):
+			// First: a Conn may count a path status as a path
+			// error too, but the association works. Retry on it:
+			// failedGen stays what it was.
+			delay = c.retryDelay(err)
 		case conn.IsPathError(err):
 			c.reportError(gen, err)
 			failedGen = gen
@@ -216,6 +221,9 @@ func (c *Controller) do(ctx context.Context, failedGen uint64, retries int, fn f
 		}
 		if retries >= c.opts.MaxRetries {
 			return fmt.Errorf("%w: %v", ErrRetriesExhausted, err)
+		}
+		if err := c.retryWait(ctx, delay); err != nil {
+			return err
 		}
 	}
 }

@@ -160,7 +160,17 @@ func (c *Conn) Traffic() keepalive.Traffic {
 }
 
 func (c *Conn) IsPathError(err error) bool { return nvmeof.IsPathError(err) }
-func (c *Conn) Shutdown()                  { c.ctrl.Shutdown() }
-func (c *Conn) WaitIdle()                  { c.ctrl.WaitIdle() }
-func (c *Conn) FreeIOQueues()              { c.ctrl.FreeIOQueues() }
-func (c *Conn) FreeAdminQueue()            { c.ctrl.FreeAdminQueue() }
+
+// CRDT implements lifecycle.Conn: the controller's Command Retry Delay
+// Times, only when it accepted Advanced Command Retry (ACRE); without it a
+// controller must not ask for a delay (CRD 0), so none is honoured.
+func (c *Conn) CRDT() [3]time.Duration {
+	if !c.ctrl.ACRE() {
+		return [3]time.Duration{}
+	}
+	return c.ctrl.CRDT()
+}
+func (c *Conn) Shutdown()       { c.ctrl.Shutdown() }
+func (c *Conn) WaitIdle()       { c.ctrl.WaitIdle() }
+func (c *Conn) FreeIOQueues()   { c.ctrl.FreeIOQueues() }
+func (c *Conn) FreeAdminQueue() { c.ctrl.FreeAdminQueue() }

@@ -18,7 +18,7 @@ import (
 // association (no recovery, no reconnect) and the write lands; with DNR the
 // write fails with that status after one try; always failing, the write
 // fails with EIO after 1+MaxRetries tries. A status of another type without
-// DNR is not retried.
+// DNR is retried just the same.
 func TestPathStatusOverTCP(t *testing.T) {
 	pathStatuses := []nvme.Status{
 		nvme.NVME_SC_INTERNAL_PATH_ERROR, nvme.NVME_SC_ANA_PERSISTENT_LOSS, nvme.NVME_SC_ANA_INACCESSIBLE,
@@ -66,13 +66,33 @@ func TestPathStatusOverTCP(t *testing.T) {
 		}
 		checkNoRecovery(t, r, c)
 	})
-	t.Run("other-type-not-retried", func(t *testing.T) {
-		r, c, writes := pathStatusRig(t, target.Fault{Status: nvme.NVME_SC_INTERNAL, Times: 1})
-		if err := write(c, 0, 7, 77); !errors.Is(err, nvme.NVME_SC_INTERNAL) {
-			t.Fatalf("write: %v, want Internal Error", err)
+	// Any status without DNR is retried (nvme_decide_disposition), on the
+	// same association: Namespace Not Ready (a namespace briefly
+	// disabled), an Internal Error.
+	for _, st := range []nvme.Status{nvme.NVME_SC_NS_NOT_READY, nvme.NVME_SC_INTERNAL} {
+		t.Run(fmt.Sprintf("other-type-retried/%#x", uint16(st)), func(t *testing.T) {
+			r, c, writes := pathStatusRig(t, target.Fault{Status: st, Times: 2})
+			if err := write(c, 0, 7, 77); err != nil {
+				t.Fatalf("write after two %v: %v", st, err)
+			}
+			if n := writes.Load(); n != 3 {
+				t.Fatalf("the target saw %d writes, want 3", n)
+			}
+			if got := r.stored(7); got != 77 {
+				t.Fatalf("block 7 = %d", got)
+			}
+			checkNoRecovery(t, r, c)
+		})
+	}
+	// The in-process target does not enable Advanced Command Retry: a CRD
+	// in its status is not honoured (CRDT is zero), the retry is at once.
+	t.Run("crd-without-acre", func(t *testing.T) {
+		r, c, writes := pathStatusRig(t, target.Fault{Status: nvme.NVME_SC_NS_NOT_READY | 3<<11, Times: 1})
+		if err := write(c, 0, 7, 77); err != nil {
+			t.Fatalf("write: %v", err)
 		}
-		if n := writes.Load(); n != 1 {
-			t.Fatalf("the target saw %d writes, want 1", n)
+		if n := writes.Load(); n != 2 {
+			t.Fatalf("the target saw %d writes, want 2", n)
 		}
 		checkNoRecovery(t, r, c)
 	})

@@ -1,0 +1,77 @@
+package lifecycle
+
+import (
+	"context"
+	"errors"
+	"time"
+)
+
+// Status dispositions, as the Linux host's nvme_decide_disposition and
+// nvme_retry_req: a command the controller completed with any status
+// without the Do Not Retry bit is retried, on the same association (the
+// controller answered: no recovery), after the Command Retry Delay the
+// status asks for, up to Options.MaxRetries (nvme_max_retries) times.
+// Namespace Not Ready, a Path Related Status (SCT 3), a data digest error
+// reported on that one command: all are such statuses. A status with DNR
+// is returned at once.
+
+// maxRetryDelay bounds the wait before a retry: CRDT is a 16-bit count of
+// 100 ms (up to 109 minutes), and a controller's value only holds the I/O.
+const maxRetryDelay = time.Minute
+
+// retryableStatus is the part of nvme.Status that decides a disposition.
+type retryableStatus interface {
+	DNR() bool
+	// CRD is the status's Command Retry Delay field: 0 retry at once,
+	// 1..3 after CRDT1..3.
+	CRD() uint8
+}
+
+// RetryableStatus reports whether err carries an NVMe status without DNR
+// (an error in its chain has methods DNR() bool and CRD() uint8, as
+// nvme.Status): Do and Retry retry such a command on the same association
+// after the Command Retry Delay. The I/O fast path hands such a failure to
+// Retry, as it does a path error.
+func RetryableStatus(err error) bool {
+	var s retryableStatus
+	return errors.As(err, &s) && !s.DNR()
+}
+
+// retryDelay is how long to wait before retrying a command that failed
+// with the retryable status err: CRDT[CRD-1] of the live association
+// (Conn.CRDT: zero unless Advanced Command Retry is enabled), or none.
+func (c *Controller) retryDelay(err error) time.Duration {
+	var s retryableStatus
+	if !errors.As(err, &s) {
+		return 0
+	}
+	crd := s.CRD()
+	if crd == 0 || crd > 3 {
+		return 0
+	}
+	c.mu.Lock()
+	d := c.crdt[crd-1]
+	c.mu.Unlock()
+	return min(d, maxRetryDelay)
+}
+
+// retryWait waits d before a retry, holding no reference on any
+// association: teardown does not wait for it. A delete ends it at once
+// with ErrDeleted (EIO), ctx with its error.
+func (c *Controller) retryWait(ctx context.Context, d time.Duration) error {
+	if d <= 0 {
+		return nil
+	}
+	t := c.clk.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C():
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-c.ctx.Done():
+		// Cancelled when deletion was requested or the controller
+		// deleted itself.
+		return ErrDeleted
+	}
+}
