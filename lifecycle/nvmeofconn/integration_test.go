@@ -427,19 +427,16 @@ func TestKeepAliveInFlightAtEveryTeardownStep(t *testing.T) {
 }
 
 func kaAtStep(t *testing.T, del bool, at lifecycle.Step, atDone bool) {
-	r := newRig(t, target.Config{}, 400*time.Millisecond)
+	// KATO leaves the connect (admin setup, then the I/O queues with
+	// keep-alive running) time to send the first keep-alive before the
+	// target's KATO expires, under -race on a loaded machine too.
+	r := newRig(t, target.Config{}, time.Second)
 	arrived := make(chan struct{})
 	release := make(chan struct{})
 	var releaseOnce sync.Once
 	doRelease := func() { releaseOnce.Do(func() { close(release) }) }
 	defer doRelease()
 	var hit atomic.Bool
-	remove := r.tg.InjectFault(target.Fault{QID: 0, Match: target.MatchKeepAlive(), Times: 1, Before: func() {
-		hit.Store(true)
-		close(arrived)
-		<-release
-	}})
-	defer remove()
 	var round atomic.Int32
 	c := r.start(func(o *lifecycle.Options) {
 		o.TeardownHook = func(s lifecycle.Step, done bool) {
@@ -451,6 +448,15 @@ func kaAtStep(t *testing.T, del bool, at lifecycle.Step, atDone bool) {
 			}
 		}
 	})
+	// Held from the first keep-alive after Start: keep-alive runs while
+	// the I/O queues connect too, and holding one then would hold the
+	// connect past the target's KATO.
+	remove := r.tg.InjectFault(target.Fault{QID: 0, Match: target.MatchKeepAlive(), Times: 1, Before: func() {
+		hit.Store(true)
+		close(arrived)
+		<-release
+	}})
+	defer remove()
 	sc := countStates(c)
 	<-arrived // the keep-alive is in flight
 	if del {
