@@ -65,3 +65,18 @@ func TestDHChapOptions(t *testing.T) {
 		}
 	}
 }
+
+// TestDiscoverSecurityFields: discover prints TREQ and the TCP security
+// type as nvme-cli does.
+func TestDiscoverSecurityFields(t *testing.T) {
+	for treq, want := range map[uint8]string{0: "not specified", 1: "required", 2: "not required", 3: "reserved (3)", 4: "not specified, sq flow control disable supported", 5: "required, sq flow control disable supported"} {
+		if got := treqString(treq); got != want {
+			t.Errorf("treq %d: %q, want %q", treq, got, want)
+		}
+	}
+	for st, want := range map[uint8]string{0: "none", 1: "tls1.2", 2: "tls1.3", 9: "reserved (9)"} {
+		if got := sectypeString(3, st); got != want {
+			t.Errorf("sectype %d: %q, want %q", st, got, want)
+		}
+	}
+}

@@ -518,8 +518,8 @@ func discoverCommand(stdout io.Writer) *cli.Command {
 			for i, e := range entries {
 				fmt.Fprintf(stdout, "=====Discovery Log Entry %d======\n", i)
 				tw := tabwriter.NewWriter(stdout, 0, 4, 1, ' ', 0)
-				fmt.Fprintf(tw, "trtype:\t%d\nadrfam:\t%d\nsubtype:\t%d\nportid:\t%d\ntrsvcid:\t%s\nsubnqn:\t%s\ntraddr:\t%s\n",
-					e.TrType, e.AdrFam, e.SubType, e.PortID, e.TrSvcID, e.SubNQN, e.TrAddr)
+				fmt.Fprintf(tw, "trtype:\t%d\nadrfam:\t%d\nsubtype:\t%d\ntreq:\t%s\nportid:\t%d\ntrsvcid:\t%s\nsubnqn:\t%s\ntraddr:\t%s\nsectype:\t%s\n",
+					e.TrType, e.AdrFam, e.SubType, treqString(e.TReq), e.PortID, e.TrSvcID, e.SubNQN, e.TrAddr, sectypeString(e.TrType, e.SecType))
 				if err := tw.Flush(); err != nil {
 					return err
 				}
