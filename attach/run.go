@@ -60,86 +60,179 @@ type RunConfig struct {
 	Hurry <-chan struct{}
 }
 
-// teardownTimeout bounds a graceful teardown (drain, disconnect, delete).
-const teardownTimeout = 60 * time.Second
-
 // Run attaches: it connects to the controller, creates the ublk device for
 // the namespace, and serves it until ctx ends, a client asks to detach, or
 // the controller is lost; then it tears everything down in lifecycle's
 // order. It returns nil after a requested detach; on any error, nothing is
 // left behind: no device, socket, goroutine.
+//
+// Each phase is a method of run; each undoes itself in a deferred call, in
+// the reverse order.
 func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
+	r, err := setup(o, rc)
+	if err != nil {
+		return err
+	}
+	defer r.ctl.Close()
+	stopHTTP, err := r.serveHTTP()
+	if err != nil {
+		return err
+	}
+	defer stopHTTP()
+	if err := r.connect(ctx); err != nil {
+		return err
+	}
+	// From here on the controller exists: cleanup deletes it, which
+	// stops and removes the block device too once it is registered.
+	defer r.cleanup(&err)
+	r.watchSignals()
+	if err := r.createDevice(ctx); err != nil {
+		return err
+	}
+	if r.dev == nil {
+		return nil // lost before it knew of the device; cleanup says why
+	}
+	stopControl, err := r.serveControl()
+	if err != nil {
+		return err
+	}
+	defer stopControl()
+	stopWatchdog := r.startWatchdog()
+	defer stopWatchdog()
+	r.ready()
+	r.serve(ctx)
+	return nil
+}
+
+// run is one attach, from setup to cleanup: what the phases of Run share.
+type run struct {
+	o    Options
+	rc   RunConfig
+	logs runLoggers
+	log  *slog.Logger
+	host nvmeof.HostIdentity
+
+	ctl      *ublk.Control
+	feats    ublk.Features // the driver's
+	recovery ublk.RecoveryMode
+
+	metrics   *Metrics // nil without --metrics-addr
+	status    *statusTracker
+	connector *nvmeofconn.Connector
+	lc        *lifecycle.Controller
+
+	// hurried: rc.Hurry made the teardown immediate. The goroutine that
+	// watches rc.Hurry ends with the controller; cleanup joins it.
+	hurried atomic.Bool
+	hurryWG sync.WaitGroup
+
+	backend  *blockBackend
+	ns       *nvmeof.Namespace // found by the first connect
+	dev      *ublk.Device
+	params   ublk.Params
+	queues   int
+	depth    int
+	recorded int  // the device whose run record was written; -1: none
+	lost     bool // the controller deleted itself, nobody asked it to
+
+	detach     chan struct{} // closed by a detach request on the control socket
+	detachOnce sync.Once
+}
+
+// setup checks the options, finds the host's identity, opens the ublk
+// control device and picks the recovery mode the kernel supports. Nothing
+// runs yet.
+func setup(o Options, rc RunConfig) (*run, error) {
 	base := rc.Logger
 	if base == nil {
 		base = slog.Default()
 	}
-	logs := newRunLoggers(base, o)
-	log := logs.ctrl
+	r := &run{o: o, rc: rc, logs: newRunLoggers(base, o), recorded: -1, detach: make(chan struct{})}
+	r.log = r.logs.ctrl
 	if err := o.Validate(); err != nil {
-		return err
+		return nil, err
 	}
 	if err := nvmeof.ValidateNQN(o.NQN); err != nil {
-		return fmt.Errorf("%w: --nqn: %w", ErrInvalidOptions, err)
+		return nil, fmt.Errorf("%w: --nqn: %w", ErrInvalidOptions, err)
 	}
 	host, err := hostIdentity(o)
 	if err != nil {
-		return err
+		return nil, err
 	}
-
+	r.host = host
 	ctl, err := ublk.OpenControl()
 	if err != nil {
-		return err
+		return nil, err
 	}
-	defer ctl.Close()
-	ctl.Logger = log
+	ctl.Logger = r.log
 	feats, err := ctl.Features()
 	if err != nil {
-		return err
+		ctl.Close()
+		return nil, err
 	}
-	recovery, err := recoveryMode(o, feats, log)
+	r.recovery, err = recoveryMode(o, feats, r.log)
 	if err != nil {
-		return err
+		ctl.Close()
+		return nil, err
 	}
+	r.ctl, r.feats = ctl, feats
+	return r, nil
+}
 
-	// Metrics exist from the start so that they see the first connect.
-	var metrics *Metrics
-	if rc.MetricsAddr != "" {
-		metrics = NewMetrics(o.Addr(), o.NQN)
-		ms, err := ServeMetrics(rc.MetricsAddr, metrics)
-		if err != nil {
-			return fmt.Errorf("%w: --metrics-addr: %w", ErrInvalidOptions, err)
+// serveHTTP starts the metrics and profiling listeners that were asked for.
+// Metrics exist from the start so that they see the first connect.
+func (r *run) serveHTTP() (stop func(), err error) {
+	var servers []*HTTPServer
+	stop = func() {
+		for _, s := range servers {
+			_ = s.Close()
 		}
-		defer ms.Close()
 	}
-	if rc.PprofAddr != "" {
-		ps, err := ServePprof(rc.PprofAddr)
+	if r.rc.MetricsAddr != "" {
+		r.metrics = NewMetrics(r.o.Addr(), r.o.NQN)
+		ms, err := ServeMetrics(r.rc.MetricsAddr, r.metrics)
 		if err != nil {
+			return nil, fmt.Errorf("%w: --metrics-addr: %w", ErrInvalidOptions, err)
+		}
+		servers = append(servers, ms)
+	}
+	if r.rc.PprofAddr != "" {
+		ps, err := ServePprof(r.rc.PprofAddr)
+		if err != nil {
+			stop()
 			if !errors.Is(err, ErrInvalidOptions) {
 				err = fmt.Errorf("%w: --pprof-addr: %w", ErrInvalidOptions, err)
 			}
-			return err
+			return nil, err
 		}
-		defer ps.Close()
+		servers = append(servers, ps)
 	}
-	status := &statusTracker{st: Status{
-		PID: os.Getpid(), TrAddr: o.TrAddr, TrSvcID: o.TrSvcID, NQN: o.NQN, HostNQN: host.NQN,
+	return stop, nil
+}
+
+// connect makes the lifecycle controller and its first association. The
+// status line, the metrics and systemd's STATUS= follow its states.
+func (r *run) connect(ctx context.Context) error {
+	o := r.o
+	r.status = &statusTracker{st: Status{
+		PID: os.Getpid(), TrAddr: o.TrAddr, TrSvcID: o.TrSvcID, NQN: o.NQN, HostNQN: r.host.NQN,
 		NSID: o.NSID, QueueSize: o.QueueSize, Started: time.Now(), DevID: -1,
-		UblkFeatures: feats.Names(),
+		UblkFeatures: r.feats.Names(),
 	}}
-	connector := &nvmeofconn.Connector{
+	r.connector = &nvmeofconn.Connector{
 		Config: nvmeof.ControllerConfig{
-			Addr: o.Addr(), SubsysNQN: o.NQN, Host: host,
+			Addr: o.Addr(), SubsysNQN: o.NQN, Host: r.host,
 			IOQueues: o.NrIOQueues, QueueSize: o.QueueSize,
 			KATO: o.KeepAliveTmo, NoKeepAlive: o.KeepAliveTmo == 0,
 			HeaderDigest: o.HdrDigest, DataDigest: o.DataDigest,
 			Auth:   o.authConfig(),
-			Logger: logs.nvme,
+			Logger: r.logs.nvme,
 		},
 		NSID: o.NSID,
 		KeepAliveRTT: func(rtt time.Duration) {
-			status.keepAlive(rtt)
-			if metrics != nil {
-				metrics.KeepAliveDone(rtt)
+			r.status.keepAlive(rtt)
+			if r.metrics != nil {
+				r.metrics.KeepAliveDone(rtt)
 			}
 		},
 	}
@@ -147,175 +240,203 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 	lopts.ReconnectDelay = o.ReconnectDelay
 	lopts.CtrlLossTmo = o.CtrlLossTmo
 	lopts.FastIOFailTmo = o.FastIOFailTmo
-	lopts.Logger = log
+	lopts.Logger = r.log
 	if o.LinkWatch {
 		addr, err := resolveTarget(ctx, o.TrAddr)
 		if err != nil {
 			return fmt.Errorf("%w: --link-watch: %w", ErrUnreachable, err)
 		}
-		lopts.LinkWatch = &linkwatch.Watcher{Addr: addr, Logger: log}
+		lopts.LinkWatch = &linkwatch.Watcher{Addr: addr, Logger: r.log}
 	}
-	lc, err := lifecycle.New(connector, lopts)
+	lc, err := lifecycle.New(r.connector, lopts)
 	if err != nil {
 		return err
 	}
-	lc.States().Observe(func(tr lifecycle.Transition) {
-		reconnected := status.state(tr)
-		if metrics != nil {
-			metrics.SetState(tr.To.String())
-			if reconnected {
-				metrics.Reconnected()
-			}
-		}
-		if rc.Notifier != nil {
-			_ = rc.Notifier.Status(serviceStatus(status.device(), fmt.Sprintf("%v (%s)", tr.To, tr.Reason)))
-		}
-	})
-	log.Info("connecting", "hostnqn", host.NQN)
+	lc.States().Observe(r.observe)
+	r.log.Info("connecting", "hostnqn", r.host.NQN)
 	if err := lc.Start(ctx); err != nil {
 		return classifyConnectError(o, err)
 	}
-	// From here on the controller exists: every return deletes it, which
-	// stops and removes the block device too once it is registered. A
-	// controller that died on its own (ctrl_loss_tmo) is an error.
-	var backend *blockBackend
-	recorded := -1 // the device whose run record we wrote
-	lost := false  // set when the controller deleted itself, not asked to
-	// rc.Hurry makes whatever teardown is under way, or the next one,
-	// immediate. The goroutine ends with the controller; the deferred
-	// teardown below joins it.
-	var hurried atomic.Bool
-	var hurryWG sync.WaitGroup
-	hurryWG.Add(1)
-	go func() {
-		defer hurryWG.Done()
-		select {
-		case <-rc.Hurry:
-			hurried.Store(true)
-			log.Warn("detaching immediately: failing the I/O in flight and held with EIO")
-			lc.Hurry()
-		case <-lc.Done():
-		}
-	}()
-	defer func() {
-		if lost {
-			<-lc.Done()
-			if err == nil {
-				err = fmt.Errorf("%w: %w", ErrControllerLost, lc.Err())
-			}
-		}
-		// Idempotent; waits until DEAD. After an early error it tears the
-		// controller (and the device, once registered) down.
-		lc.Delete()
-		hurryWG.Wait()
-		if hurried.Load() && err == nil {
-			err = ErrDetachedImmediately
-		}
-		if backend != nil {
-			backend.wg.Wait() // every request was completed by the teardown
-		}
-		// The record goes with the device; after a crash it stays and
-		// tells the next daemon which device to take over.
-		if recorded >= 0 {
-			if _, infoErr := ctl.DeviceInfo(context.Background(), recorded); errors.Is(infoErr, syscall.ENODEV) {
-				_ = removeRecord(recorded)
-			}
-		}
-	}()
+	r.lc = lc
+	return nil
+}
 
-	ns, queues := connector.First()
-	params := blockParams(ns)
-	status.setQueues(queues)
+// observe follows a state transition in the status, the metrics and
+// systemd's STATUS= line.
+func (r *run) observe(tr lifecycle.Transition) {
+	reconnected := r.status.state(tr)
+	if r.metrics != nil {
+		r.metrics.SetState(tr.To.String())
+		if reconnected {
+			r.metrics.Reconnected()
+		}
+	}
+	if r.rc.Notifier != nil {
+		_ = r.rc.Notifier.Status(serviceStatus(r.status.device(), fmt.Sprintf("%v (%s)", tr.To, tr.Reason)))
+	}
+}
+
+// watchSignals makes rc.Hurry (a second SIGTERM) turn whatever teardown is
+// under way, or the next one, immediate.
+func (r *run) watchSignals() {
+	r.hurryWG.Add(1)
+	go func() {
+		defer r.hurryWG.Done()
+		select {
+		case <-r.rc.Hurry:
+			r.hurried.Store(true)
+			r.log.Warn("detaching immediately: failing the I/O in flight and held with EIO")
+			r.lc.Hurry()
+		case <-r.lc.Done():
+		}
+	}()
+}
+
+// createDevice creates the ublk device for the namespace (or takes over
+// the one a dead daemon left) and hands it to lifecycle. It leaves r.dev
+// nil if the controller was lost before it knew of the device.
+func (r *run) createDevice(ctx context.Context) error {
+	ns, queues := r.connector.First()
+	r.ns = ns
+	r.params = blockParams(ns)
+	r.status.setQueues(queues)
 	// One less than the negotiated queue size, as --queue-size gave
 	// before the controller could lower it (a later association with
 	// smaller queues holds what does not fit in the slow path).
-	depth := min(connector.FirstQueueSize()-1, 4096)
-	backend = newBlockBackend(lc, metrics, queues, depth)
+	r.queues, r.depth = queues, min(r.connector.FirstQueueSize()-1, 4096)
+	r.backend = newBlockBackend(r.lc, r.metrics, queues, r.depth)
 
-	dev, err := openDevice(ctx, ctl, o, ns, ublk.Options{
-		ID: devID(o), Queues: queues, Depth: depth,
-		Params: params, Recovery: recovery,
-	}, backend, log)
+	dev, err := openDevice(ctx, r.ctl, r.o, ns, ublk.Options{
+		ID: devID(r.o), Queues: queues, Depth: r.depth,
+		Params: r.params, Recovery: r.recovery,
+	}, r.backend, r.log)
 	if err != nil {
 		return err
 	}
-	lc.SetBlock(ublkBlock{dev})
+	r.lc.SetBlock(ublkBlock{dev})
 	select {
-	case <-lc.Done():
+	case <-r.lc.Done():
 		// Deleted before it knew of the device: remove it here.
 		_ = dev.Close(context.Background())
-		return nil // the deferred check reports why
+		r.lost = true
+		return nil
 	default:
 	}
-	device := dev.BlockDevice()
-	status.setDevice(dev.ID(), device, dev.Info().Flags)
-	logs.setDevice(device)
-
-	if metrics != nil {
-		metrics.HeldFrom(lc.Held)
-	}
-	detach := make(chan struct{})
-	var detachOnce sync.Once
-	cs, err := ListenControl(dev.ID(), func() Status {
-		return status.snapshot(lc, backend)
-	}, func() { detachOnce.Do(func() { close(detach) }) })
-	if err != nil {
-		return err
-	}
-	defer cs.Close()
-	if err := writeRecord(newRecord(dev.ID(), o, ns)); err != nil {
-		return fmt.Errorf("run record: %w", err)
-	}
-	recorded = dev.ID()
-	if rc.Notifier != nil {
-		wdCtx, stopWatchdog := context.WithCancel(context.Background())
-		var wg sync.WaitGroup
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			// Healthy while the lifecycle answers and the controller is
-			// not dead: a wedged state machine blocks this check, and the
-			// missed watchdog makes systemd restart the service.
-			_ = rc.Notifier.Watchdog(wdCtx, func(context.Context) bool {
-				return lc.State() != lifecycle.StateDead
-			})
-		}()
-		defer func() {
-			stopWatchdog()
-			wg.Wait()
-		}()
-	}
-
-	log.Info("attached", "namespace", o.NSID, "size", params.Size, "block_size", params.LogicalBlockSize,
-		"queues", queues, "depth", depth)
-	if rc.Ready != nil {
-		rc.Ready(device)
-	}
-	if rc.Notifier != nil {
-		_ = rc.Notifier.Ready(device, lc.State().String())
-	}
-
-	select {
-	case <-ctx.Done():
-		log.Info("detaching: signalled")
-	case <-detach:
-		log.Info("detaching: requested")
-	case <-lc.Done():
-		lost = true // the deferred check reports why
-		return nil
-	case <-dev.Done():
-		// lifecycle stops the device itself when the controller is lost
-		// (ctrl_loss_tmo, another namespace): that is not a detach.
-		if st := lc.State(); st == lifecycle.StateDeleting || st == lifecycle.StateDead {
-			lost = true
-			return nil
-		}
-		log.Warn("the ublk device was stopped from outside")
-	}
-	if rc.Notifier != nil {
-		_ = rc.Notifier.Stopping()
+	r.dev = dev
+	r.status.setDevice(dev.ID(), dev.BlockDevice(), dev.Info().Flags)
+	r.logs.setDevice(dev.BlockDevice())
+	if r.metrics != nil {
+		r.metrics.HeldFrom(r.lc.Held)
 	}
 	return nil
+}
+
+// serveControl opens the device's control socket (status, detach) and
+// writes its run record, which tells a restarted daemon what to recover.
+func (r *run) serveControl() (stop func(), err error) {
+	cs, err := ListenControl(r.dev.ID(), func() Status {
+		return r.status.snapshot(r.lc, r.backend)
+	}, func() { r.detachOnce.Do(func() { close(r.detach) }) })
+	if err != nil {
+		return nil, err
+	}
+	if err := writeRecord(newRecord(r.dev.ID(), r.o, r.ns)); err != nil {
+		cs.Close()
+		return nil, fmt.Errorf("run record: %w", err)
+	}
+	r.recorded = r.dev.ID()
+	return func() { cs.Close() }, nil
+}
+
+// startWatchdog feeds systemd's watchdog while the daemon is healthy.
+func (r *run) startWatchdog() (stop func()) {
+	if r.rc.Notifier == nil {
+		return func() {}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		// Healthy while the lifecycle answers and the controller is
+		// not dead: a wedged state machine blocks this check, and the
+		// missed watchdog makes systemd restart the service.
+		_ = r.rc.Notifier.Watchdog(ctx, func(context.Context) bool {
+			return r.lc.State() != lifecycle.StateDead
+		})
+	}()
+	return func() {
+		cancel()
+		wg.Wait()
+	}
+}
+
+// ready says the device serves I/O: on stdout (rc.Ready) and to systemd.
+func (r *run) ready() {
+	r.log.Info("attached", "namespace", r.o.NSID, "size", r.params.Size, "block_size", r.params.LogicalBlockSize,
+		"queues", r.queues, "depth", r.depth)
+	device := r.dev.BlockDevice()
+	if r.rc.Ready != nil {
+		r.rc.Ready(device)
+	}
+	if r.rc.Notifier != nil {
+		_ = r.rc.Notifier.Ready(device, r.lc.State().String())
+	}
+}
+
+// serve waits until the daemon is signalled, asked to detach, or the
+// controller is lost (r.lost; cleanup reports it).
+func (r *run) serve(ctx context.Context) {
+	select {
+	case <-ctx.Done():
+		r.log.Info("detaching: signalled")
+	case <-r.detach:
+		r.log.Info("detaching: requested")
+	case <-r.lc.Done():
+		r.lost = true
+		return
+	case <-r.dev.Done():
+		// lifecycle stops the device itself when the controller is lost
+		// (ctrl_loss_tmo, another namespace): that is not a detach.
+		if st := r.lc.State(); st == lifecycle.StateDeleting || st == lifecycle.StateDead {
+			r.lost = true
+			return
+		}
+		r.log.Warn("the ublk device was stopped from outside")
+	}
+	if r.rc.Notifier != nil {
+		_ = r.rc.Notifier.Stopping()
+	}
+}
+
+// cleanup deletes the controller (and with it the device, in lifecycle's
+// teardown order), joins what watched it, and removes the run record once
+// the device is gone. A controller that deleted itself makes *err
+// ErrControllerLost; rc.Hurry makes a nil *err ErrDetachedImmediately.
+func (r *run) cleanup(err *error) {
+	if r.lost {
+		<-r.lc.Done()
+		if *err == nil {
+			*err = fmt.Errorf("%w: %w", ErrControllerLost, r.lc.Err())
+		}
+	}
+	// Idempotent; waits until DEAD. After an early error it tears the
+	// controller (and the device, once registered) down.
+	r.lc.Delete()
+	r.hurryWG.Wait()
+	if r.hurried.Load() && *err == nil {
+		*err = ErrDetachedImmediately
+	}
+	if r.backend != nil {
+		r.backend.wg.Wait() // every request was completed by the teardown
+	}
+	// The record goes with the device; after a crash it stays and tells
+	// the next daemon which device to take over.
+	if r.recorded >= 0 {
+		if _, infoErr := r.ctl.DeviceInfo(context.Background(), r.recorded); errors.Is(infoErr, syscall.ENODEV) {
+			_ = removeRecord(r.recorded)
+		}
+	}
 }
 
 // ublkBlock is the ublk device as lifecycle stops and removes it: Stop is
