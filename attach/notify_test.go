@@ -8,8 +8,13 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle"
+	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle/nvmeofconn"
+	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof"
 )
 
 // notifyListener is a real NOTIFY_SOCKET, as systemd opens one for a
@@ -139,5 +144,127 @@ func TestWatchdogOnlyWhileHealthy(t *testing.T) {
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestWatchdogStopsWhileSupervisorIsWedged: the watchdog is fed from the
+// lifecycle supervisor's own answer. A real controller, against the
+// in-process target, whose recovery teardown is wedged at one step (as a
+// bug would wedge it) stops the pings; they resume once it moves on and
+// the controller is LIVE again.
+func TestWatchdogStopsWhileSupervisorIsWedged(t *testing.T) {
+	const nqn = "nqn.2026-11.io.ublk-nvmeof:watchdog"
+	tg, _, o := startMemoryTarget(t, nqn)
+	wedged, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	lopts := lifecycle.DefaultOptions()
+	lopts.ReconnectDelay = 10 * time.Millisecond
+	lopts.CtrlLossTmo = -1
+	lopts.Logger = quietLogger()
+	lopts.TeardownHook = func(s lifecycle.Step, done bool) {
+		if s == lifecycle.StepWaitCompletions && !done {
+			once.Do(func() {
+				close(wedged)
+				<-release
+			})
+		}
+	}
+	lc, err := lifecycle.New(&nvmeofconn.Connector{
+		Config: nvmeof.ControllerConfig{
+			Addr: o.Addr(), SubsysNQN: nqn,
+			Host:     nvmeof.HostIdentity{NQN: "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000003"},
+			IOQueues: 1, QueueSize: 32, KATO: 5 * time.Second,
+			Logger: quietLogger(),
+		},
+		NSID: 1,
+	}, lopts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := lc.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	defer lc.Delete()
+	var releaseOnce sync.Once
+	unwedge := func() { releaseOnce.Do(func() { close(release) }) }
+	defer unwedge() // before Delete, which waits for the supervisor
+
+	l := notifyListener(t)
+	t.Setenv("WATCHDOG_USEC", strconv.Itoa(int((20 * time.Millisecond).Microseconds())))
+	t.Setenv("WATCHDOG_PID", strconv.Itoa(os.Getpid()))
+	// Count every WATCHDOG=1 as it arrives (an unread datagram socket
+	// would soon block the sender).
+	var pings atomic.Int64
+	firstPing := make(chan struct{})
+	var reader sync.WaitGroup
+	reader.Add(1)
+	go func() {
+		defer reader.Done()
+		buf := make([]byte, 64)
+		for {
+			n, err := l.Read(buf)
+			if err != nil {
+				return // closed
+			}
+			if string(buf[:n]) == "WATCHDOG=1" && pings.Add(1) == 1 {
+				close(firstPing)
+			}
+		}
+	}()
+	defer func() {
+		l.Close()
+		reader.Wait()
+	}()
+
+	health := newSupervisorHealth(lc, quietLogger())
+	checks := make(chan bool, 1000)
+	ctx, cancel := context.WithCancel(context.Background())
+	var n ServiceNotifier
+	done := make(chan error, 1)
+	go func() {
+		done <- n.Watchdog(ctx, func(ctx context.Context) bool {
+			ok := health.check(ctx)
+			select {
+			case checks <- ok:
+			default: // the test stopped counting
+			}
+			return ok
+		})
+	}()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	}()
+	<-firstPing
+
+	tg.DropConnections() // recovery starts, and its teardown wedges
+	<-wedged
+	// Every check from here fails. Once three have, whatever was sent
+	// before is counted; across three more, nothing may be sent.
+	unhealthyChecks := func() {
+		t.Helper()
+		healthy := 0
+		for unhealthy := 0; unhealthy < 3; {
+			if !<-checks {
+				unhealthy++
+			} else if healthy++; healthy > 50 {
+				t.Fatalf("the health check passes while the supervisor is wedged in teardown (%v)", lc.State())
+			}
+		}
+	}
+	unhealthyChecks()
+	before := pings.Load()
+	unhealthyChecks()
+	if after := pings.Load(); after != before {
+		t.Fatalf("watchdog pinged %d times while the supervisor was wedged in teardown (%v)", after-before, lc.State())
+	}
+
+	unwedge()
+	for pings.Load() == before {
+		if !<-checks {
+			continue // still in teardown, or reconnecting
+		}
 	}
 }

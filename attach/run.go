@@ -54,6 +54,11 @@ type RunConfig struct {
 	// PprofAddr, if set, serves the Go runtime's profiles at
 	// /debug/pprof/ on a loopback address (ServePprof).
 	PprofAddr string
+	// TeardownHook, if set, is lifecycle.Options.TeardownHook: called on
+	// the supervisor before and after every teardown step (tracing, and
+	// the VM test that wedges a teardown to see the watchdog restart the
+	// daemon).
+	TeardownHook func(step lifecycle.Step, done bool)
 	// Hurry, closed while detaching (a second SIGTERM), makes the detach
 	// immediate: lifecycle.Controller.Hurry. Run then returns
 	// ErrDetachedImmediately. nil: never.
@@ -241,6 +246,7 @@ func (r *run) connect(ctx context.Context) error {
 	lopts.CtrlLossTmo = o.CtrlLossTmo
 	lopts.FastIOFailTmo = o.FastIOFailTmo
 	lopts.Logger = r.log
+	lopts.TeardownHook = r.rc.TeardownHook
 	if o.LinkWatch {
 		addr, err := resolveTarget(ctx, o.TrAddr)
 		if err != nil {
@@ -348,7 +354,8 @@ func (r *run) serveControl() (stop func(), err error) {
 	return func() { cs.Close() }, nil
 }
 
-// startWatchdog feeds systemd's watchdog while the daemon is healthy.
+// startWatchdog feeds systemd's watchdog while the controller's supervisor
+// answers its health check (supervisorHealth).
 func (r *run) startWatchdog() (stop func()) {
 	if r.rc.Notifier == nil {
 		return func() {}
@@ -356,14 +363,10 @@ func (r *run) startWatchdog() (stop func()) {
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Add(1)
+	health := newSupervisorHealth(r.lc, r.log)
 	go func() {
 		defer wg.Done()
-		// Healthy while the lifecycle answers and the controller is
-		// not dead: a wedged state machine blocks this check, and the
-		// missed watchdog makes systemd restart the service.
-		_ = r.rc.Notifier.Watchdog(ctx, func(context.Context) bool {
-			return r.lc.State() != lifecycle.StateDead
-		})
+		_ = r.rc.Notifier.Watchdog(ctx, health.check)
 	}()
 	return func() {
 		cancel()

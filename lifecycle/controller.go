@@ -86,6 +86,7 @@ type Controller struct {
 	kick      chan struct{} // capacity 1: an error was reported
 	linkUp    chan struct{} // capacity 1: the link watch saw the path come back
 	deleteReq chan struct{} // closed by Delete
+	health    chan struct{} // unbuffered: the supervisor receives where it waits (Health)
 	delOnce   sync.Once
 	// hurry is cancelled by Hurry: the delete stops waiting for the
 	// target and for the block device's openers.
@@ -156,6 +157,7 @@ func New(connector Connector, opts Options) (*Controller, error) {
 		kick:      make(chan struct{}, 1),
 		linkUp:    make(chan struct{}, 1),
 		deleteReq: make(chan struct{}),
+		health:    make(chan struct{}),
 		done:      make(chan struct{}),
 		wake:      make(chan struct{}),
 		hook:      opts.TeardownHook,
@@ -498,6 +500,7 @@ func (c *Controller) waitForTrouble() (cause error, deleted bool) {
 		case <-c.deleteReq:
 			return nil, true
 		case <-c.kick:
+		case <-c.health: // answered (Health)
 		case err := <-c.keepAliveFailed():
 			return err, false
 		case ns := <-nsChanged:
@@ -539,17 +542,23 @@ func (c *Controller) recoverAndReconnect(cause error) bool {
 		}
 		t := c.clk.NewTimer(c.opts.ReconnectDelay)
 		early := false
-		select {
-		case <-c.deleteReq:
-			t.Stop()
-			c.remove(errors.New("deleted while reconnecting"))
-			return false
-		case <-t.C():
-			attempts++
-		case <-c.linkUp:
-			t.Stop()
-			early = true
-			c.log.Info("path to the target is back: reconnecting now, not after reconnect_delay")
+	wait:
+		for {
+			select {
+			case <-c.health: // answered (Health); keep waiting
+				continue
+			case <-c.deleteReq:
+				t.Stop()
+				c.remove(errors.New("deleted while reconnecting"))
+				return false
+			case <-t.C():
+				attempts++
+			case <-c.linkUp:
+				t.Stop()
+				early = true
+				c.log.Info("path to the target is back: reconnecting now, not after reconnect_delay")
+			}
+			break wait
 		}
 		conn, err := c.connect(c.ctx)
 		if err != nil {

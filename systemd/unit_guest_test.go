@@ -163,43 +163,58 @@ func startUserManager(t *testing.T, dir string) *userManager {
 	return m
 }
 
-// TestGuestSystemdUnit runs ublk-nvmeof@.service, as shipped (only the
-// binary's and the environment file's paths changed, and its output sent
-// to a file), under a real systemd: start waits for READY=1 and the unit
-// is active with STATUS= naming the device and the controller state; a
-// SIGKILLed daemon is restarted (Restart=on-failure) and its successor takes
-// the same device over (attach --recover), data intact; stop detaches and
-// the device is gone.
-func TestGuestSystemdUnit(t *testing.T) {
-	guest.Require(t)
-	dir := t.TempDir()
+// unitRig is ublk-nvmeof@inst.service, as shipped (only the binary's and
+// the environment file's paths changed, its output sent to a file, and the
+// test's drop-ins added), under a real systemd --user, against a Linux
+// nvmet-tcp target.
+type unitRig struct {
+	t         *testing.T
+	dir       string
+	tg        *guest.Target
+	m         *userManager
+	runDir    string
+	daemonLog string
+}
 
-	tg := guest.NewTarget(t, guest.TargetOptions{NQN: "nqn.2026-11.io.ublk-nvmeof:systemd", Device: "/dev/ram1", Port: 4438, PortID: 8})
-	runDir := filepath.Join(dir, "rundir")
-	daemonLog := filepath.Join(dir, "daemon.log")
+const rigService = "ublk-nvmeof@inst.service"
+
+// rigProps are the unit's properties the tests look at.
+var rigProps = []string{"ActiveState", "SubState", "StatusText", "MainPID", "NRestarts", "Result", "ExecMainStatus"}
+
+// newUnitRig writes the unit, its environment file and dropIns (file name
+// in ublk-nvmeof@.service.d/ to contents) and starts the user manager. The
+// service is stopped when the test ends.
+func newUnitRig(t *testing.T, tg *guest.Target, dropIns map[string]string) *unitRig {
+	t.Helper()
+	dir := t.TempDir()
+	r := &unitRig{t: t, dir: dir, tg: tg, runDir: filepath.Join(dir, "rundir"), daemonLog: filepath.Join(dir, "daemon.log")}
 	envFile := filepath.Join(dir, "inst.env")
 	if err := os.WriteFile(envFile, []byte(strings.Join([]string{
 		"UBLK_NVMEOF_TRADDR=127.0.0.1",
-		"UBLK_NVMEOF_TRSVCID=4438",
+		"UBLK_NVMEOF_TRSVCID=" + strconv.Itoa(tg.Opts.Port),
 		"UBLK_NVMEOF_NQN=" + tg.Opts.NQN,
 		"UBLK_NVMEOF_NR_IO_QUEUES=2",
-		"UBLK_NVMEOF_RUN_DIR=" + runDir,
+		"UBLK_NVMEOF_RUN_DIR=" + r.runDir,
 	}, "\n")+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	unit := strings.ReplaceAll(unitText, "/usr/local/bin/ublk-nvmeof", e2e.DaemonPath)
 	unit = strings.ReplaceAll(unit, "/etc/ublk-nvmeof/%i.env", filepath.Join(dir, "%i.env"))
 	units := filepath.Join(dir, "config", "systemd", "user")
-	for name, text := range map[string]string{
+	files := map[string]string{
 		"ublk-nvmeof@.service": unit,
 		// Test plumbing only: the daemon's log in a file (there is no
 		// journal in the VM), and the manager's targets.
-		"ublk-nvmeof@.service.d/log.conf": "[Service]\nStandardOutput=append:" + daemonLog + "\nStandardError=append:" + daemonLog + "\n",
+		"ublk-nvmeof@.service.d/log.conf": "[Service]\nStandardOutput=append:" + r.daemonLog + "\nStandardError=append:" + r.daemonLog + "\n",
 		"default.target":                  "[Unit]\nDescription=default\n",
 		// What a service's default dependencies need (the distribution's
 		// user units are not in the VM).
 		"basic.target": "[Unit]\nDescription=basic\n",
-	} {
+	}
+	for name, text := range dropIns {
+		files["ublk-nvmeof@.service.d/"+name] = text
+	}
+	for name, text := range files {
 		p := filepath.Join(units, name)
 		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
 			t.Fatal(err)
@@ -209,68 +224,129 @@ func TestGuestSystemdUnit(t *testing.T) {
 		}
 	}
 	// Units first: a user manager without a default target gives up.
-	m := startUserManager(t, dir)
-	const svc = "ublk-nvmeof@inst.service"
-	logs := func() string {
-		b, _ := os.ReadFile(daemonLog)
-		st, _ := m.systemctl(t, "status", svc)
-		return fmt.Sprintf("daemon log:\n%s\nsystemctl status:\n%s", b, st)
-	}
-	t.Cleanup(func() { _, _ = m.systemctl(t, "stop", svc) })
+	r.m = startUserManager(t, dir)
+	t.Cleanup(func() { _, _ = r.m.systemctl(t, "stop", rigService) })
+	return r
+}
 
-	// Type=notify: start returns once READY=1 was sent.
-	if out, err := m.systemctl(t, "start", svc); err != nil {
-		t.Fatalf("start: %v\n%s\n%s", err, out, logs())
+// logs is the daemon's log and systemctl status, for failure messages.
+func (r *unitRig) logs() string {
+	b, _ := os.ReadFile(r.daemonLog)
+	st, _ := r.m.systemctl(r.t, "status", rigService)
+	return fmt.Sprintf("daemon log:\n%s\nsystemctl status:\n%s", b, st)
+}
+
+func (r *unitRig) show() map[string]string { return r.m.show(r.t, rigService, rigProps...) }
+
+// start starts the service (Type=notify: systemctl returns after READY=1)
+// and returns the device it serves and the daemon's PID.
+func (r *unitRig) start() (device string, pid int) {
+	r.t.Helper()
+	if out, err := r.m.systemctl(r.t, "start", rigService); err != nil {
+		r.t.Fatalf("start: %v\n%s\n%s", err, out, r.logs())
 	}
-	props := []string{"ActiveState", "SubState", "StatusText", "MainPID", "NRestarts", "Result", "ExecMainStatus"}
-	p := m.show(t, svc, props...)
+	p := r.show()
 	if p["ActiveState"] != "active" || !strings.Contains(p["StatusText"], "controller LIVE") {
-		t.Fatalf("after start: %v\n%s", p, logs())
+		r.t.Fatalf("after start: %v\n%s", p, r.logs())
 	}
-	device, _, _ := strings.Cut(strings.TrimPrefix(p["StatusText"], "serving "), ",")
+	device, _, _ = strings.Cut(strings.TrimPrefix(p["StatusText"], "serving "), ",")
 	if !strings.HasPrefix(device, "/dev/ublkb") {
-		t.Fatalf("STATUS= does not name the device: %q", p["StatusText"])
+		r.t.Fatalf("STATUS= does not name the device: %q", p["StatusText"])
 	}
-	firstPID, _ := strconv.Atoi(p["MainPID"])
-	t.Logf("active: %v", p)
+	pid, _ = strconv.Atoi(p["MainPID"])
+	r.t.Logf("active: %v", p)
+	return device, pid
+}
 
+// waitRestarted waits until systemd has restarted the service (restarts
+// times in all) with a daemon other than oldPID serving device LIVE, that
+// took the device over.
+func (r *unitRig) waitRestarted(device string, oldPID, restarts int) map[string]string {
+	r.t.Helper()
+	deadline := time.Now().Add(2 * time.Minute)
+	var p map[string]string
+	for {
+		p = r.show()
+		if pid, _ := strconv.Atoi(p["MainPID"]); p["ActiveState"] == "active" && pid != 0 && pid != oldPID &&
+			p["NRestarts"] == strconv.Itoa(restarts) && strings.Contains(p["StatusText"], "controller LIVE") {
+			break
+		}
+		if time.Now().After(deadline) {
+			r.t.Fatalf("not restarted: %v\n%s", p, r.logs())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if !strings.HasPrefix(p["StatusText"], "serving "+device+",") {
+		r.t.Fatalf("restarted daemon serves %q, want %s\n%s", p["StatusText"], device, r.logs())
+	}
+	if b, _ := os.ReadFile(r.daemonLog); bytes.Count(b, []byte("recovering the device a dead daemon left")) != restarts {
+		r.t.Fatalf("the restarted daemon did not recover the device\n%s", r.logs())
+	}
+	return p
+}
+
+// stop stops the service: SIGTERM, graceful detach, exit 0, the device
+// deleted, no ublk device left.
+func (r *unitRig) stop(device string) {
+	r.t.Helper()
+	if out, err := r.m.systemctl(r.t, "stop", rigService); err != nil {
+		r.t.Fatalf("stop: %v\n%s\n%s", err, out, r.logs())
+	}
+	p := r.show()
+	if p["ActiveState"] != "inactive" || p["Result"] != "success" || p["ExecMainStatus"] != "0" {
+		r.t.Fatalf("after stop: %v\n%s", p, r.logs())
+	}
+	if _, err := os.Stat(device); !errors.Is(err, os.ErrNotExist) {
+		r.t.Fatalf("%s after stop: %v\n%s", device, err, r.logs())
+	}
+	if m, _ := filepath.Glob("/dev/ublk[bc]*"); len(m) != 0 {
+		r.t.Fatalf("ublk devices left after stop: %v", m)
+	}
+}
+
+// writePattern writes 1 MiB of random data at 1 MiB and returns it;
+// checkPattern reads it back.
+func writePattern(t *testing.T, device string) []byte {
+	t.Helper()
 	pattern := guest.AlignedBuf(t, 1<<20)
 	if _, err := rand.Read(pattern); err != nil {
 		t.Fatal(err)
 	}
 	guest.DirectIO(t, device, pattern, 1<<20, true)
+	return pattern
+}
+
+func checkPattern(t *testing.T, device string, pattern []byte, when string) {
+	t.Helper()
+	back := guest.AlignedBuf(t, len(pattern))
+	guest.DirectIO(t, device, back, 1<<20, false)
+	if !bytes.Equal(back, pattern) {
+		t.Fatalf("data written before %s does not read back after it", when)
+	}
+}
+
+// TestGuestSystemdUnit runs the unit under a real systemd: start waits for
+// READY=1 and the unit is active with STATUS= naming the device and the
+// controller state; a SIGKILLed daemon is restarted (Restart=on-failure)
+// and its successor takes the same device over (attach --recover), data
+// intact; stop detaches and the device is gone.
+func TestGuestSystemdUnit(t *testing.T) {
+	guest.Require(t)
+	tg := guest.NewTarget(t, guest.TargetOptions{NQN: "nqn.2026-11.io.ublk-nvmeof:systemd", Device: "/dev/ram1", Port: 4438, PortID: 8})
+	r := newUnitRig(t, tg, nil)
+	device, firstPID := r.start()
+	pattern := writePattern(t, device)
 
 	// A crash: Restart=on-failure starts attach --recover, which takes the
 	// device over (ublk user recovery kept it while no daemon served it).
 	if err := unix.Kill(firstPID, unix.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(2 * time.Minute)
-	for {
-		p = m.show(t, svc, props...)
-		if pid, _ := strconv.Atoi(p["MainPID"]); p["ActiveState"] == "active" && pid != 0 && pid != firstPID && p["NRestarts"] == "1" &&
-			strings.Contains(p["StatusText"], "controller LIVE") {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("not restarted after SIGKILL: %v\n%s", p, logs())
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	if !strings.HasPrefix(p["StatusText"], "serving "+device+",") {
-		t.Fatalf("restarted daemon serves %q, want %s\n%s", p["StatusText"], device, logs())
-	}
-	if b, _ := os.ReadFile(daemonLog); !bytes.Contains(b, []byte("recovering the device a dead daemon left")) {
-		t.Fatalf("the restarted daemon did not recover the device\n%s", logs())
-	}
-	back := guest.AlignedBuf(t, 1<<20)
-	guest.DirectIO(t, device, back, 1<<20, false)
-	if !bytes.Equal(back, pattern) {
-		t.Fatal("data written before the crash does not read back after the restart")
-	}
+	p := r.waitRestarted(device, firstPID, 1)
+	checkPattern(t, device, pattern, "the crash")
 	// The restarted daemon answers on its control socket.
 	st := exec.Command(e2e.DaemonPath, "status", "--json", device)
-	st.Env = append(os.Environ(), "UBLK_NVMEOF_RUN_DIR="+runDir)
+	st.Env = append(os.Environ(), "UBLK_NVMEOF_RUN_DIR="+r.runDir)
 	out, err := st.Output()
 	var status struct {
 		PID   int    `json:"pid"`
@@ -280,20 +356,54 @@ func TestGuestSystemdUnit(t *testing.T) {
 		t.Fatalf("status after restart: %v %s; MainPID %s", err, out, p["MainPID"])
 	}
 	t.Logf("restarted: %v", p)
+	r.stop(device)
+	t.Logf("%s", r.logs())
+}
 
-	// stop: SIGTERM, graceful detach, exit 0, the device deleted.
-	if out, err := m.systemctl(t, "stop", svc); err != nil {
-		t.Fatalf("stop: %v\n%s\n%s", err, out, logs())
+// TestGuestSystemdWatchdogRestartsWedged: a daemon whose controller
+// supervisor is wedged in a recovery teardown (the test hook
+// UBLK_NVMEOF_TEST_WEDGE_TEARDOWN blocks it before the sockets are shut,
+// as a teardown bug would; the rest of the process runs on) stops feeding
+// the watchdog, systemd kills it (WatchdogSec, SIGABRT) and restarts it,
+// and the new daemon takes the device over with the data intact.
+func TestGuestSystemdWatchdogRestartsWedged(t *testing.T) {
+	guest.Require(t)
+	tg := guest.NewTarget(t, guest.TargetOptions{NQN: "nqn.2026-11.io.ublk-nvmeof:watchdog", Device: "/dev/ram1", Port: 4460, PortID: 40})
+	wedge := filepath.Join(t.TempDir(), "wedge")
+	if err := os.WriteFile(wedge, nil, 0o644); err != nil {
+		t.Fatal(err)
 	}
-	p = m.show(t, svc, props...)
-	if p["ActiveState"] != "inactive" || p["Result"] != "success" || p["ExecMainStatus"] != "0" {
-		t.Fatalf("after stop: %v\n%s", p, logs())
+	r := newUnitRig(t, tg, map[string]string{
+		"watchdog.conf": "[Service]\nWatchdogSec=4s\nEnvironment=UBLK_NVMEOF_TEST_WEDGE_TEARDOWN=" + wedge + "\n",
+	})
+	device, firstPID := r.start()
+	pattern := writePattern(t, device)
+
+	// The target drops the association: the daemon starts recovery, and
+	// its teardown wedges.
+	if err := tg.DeleteControllers(); err != nil {
+		t.Fatal(err)
 	}
-	if _, err := os.Stat(device); !errors.Is(err, os.ErrNotExist) {
-		t.Fatalf("%s after stop: %v\n%s", device, err, logs())
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		if b, _ := os.ReadFile(r.daemonLog); bytes.Contains(b, []byte("test hook: wedging the teardown")) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the daemon's teardown did not reach the wedge\n%s", r.logs())
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
-	if m, _ := filepath.Glob("/dev/ublk[bc]*"); len(m) != 0 {
-		t.Fatalf("ublk devices left after stop: %v", m)
+	// Only the first daemon wedges.
+	if err := os.Remove(wedge); err != nil {
+		t.Fatal(err)
 	}
-	t.Logf("%s", logs())
+	r.waitRestarted(device, firstPID, 1)
+	// systemd's watchdog kills with SIGABRT (WatchdogSignal=): the Go
+	// runtime's dump of it is in the old daemon's log.
+	if b, _ := os.ReadFile(r.daemonLog); !bytes.Contains(b, []byte("SIGABRT")) {
+		t.Fatalf("the wedged daemon was not killed by the watchdog's SIGABRT\n%s", r.logs())
+	}
+	checkPattern(t, device, pattern, "the wedge and the restart")
+	r.stop(device)
 }

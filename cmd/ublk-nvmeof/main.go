@@ -27,6 +27,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/ublk-nvmeof/ublk-nvmeof/attach"
+	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle"
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof"
 	"github.com/ublk-nvmeof/ublk-nvmeof/ublk"
 )
@@ -83,6 +84,30 @@ const envCheckGoroutines = "UBLK_NVMEOF_CHECK_GOROUTINES"
 
 // exitLeak is the exit status when a goroutine outlived the command.
 const exitLeak = 97
+
+// envTestWedgeTeardown names a file; while it exists, a recovery teardown
+// blocks for good before shutting the sockets, as a teardown bug would
+// wedge it, while the rest of the daemon runs on. Only for the VM test
+// that proves systemd's watchdog restarts such a daemon
+// (systemd/unit_guest_test.go); nothing else sets it.
+const envTestWedgeTeardown = "UBLK_NVMEOF_TEST_WEDGE_TEARDOWN"
+
+func testWedgeTeardownHook() func(lifecycle.Step, bool) {
+	path := os.Getenv(envTestWedgeTeardown)
+	if path == "" {
+		return nil
+	}
+	return func(s lifecycle.Step, done bool) {
+		if s != lifecycle.StepShutdownSockets || done {
+			return
+		}
+		if _, err := os.Stat(path); err != nil {
+			return
+		}
+		slog.Error("test hook: wedging the teardown for good", "env", envTestWedgeTeardown, "step", s)
+		select {} // until the process is killed
+	}
+}
 
 func main() {
 	code := run(os.Args)
@@ -294,11 +319,12 @@ func connectCommand(stdout io.Writer, name, usage string, mustRecover bool) *cli
 			ctx, hurry, stop := signalContext()
 			defer stop()
 			return attach.Run(ctx, o, attach.RunConfig{
-				Hurry:       hurry,
-				MetricsAddr: c.String("metrics-addr"),
-				PprofAddr:   c.String("pprof-addr"),
-				Notifier:    &attach.ServiceNotifier{},
-				Ready:       func(dev string) { fmt.Fprintln(stdout, dev) },
+				Hurry:        hurry,
+				MetricsAddr:  c.String("metrics-addr"),
+				PprofAddr:    c.String("pprof-addr"),
+				TeardownHook: testWedgeTeardownHook(),
+				Notifier:     &attach.ServiceNotifier{},
+				Ready:        func(dev string) { fmt.Fprintln(stdout, dev) },
 			})
 		},
 	}
