@@ -377,8 +377,10 @@ func TestStalledTarget(t *testing.T) {
 	}
 }
 
-// TestDigestErrors: with digests negotiated, a corrupted header digest or
-// data digest from the controller fails the queue with an error.
+// TestDigestErrors: with digests negotiated, a corrupted header digest
+// from the controller fails the queue with an error (the PDU boundaries
+// are lost); a corrupted data digest fails only that command, with Data
+// Transfer Error and no DNR (nvme_tcp_recv_ddgst), and the queue goes on.
 func TestDigestErrors(t *testing.T) {
 	o := pdu.Options{HeaderDigest: true, DataDigest: true}
 	cases := map[string]func(cmd *nvme.Command) []byte{
@@ -408,7 +410,18 @@ func TestDigestErrors(t *testing.T) {
 			}
 			tt.InjectFault(target.Fault{QID: 1, Match: target.MatchOpcode(nvme.NVME_CMD_READ), Reply: reply, Times: 1})
 			q := c.IOQueues()[0]
-			if err := q.Read(testCtx(t), ns, 0, make([]byte, 512)); !nvmeof.IsPathError(err) {
+			err = q.Read(testCtx(t), ns, 0, make([]byte, 512))
+			if name == "data digest" {
+				var st nvme.Status
+				if !errors.As(err, &st) || !errors.Is(err, nvme.NVME_SC_DATA_XFER_ERROR) || st.DNR() {
+					t.Fatalf("read: %v, want Data Transfer Error without DNR", err)
+				}
+				if err := q.Read(testCtx(t), ns, 0, make([]byte, 512)); err != nil || q.Err() != nil {
+					t.Fatalf("read after the data digest error: %v (queue: %v)", err, q.Err())
+				}
+				return
+			}
+			if !nvmeof.IsPathError(err) {
 				t.Fatalf("read: %v, want a path error", err)
 			}
 			qerr := waitFailed(t, q.Queue)

@@ -174,6 +174,7 @@ type Request struct {
 	deadline  time.Time // zero: none
 	inCapsule bool
 	received  int    // C2HData bytes received
+	ddgstErr  bool   // a C2HData PDU of this command failed its data digest
 	r2tNext   uint32 // next offset an R2T may ask for
 	r2tActive bool   // an R2T's data is still being sent (MAXR2T 0: at most one)
 	sending   int    // writer items still referencing the request
@@ -460,7 +461,7 @@ func (q *Queue) Submit(req *Request, done func(error)) error {
 		return fmt.Errorf("nvmeof: %d bytes exceed the queue's %d byte transfer limit", len(req.Data), q.cfg.MaxData)
 	}
 	req.done = done
-	req.received, req.r2tNext, req.r2tActive = 0, 0, false
+	req.received, req.ddgstErr, req.r2tNext, req.r2tActive = 0, false, 0, false
 	req.sending, req.responded, req.respErr = 1, false, nil
 	req.Result, req.Status = 0, 0
 	req.inCapsule = req.Write && len(req.Data) > 0 && int64(len(req.Data)) <= q.inCapsuleMax.Load()
@@ -751,6 +752,9 @@ func (q *Queue) readLoop(rd *pdu.Reader) error {
 			}
 			r.Result = h.Resp.Result()
 			r.Status = h.Resp.Status()
+			if r.ddgstErr && r.Status.Code() == nvme.NVME_SC_SUCCESS {
+				r.Status = nvme.NVME_SC_DATA_XFER_ERROR
+			}
 			q.respond(r, r.Status.Err())
 
 		case pdu.TypeC2HData:
@@ -773,7 +777,15 @@ func (q *Queue) readLoop(rd *pdu.Reader) error {
 			// Only the reader touches r.Data of a read command, and r
 			// cannot complete while the reader is here.
 			if err := rd.ReadData(r.Data[d.DataOffset : d.DataOffset+d.DataLength]); err != nil {
-				return err
+				if !errors.Is(err, pdu.ErrDataDigest) {
+					return err
+				}
+				// The PDU was read whole, so the stream is intact: fail
+				// this command alone with a retryable status
+				// (nvme_tcp_recv_ddgst: NVME_SC_DATA_XFER_ERROR, no DNR)
+				// and go on reading.
+				q.log.Warn("nvme-tcp data digest error", "cid", d.CommandID, "err", err)
+				r.ddgstErr = true
 			}
 			r.received += int(d.DataLength)
 			if h.Flags&pdu.NVME_TCP_F_DATA_SUCCESS != 0 {
@@ -781,7 +793,10 @@ func (q *Queue) readLoop(rd *pdu.Reader) error {
 					return q.protocolError("C2HData SUCCESS for %#x after %d of %d bytes", d.CommandID, r.received, len(r.Data))
 				}
 				r.Result, r.Status = 0, nvme.NVME_SC_SUCCESS
-				q.respond(r, nil)
+				if r.ddgstErr {
+					r.Status = nvme.NVME_SC_DATA_XFER_ERROR
+				}
+				q.respond(r, r.Status.Err())
 			}
 
 		case pdu.TypeR2T:

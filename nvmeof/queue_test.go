@@ -1,6 +1,7 @@
 package nvmeof
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -260,6 +261,82 @@ func TestSecondR2TWhileActive(t *testing.T) {
 	var pe *pdu.ProtocolError
 	if !errors.As(err, &pe) || !strings.Contains(pe.Msg, "MAXR2T") {
 		t.Fatalf("write: %v, want a protocol error about the second R2T", err)
+	}
+}
+
+// TestDataDigestErrorFailsOneCommand: a C2HData PDU whose data digest does
+// not match fails that command alone with Data Transfer Error and no DNR
+// (retryable; nvme_tcp_recv_ddgst), and the queue goes on: the next
+// command on it succeeds. Both ways a read completes: a CapsuleResp after
+// the data, or the SUCCESS flag on the last C2HData.
+func TestDataDigestErrorFailsOneCommand(t *testing.T) {
+	for _, c2hSuccess := range []bool{false, true} {
+		t.Run(fmt.Sprintf("c2hsuccess=%v", c2hSuccess), func(t *testing.T) {
+			host, ctrl := net.Pipe()
+			ctrlDone := make(chan struct{})
+			reads := 0
+			go func() {
+				defer close(ctrlDone)
+				resp := pdu.ICResp{MaxH2CData: 8192, Digest: pdu.NVME_TCP_HDR_DIGEST_ENABLE | pdu.NVME_TCP_DATA_DIGEST_ENABLE}
+				scriptedController(ctrl, resp, func(h *pdu.Header, _ []byte, o pdu.Options) bool {
+					reads++
+					cid := h.Cmd.CommandID()
+					// 1024 bytes in two PDUs; the first read's second
+					// PDU has a bad data digest.
+					var b []byte
+					for _, off := range []uint32{0, 512} {
+						d := pdu.Header{CommonHeader: pdu.CommonHeader{Type: pdu.TypeC2HData}, Data: pdu.DataHeader{CommandID: cid, DataOffset: off}}
+						if off == 512 {
+							d.Flags = pdu.NVME_TCP_F_DATA_LAST
+							if c2hSuccess {
+								d.Flags |= pdu.NVME_TCP_F_DATA_SUCCESS
+							}
+						}
+						b = pdu.Append(b, &d, bytes.Repeat([]byte{byte(reads)}, 512), o)
+						if reads == 1 && off == 512 {
+							b[len(b)-1] ^= 0xff
+						}
+					}
+					if !c2hSuccess {
+						var cqe nvme.Completion
+						cqe.SetCommandID(cid)
+						r := pdu.Header{CommonHeader: pdu.CommonHeader{Type: pdu.TypeCapsuleResp}, Resp: cqe}
+						b = pdu.Append(b, &r, nil, o)
+					}
+					_, err := ctrl.Write(b)
+					return err == nil
+				})
+			}()
+			defer func() { <-ctrlDone }()
+			cfg := quietQueueConfig(1, 4)
+			cfg.HeaderDigest, cfg.DataDigest = true, true
+			q, err := NewQueue(context.Background(), host, cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer q.Close()
+			read := func() ([]byte, error) {
+				done := make(chan error, 1)
+				req := &Request{Data: make([]byte, 1024)}
+				req.Cmd.SetOpcode(nvme.NVME_CMD_READ)
+				if err := q.Submit(req, func(err error) { done <- err }); err != nil {
+					t.Fatal(err)
+				}
+				return req.Data, waitDone(t, "read", done)
+			}
+			_, err = read()
+			var st nvme.Status
+			if !errors.As(err, &st) || !errors.Is(err, nvme.NVME_SC_DATA_XFER_ERROR) || st.DNR() {
+				t.Fatalf("read with a bad data digest: %v, want Data Transfer Error without DNR", err)
+			}
+			if err := q.Err(); err != nil {
+				t.Fatalf("the queue failed: %v", err)
+			}
+			data, err := read()
+			if err != nil || !bytes.Equal(data, bytes.Repeat([]byte{2}, 1024)) {
+				t.Fatalf("read after the digest error: %v, data %x...", err, data[:4])
+			}
+		})
 	}
 }
 

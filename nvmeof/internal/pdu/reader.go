@@ -36,9 +36,10 @@ func NewReader(r io.Reader, dir Direction, maxData uint32) *Reader {
 	return &Reader{r: r, dir: dir, MaxData: maxData}
 }
 
-// ErrDataDigest is returned (wrapped) when a data digest does not match.
-// Unlike a header digest error the PDU boundaries are still known, but the
-// Linux host treats it as fatal for the queue too.
+// ErrDataDigest is returned (wrapped) by ReadData when a data digest does
+// not match. The whole PDU has been consumed then: unlike after a header
+// digest error the PDU boundaries are still known, so a host may fail the
+// one command and read on (as Linux's nvme_tcp_recv_ddgst does).
 var ErrDataDigest = errors.New("nvme-tcp: data digest mismatch")
 
 // ReadHeader reads and checks the next PDU header into h.
