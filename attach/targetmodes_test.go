@@ -6,12 +6,14 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle"
 	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle/nvmeofconn"
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof"
+	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/nvme"
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/target"
 	"github.com/ublk-nvmeof/ublk-nvmeof/ublk"
 )
@@ -238,6 +240,42 @@ func TestTargetModesMDTSOverflow(t *testing.T) {
 			err = lc.Start(context.Background())
 			if err == nil || !strings.Contains(err.Error(), "MDTS") || strings.Contains(err.Error(), "\n") {
 				t.Fatalf("connect with MDTS %d: %v, want one line naming MDTS", mdts, err)
+			}
+		})
+	}
+}
+
+// TestTargetModesRetried: statuses a controller sends without DNR are
+// retried, after the Command Retry Delay its CRD field selects, as the
+// Linux host's nvme_retry_req; the application sees none of them.
+// Namespace Not Ready for a second, a CRD on chosen commands, and data
+// digest errors on reads (Data Transfer Error, retryable) each under a
+// verified load, with no reconnect.
+func TestTargetModesRetried(t *testing.T) {
+	nnr := nvme.NVME_SC_NS_NOT_READY
+	for _, tc := range []struct {
+		name   string
+		target target.Config
+		host   nvmeof.ControllerConfig
+		fault  target.Fault
+	}{
+		{name: "Namespace Not Ready for 1 s, CRD 1 (500 ms)", target: target.Config{CRDT: [3]uint16{5}},
+			fault: target.Fault{QID: target.AnyIOQueue, Match: target.MatchIO(), Status: nnr | 1<<11, For: time.Second}},
+		{name: "CRD 2 (200 ms) on 20 commands", target: target.Config{CRDT: [3]uint16{1, 2, 3}},
+			fault: target.Fault{QID: target.AnyIOQueue, Match: target.MatchIO(), Status: nvme.NVME_SC_INTERNAL | 2<<11, Times: 20}},
+		{name: "data digest errors on 20 reads", target: target.Config{C2HChunk: 16 << 10},
+			host:  nvmeof.ControllerConfig{HeaderDigest: true, DataDigest: true},
+			fault: target.Fault{QID: target.AnyIOQueue, Match: target.MatchOpcode(nvme.NVME_CMD_READ), CorruptDataDigest: true, Times: 20}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newModeRig(t, tc.target, tc.host)
+			var hits atomic.Int64
+			tc.fault.Before = func() { hits.Add(1) }
+			r.tg.InjectFault(tc.fault)
+			r.verifiedLoad(1)
+			r.invisible()
+			if hits.Load() == 0 {
+				t.Fatal("the fault hit no command")
 			}
 		})
 	}
