@@ -34,6 +34,9 @@ const modesNQN = "nqn.2026-11.io.ublk-nvmeof:modes"
 type modeRig struct {
 	*backendRig
 	queues, depth, maxIO int
+	// beforeIO, if set, runs once the first round's data is made, just
+	// before its first request.
+	beforeIO func()
 }
 
 func newModeRig(t *testing.T, tcfg target.Config, ccfg nvmeof.ControllerConfig) *modeRig {
@@ -143,6 +146,9 @@ func (r *modeRig) verifiedLoad(rounds int) {
 					r.t.Fatalf("round %d: %d bytes at %d read back different data", round, len(exts[i].data), exts[i].off)
 				}
 			}
+		}
+		if round == 0 && r.beforeIO != nil {
+			r.beforeIO()
 		}
 		run(ublk.OpWrite)
 		run(ublk.OpRead)
@@ -271,7 +277,9 @@ func TestTargetModesRetried(t *testing.T) {
 			r := newModeRig(t, tc.target, tc.host)
 			var hits atomic.Int64
 			tc.fault.Before = func() { hits.Add(1) }
-			r.tg.InjectFault(tc.fault)
+			// Filling the buffers takes a while under -race: the
+			// fault's For starts with the I/O.
+			r.beforeIO = func() { r.tg.InjectFault(tc.fault) }
 			r.verifiedLoad(1)
 			r.invisible()
 			if hits.Load() == 0 {
