@@ -82,8 +82,13 @@ func authenticateQueue(ctx context.Context, q *Queue, a *AuthConfig, host HostId
 		authTestHook(q.QID(), cfg)
 	}
 	tid := uint16(authTransaction.Add(1))
-	if _, err := auth.Authenticate(ctx, &queueAuthTransport{q: q, timeout: timeout}, cfg, tid); err != nil {
+	res, err := auth.Authenticate(ctx, &queueAuthTransport{q: q, timeout: timeout}, cfg, tid)
+	if err != nil {
 		return fmt.Errorf("nvmeof: authenticate queue %d to %s: %w", q.QID(), subsysNQN, err)
+	}
+	if q.QID() == 0 {
+		// As the Linux host, said once per association.
+		q.log.Info("authenticated (DH-HMAC-CHAP)", "hash", res.Hash.String(), "dhgroup", res.DHGroup.String(), "bidirectional", res.Bidirectional)
 	}
 	return nil
 }
