@@ -45,6 +45,9 @@ type Status struct {
 	// as hex.
 	UblkFeatures []string `json:"ublk_features"`
 	UblkFlags    []string `json:"ublk_flags"`
+	// UblkState is the driver's state of an ORPHANED device (List):
+	// QUIESCED (holding I/O for a recovery), FAIL_IO or DEAD.
+	UblkState string `json:"ublk_state,omitempty"`
 }
 
 // RunDir holds one control socket per attached device:
@@ -176,21 +179,29 @@ func getStatus(ctx context.Context, path string) (Status, error) {
 	return st, nil
 }
 
-// List returns the status of every device a live daemon serves, by device
-// id. Sockets nobody answers on (a daemon that died) are skipped.
+// List returns the status of every device a live daemon serves, and of
+// every device this tool made that no live daemon serves (State
+// StateOrphaned: its daemon died and was not restarted), by device id.
 func List(ctx context.Context) ([]Status, error) {
 	paths, err := filepath.Glob(filepath.Join(RunDir(), "ublkb*.sock"))
 	if err != nil {
 		return nil, err
 	}
 	var out []Status
+	served := map[int]bool{}
 	for _, p := range paths {
 		st, err := getStatus(ctx, p)
 		if err != nil {
 			continue
 		}
 		out = append(out, st)
+		served[st.DevID] = true
 	}
+	orphaned, err := orphans(ctx, served)
+	if err != nil {
+		return nil, err
+	}
+	out = append(out, orphaned...)
 	sort.Slice(out, func(i, j int) bool { return out[i].DevID < out[j].DevID })
 	return out, nil
 }

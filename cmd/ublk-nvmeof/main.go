@@ -49,6 +49,7 @@ const (
 	// failed with EIO. Not 0, because applications may have seen errors;
 	// the unit lists it in SuccessExitStatus (a requested stop).
 	exitImmediate = 10
+	exitServed    = 11 // detach --force: a live daemon serves that device
 )
 
 func exitCode(err error) int {
@@ -73,6 +74,8 @@ func exitCode(err error) int {
 		return exitNoDevice
 	case errors.Is(err, attach.ErrDetachedImmediately):
 		return exitImmediate
+	case errors.Is(err, attach.ErrServed):
+		return exitServed
 	}
 	return exitFailure
 }
@@ -407,6 +410,8 @@ func detachCommand() *cli.Command {
 		Usage:     "detach a device: drain its I/O, disconnect, delete it",
 		ArgsUsage: "DEVICE (N, ublkbN or /dev/ublkbN)",
 		Flags: []cli.Flag{
+			&cli.BoolFlag{Name: "force", Usage: "delete a device no live daemon serves (ORPHANED in list: its daemon died and was not restarted): " +
+				"ublk STOP_DEV and DEL_DEV, I/O held for a recovery fails with EIO, its run record is removed; refused (exit 11) while a daemon serves it"},
 			&cli.DurationFlag{Name: "timeout", Value: 2 * time.Minute, Usage: "how long to wait for the daemon to finish",
 				Action: positiveDuration("timeout")},
 		},
@@ -417,6 +422,9 @@ func detachCommand() *cli.Command {
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), c.Duration("timeout"))
 			defer cancel()
+			if c.Bool("force") {
+				return attach.ForceDetach(ctx, id)
+			}
 			return attach.Detach(ctx, id)
 		},
 	}
@@ -442,7 +450,7 @@ func writeJSON(w io.Writer, v any) error {
 func listCommand(stdout io.Writer) *cli.Command {
 	return &cli.Command{
 		Name:  "list",
-		Usage: "list the devices this tool serves",
+		Usage: "list the devices this tool serves, and those it made that no live daemon serves (ORPHANED)",
 		Flags: []cli.Flag{jsonFlag()},
 		Action: func(c *cli.Context) error {
 			all, err := attach.List(c.Context)
@@ -458,7 +466,13 @@ func listCommand(stdout io.Writer) *cli.Command {
 			tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "DEVICE\tTARGET\tNQN\tNSID\tSTATE\tQUEUES\tPID")
 			for _, s := range all {
-				fmt.Fprintf(tw, "%s\t%s:%s\t%s\t%d\t%s\t%dx%d\t%d\n", s.Device, s.TrAddr, s.TrSvcID, s.NQN, s.NSID, s.State, s.Queues, s.QueueSize, s.PID)
+				state, pid := s.State, fmt.Sprint(s.PID)
+				if state == attach.StateOrphaned {
+					// No daemon: what the driver holds it as, and
+					// how to remove it.
+					state, pid = fmt.Sprintf("%s (ublk %s; detach --force)", state, s.UblkState), "-"
+				}
+				fmt.Fprintf(tw, "%s\t%s:%s\t%s\t%d\t%s\t%dx%d\t%s\n", s.Device, s.TrAddr, s.TrSvcID, s.NQN, s.NSID, state, s.Queues, s.QueueSize, pid)
 			}
 			return tw.Flush()
 		},
