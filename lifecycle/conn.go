@@ -33,7 +33,9 @@ type Connector interface {
 
 // Conn is one association. lifecycle calls ConnectIOQueues once, after
 // Connect and with keep-alive running; then, to tear it down, these in
-// this order, once each: Shutdown, WaitIdle, FreeIOQueues, FreeAdminQueue. Shutdown may come from
+// this order, once each: ShutdownController (on delete, unless the
+// association failed or the delete is hurried), Shutdown, WaitIdle,
+// FreeIOQueues, FreeAdminQueue. Shutdown may come from
 // the goroutine calling Controller.Hurry, the others come from the
 // supervisor. A Conn must be comparable (a pointer).
 type Conn interface {
@@ -71,6 +73,12 @@ type Conn interface {
 	// lifecycle reads them once, when the association goes LIVE.
 	CRDT() [3]time.Duration
 
+	// ShutdownController sends the shutdown notification (CC.SHN normal)
+	// and waits for the controller to report it complete (CSTS.SHST), as
+	// the Linux host does when it deletes a controller. Keep-alive is
+	// stopped and no I/O is in flight. It must return within its own
+	// bound (the controller's RTD3E) and promptly once ctx is cancelled.
+	ShutdownController(ctx context.Context) error
 	// Shutdown shuts every socket down: from now on no command can be
 	// written, and every command in flight fails (or completes, if its
 	// response was already read). It does not wait.

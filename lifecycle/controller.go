@@ -30,6 +30,11 @@ type Options struct {
 	// MaxRetries is how many times an I/O that failed on the path is
 	// retried on a new association (nvme_max_retries).
 	MaxRetries int
+	// ShutdownTimeout, if positive, bounds the shutdown notification the
+	// delete sends (CC.SHN, then waiting for CSTS.SHST) below the Conn's
+	// own bound (the controller's RTD3E, 5 to 60 s). A hurried delete
+	// skips it.
+	ShutdownTimeout time.Duration
 	// LinkWatch, if set, is run while the controller exists; a link or
 	// route going down starts error recovery at once instead of after
 	// KATO, and the path coming back while the controller waits to
@@ -92,7 +97,7 @@ type Controller struct {
 	// target and for the block device's openers.
 	hurry       context.Context
 	hurryCancel context.CancelFunc
-	// shutMu orders Hurry's socket shutdown against teardown's step 4, so
+	// shutMu orders Hurry's socket shutdown against StepShutdownSockets, so
 	// that each association is shut down once, and before WaitIdle.
 	shutMu  sync.Mutex
 	shut    Conn          // the association whose sockets were shut last
@@ -120,8 +125,8 @@ type Controller struct {
 	// The I/O fast path, without c.mu (like percpu_ref_tryget_live on
 	// q_usage_counter): a Do caller counts itself in inflight, then
 	// loads live; it may use the association only if live was set.
-	// Teardown clears live first (step 1) and waits for inflight to reach
-	// zero (step 4): with both atomic, either the caller saw nil, or
+	// Teardown clears live first (StepChangeState) and waits for inflight
+	// to reach zero (StepWaitCompletions): with both atomic, either the caller saw nil, or
 	// teardown sees it counted.
 	live     atomic.Pointer[liveConn] // set only while LIVE
 	inflight atomic.Int64             // Do callers between enter and exit
@@ -263,11 +268,13 @@ func (c *Controller) requestDelete() {
 // retried, and held I/O fails as in any delete. Removing the block device
 // no longer waits for its openers beyond a short budget.
 //
-// The teardown order is kept: Hurry only does step 4's socket shutdown
-// early, which frees nothing and makes STOP_DEV's drain (step 3) quick;
-// the queues are still freed only after every completion handler and Do
-// caller has returned. Hurry may be called at any time, from any
-// goroutine, any number of times; it does not wait (Delete or Done does).
+// The teardown order is kept: Hurry only does StepShutdownSockets's work
+// early, which frees nothing and makes STOP_DEV's drain (StepQuiesceBlock)
+// quick, and the shutdown notification (StepShutdownController) is
+// skipped or cut short; the queues are still freed only after every
+// completion handler and Do caller has returned. Hurry may be called at any
+// time, from any goroutine, any number of times; it does not wait (Delete
+// or Done does).
 func (c *Controller) Hurry() {
 	c.hurryCancel()
 	c.requestDelete()

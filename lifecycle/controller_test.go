@@ -199,8 +199,8 @@ func TestStartDelete(t *testing.T) {
 	}
 	h.finish()
 
-	want := []Step{StepChangeState, StepStopKeepAlive, StepQuiesceBlock, StepShutdownSockets,
-		StepWaitCompletions, StepFreeIOQueues, StepFreeAdminQueue, StepRemoveBlock}
+	want := []Step{StepChangeState, StepStopKeepAlive, StepQuiesceBlock, StepShutdownController,
+		StepShutdownSockets, StepWaitCompletions, StepFreeIOQueues, StepFreeAdminQueue, StepRemoveBlock}
 	if len(steps) != len(want) {
 		t.Fatalf("teardown steps %v, want %v", steps, want)
 	}

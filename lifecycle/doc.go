@@ -44,9 +44,10 @@
 //
 // Teardown is in teardown.go, in docs/design.md's order, once: change
 // state (no new submissions), stop keep-alive synchronously, quiesce the
-// ublk side, shut the sockets, wait until every completion handler and
-// every Do caller has returned, free the I/O queues, then the admin queue;
-// on delete, remove the block device.
+// ublk side, on delete send the controller the shutdown notification
+// (CC.SHN, bounded), shut the sockets, wait until every completion handler
+// and every Do caller has returned, free the I/O queues, then the admin
+// queue; on delete, remove the block device.
 //
 // Wiring: the nvmeof side is lifecycle/nvmeofconn (a Connector and the
 // Conn it returns). The ublk side implements Block (Stop: STOP_DEV, Remove:

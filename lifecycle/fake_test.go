@@ -88,6 +88,10 @@ type fakeTarget struct {
 	ioConnect func(ctx context.Context, c *fakeConn) error
 	// crdt is every association's CRDT.
 	crdt [3]time.Duration
+	// shutdownHang makes the shutdown notification never complete;
+	// shutdownStarted, if set, is closed when one is in flight.
+	shutdownHang    bool
+	shutdownStarted chan struct{}
 }
 
 func newFakeTarget(v *violations) *fakeTarget {
@@ -193,6 +197,8 @@ type fakeConn struct {
 	kaWritten  int
 	kaStopped  bool // set by tests once StepStopKeepAlive has returned
 	kaActive   int  // KeepAlive calls that have not returned
+	// shutdownNotified: ShutdownController was called.
+	shutdownNotified bool
 	// onWaitIdle, if set, is called when WaitIdle begins.
 	onWaitIdle func()
 }
@@ -286,7 +292,7 @@ func (c *fakeConn) submit(ctx context.Context, admin bool, kind string, beforeWr
 }
 
 func (c *fakeConn) complete(cmd *fakeCmd, err error) bool {
-	admin := cmd.kind == "keep-alive"
+	admin := cmd.kind == "keep-alive" || cmd.kind == "shutdown-notification"
 	c.mu.Lock()
 	if !c.pending[cmd] {
 		c.mu.Unlock()
@@ -383,6 +389,41 @@ func (c *fakeConn) write(ctx context.Context, lba, val uint64, f fault) error {
 		c.onError(errTimeout) // the command timeout fires
 	}
 	return <-cmd.done
+}
+
+// ShutdownController is an admin command: allocated and completed (or
+// held by the target's shutdownHang until ctx ends) like the others.
+func (c *fakeConn) ShutdownController(ctx context.Context) error {
+	c.mu.Lock()
+	// After Shutdown it is allowed (Hurry shuts the sockets early, and
+	// the command then fails at once); after a free it is a violation
+	// (submit's touch).
+	if c.shutdownNotified {
+		c.target.v.add("shutdown notification twice")
+	}
+	c.shutdownNotified = true
+	c.mu.Unlock()
+	cmd, err := c.submit(ctx, true, "shutdown-notification", nil)
+	if err != nil {
+		return err
+	}
+	c.target.mu.Lock()
+	hang, started := c.target.shutdownHang, c.target.shutdownStarted
+	c.target.mu.Unlock()
+	if started != nil {
+		close(started)
+	}
+	if !hang {
+		cmd.complete(nil)
+	}
+	select {
+	case err := <-cmd.done:
+		return err
+	case <-ctx.Done():
+		// Abandoned to the queue: Shutdown fails it, and its handler
+		// holds the reference until then.
+		return ctx.Err()
+	}
 }
 
 func (c *fakeConn) Shutdown() {

@@ -104,8 +104,8 @@ func TestHurryDuringDelete(t *testing.T) {
 	h.finish()
 	mu.Lock()
 	defer mu.Unlock()
-	want := []Step{StepChangeState, StepStopKeepAlive, StepQuiesceBlock, StepShutdownSockets,
-		StepWaitCompletions, StepFreeIOQueues, StepFreeAdminQueue, StepRemoveBlock}
+	want := []Step{StepChangeState, StepStopKeepAlive, StepQuiesceBlock, StepShutdownController,
+		StepShutdownSockets, StepWaitCompletions, StepFreeIOQueues, StepFreeAdminQueue, StepRemoveBlock}
 	if len(steps) != len(want) {
 		t.Fatalf("teardown steps %v, want %v", steps, want)
 	}

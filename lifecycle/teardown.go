@@ -3,6 +3,7 @@ package lifecycle
 import (
 	"context"
 	"fmt"
+	"sync"
 	"time"
 )
 
@@ -20,6 +21,13 @@ const (
 	// while the association still serves it. Recovery: nothing to do on
 	// the ublk side, Do holds new I/O since StepChangeState.
 	StepQuiesceBlock
+	// StepShutdownController: delete only: the shutdown notification
+	// (CC.SHN normal, then CSTS.SHST complete), as the Linux host sends
+	// when it deletes a controller. After the ublk side is drained, so no
+	// I/O is lost to it; before the sockets are shut, since it is admin
+	// commands. Bounded (Conn.ShutdownController, Options.ShutdownTimeout);
+	// skipped when the association has failed or the delete is hurried.
+	StepShutdownController
 	// StepShutdownSockets: every command in flight fails or completes.
 	StepShutdownSockets
 	// StepWaitCompletions: every completion handler has returned and every
@@ -35,8 +43,9 @@ const (
 
 func (s Step) String() string {
 	return [...]string{
-		"change-state", "stop-keep-alive", "quiesce-block", "shutdown-sockets",
-		"wait-completions", "free-io-queues", "free-admin-queue", "remove-block",
+		"change-state", "stop-keep-alive", "quiesce-block", "shutdown-controller",
+		"shutdown-sockets", "wait-completions", "free-io-queues", "free-admin-queue",
+		"remove-block",
 	}[s]
 }
 
@@ -59,7 +68,9 @@ const (
 // the stop later and reopened the race. So: keep-alive is stopped, and
 // waited for, before sockets are shut and long before the admin queue is
 // freed; the queues are freed only after every completion handler has
-// returned; the admin queue is freed last. Do not move a step.
+// returned; the admin queue is freed last. On delete the controller is
+// told to shut down (CC.SHN) once the ublk side is drained and before the
+// sockets are shut. Do not move a step.
 func (c *Controller) teardown(mode teardownMode, reason string) {
 	c.mu.Lock()
 	conn, block := c.conn, c.block
@@ -92,7 +103,15 @@ func (c *Controller) teardown(mode teardownMode, reason string) {
 		}
 	})
 
-	// 4 and 5.
+	// 4. Delete only: the shutdown notification, bounded.
+	c.step(StepShutdownController, func() {
+		if mode == teardownDelete && conn != nil {
+			c.shutdownController(conn)
+		}
+	})
+
+	// 5 to 8: shut the sockets, wait, free the I/O queues, then the admin
+	// queue.
 	if conn != nil {
 		c.releaseConn(conn)
 	} else {
@@ -101,7 +120,7 @@ func (c *Controller) teardown(mode teardownMode, reason string) {
 		}
 	}
 
-	// 6. Delete only: remove the block device.
+	// 9. Delete only: remove the block device.
 	c.step(StepRemoveBlock, func() {
 		if mode == teardownDelete && block != nil {
 			// Ends with Hurry: DEL_DEV then does not wait for the
@@ -133,7 +152,46 @@ func (c *Controller) stopKeepAlive() {
 	}
 }
 
-// releaseConn is steps 4 and 5: shut the sockets, wait for every completion
+// shutdownController sends the shutdown notification on conn and waits for
+// it, at most Options.ShutdownTimeout (when set) on top of the Conn's own
+// bound. A failed association, or a hurried delete, is not waited for.
+func (c *Controller) shutdownController(conn Conn) {
+	c.mu.Lock()
+	failed := c.pendingErr
+	c.mu.Unlock()
+	switch {
+	case failed != nil:
+		c.log.Debug("no shutdown notification: the association failed", "err", failed)
+		return
+	case c.hurry.Err() != nil:
+		c.log.Debug("no shutdown notification: delete hurried")
+		return
+	}
+	ctx, cancel := context.WithCancel(c.hurry)
+	defer cancel()
+	var bound sync.WaitGroup
+	if d := c.opts.ShutdownTimeout; d > 0 {
+		t := c.clk.NewTimer(d)
+		bound.Add(1)
+		go func() {
+			defer bound.Done()
+			select {
+			case <-t.C():
+				cancel()
+			case <-ctx.Done():
+				t.Stop()
+			}
+		}()
+	}
+	err := conn.ShutdownController(ctx)
+	cancel()
+	bound.Wait()
+	if err != nil {
+		c.log.Warn("controller shutdown notification did not complete", "err", err)
+	}
+}
+
+// releaseConn is steps 5 to 8: shut the sockets, wait for every completion
 // handler and every Do caller, free the I/O queues, then the admin queue.
 // Keep-alive must already be stopped.
 func (c *Controller) releaseConn(conn Conn) {

@@ -617,10 +617,32 @@ func (c *Controller) Enable(ctx context.Context) error {
 	return c.waitCSTS(ctx, nvme.NVME_CSTS_RDY, nvme.NVME_CSTS_RDY, c.readyTimeout(), "ready")
 }
 
+// Shutdown timeouts (the Linux host's shutdown_timeout module parameter,
+// 5 s, and its ceiling for RTD3E, 60 s).
+const (
+	DefaultShutdownTimeout = 5 * time.Second
+	MaxShutdownTimeout     = 60 * time.Second
+)
+
+// ShutdownTimeout is how long ShutdownController waits for CSTS.SHST
+// complete: the controller's RTD3E (Identify Controller, microseconds,
+// whole seconds), within DefaultShutdownTimeout and MaxShutdownTimeout, as
+// nvme_init_identify sets shutdown_timeout.
+func (c *Controller) ShutdownTimeout() time.Duration {
+	if c.id == nil || c.id.RTD3E == 0 {
+		return DefaultShutdownTimeout
+	}
+	d := time.Duration(c.id.RTD3E/1e6) * time.Second
+	return min(max(d, DefaultShutdownTimeout), MaxShutdownTimeout)
+}
+
 // ShutdownController is the orderly shutdown notification: CC.SHN normal,
-// then wait for CSTS.SHST complete (nvme_disable_ctrl(ctrl, true)). The
-// queues stay up; tear them down afterwards.
+// then wait for CSTS.SHST complete (nvme_disable_ctrl(ctrl, true)), for at
+// most ShutdownTimeout in all. The queues stay up; tear them down
+// afterwards.
 func (c *Controller) ShutdownController(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, c.ShutdownTimeout())
+	defer cancel()
 	cc, err := c.PropertyGet(ctx, nvme.NVME_REG_CC, false)
 	if err != nil {
 		return err
@@ -629,7 +651,7 @@ func (c *Controller) ShutdownController(ctx context.Context) error {
 	if err := c.PropertySet(ctx, nvme.NVME_REG_CC, false, cc); err != nil {
 		return err
 	}
-	return c.waitCSTS(ctx, nvme.NVME_CSTS_SHST_MASK, nvme.NVME_CSTS_SHST_CMPLT, 5*time.Second, "shut down")
+	return c.waitCSTS(ctx, nvme.NVME_CSTS_SHST_MASK, nvme.NVME_CSTS_SHST_CMPLT, c.ShutdownTimeout(), "shut down")
 }
 
 // identify reads a 4096-byte Identify structure.

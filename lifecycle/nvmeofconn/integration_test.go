@@ -439,6 +439,10 @@ func kaAtStep(t *testing.T, del bool, at lifecycle.Step, atDone bool) {
 	var hit atomic.Bool
 	var round atomic.Int32
 	c := r.start(func(o *lifecycle.Options) {
+		// The keep-alive held at the target holds the admin queue, and
+		// with it the shutdown notification of a delete: until this
+		// bound, when the keep-alive is released only after that step.
+		o.ShutdownTimeout = 100 * time.Millisecond
 		o.TeardownHook = func(s lifecycle.Step, done bool) {
 			if s == lifecycle.StepChangeState && !done {
 				round.Add(1)

@@ -170,6 +170,13 @@ func (c *Conn) CRDT() [3]time.Duration {
 	}
 	return c.ctrl.CRDT()
 }
+
+// ShutdownController implements lifecycle.Conn: CC.SHN, then CSTS.SHST,
+// within the controller's RTD3E (nvmeof.Controller.ShutdownTimeout).
+func (c *Conn) ShutdownController(ctx context.Context) error {
+	return c.ctrl.ShutdownController(ctx)
+}
+
 func (c *Conn) Shutdown()       { c.ctrl.Shutdown() }
 func (c *Conn) WaitIdle()       { c.ctrl.WaitIdle() }
 func (c *Conn) FreeIOQueues()   { c.ctrl.FreeIOQueues() }

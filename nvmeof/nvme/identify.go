@@ -18,14 +18,18 @@ var ErrShortBuffer = errors.New("nvme: buffer too short for structure")
 // 2.0, Figure 275; NVMe over Fabrics 1.1 for IOCCSZ and following) that the
 // host uses. Offsets are those of the raw 4096-byte structure.
 type IdentifyController struct {
-	VID       uint16 // 0
-	SSVID     uint16 // 2
-	SN        string // 4, 20 bytes
-	MN        string // 24, 40 bytes
-	FR        string // 64, 8 bytes
-	MDTS      uint8  // 77, max data transfer 2^MDTS min pages, 0: no limit
-	CNTLID    uint16 // 78
-	VER       uint32 // 80
+	VID    uint16 // 0
+	SSVID  uint16 // 2
+	SN     string // 4, 20 bytes
+	MN     string // 24, 40 bytes
+	FR     string // 64, 8 bytes
+	MDTS   uint8  // 77, max data transfer 2^MDTS min pages, 0: no limit
+	CNTLID uint16 // 78
+	VER    uint32 // 80
+	// RTD3E is the RTD3 Entry Latency (88), in microseconds: how long a
+	// shutdown notification (CC.SHN) may take to complete; 0: not
+	// reported.
+	RTD3E     uint32
 	OAES      uint32 // 92, optional asynchronous events supported
 	CTRATT    uint32 // 96, controller attributes
 	CNTRLTYPE uint8  // 111
@@ -68,7 +72,7 @@ func ParseIdentifyController(b []byte) (*IdentifyController, error) {
 	return &IdentifyController{
 		VID: le.Uint16(b[0:]), SSVID: le.Uint16(b[2:]),
 		SN: trimField(b[4:24]), MN: trimField(b[24:64]), FR: trimField(b[64:72]),
-		MDTS: b[77], CNTLID: le.Uint16(b[78:]), VER: le.Uint32(b[80:]),
+		MDTS: b[77], CNTLID: le.Uint16(b[78:]), VER: le.Uint32(b[80:]), RTD3E: le.Uint32(b[88:]),
 		OAES: le.Uint32(b[92:]), CTRATT: le.Uint32(b[96:]), CNTRLTYPE: b[111],
 		CRDT: [3]uint16{le.Uint16(b[134:]), le.Uint16(b[136:]), le.Uint16(b[138:])}, AERL: b[259],
 		KAS: le.Uint16(b[320:]), SQES: b[512], CQES: b[513],
@@ -91,6 +95,7 @@ func (c *IdentifyController) Marshal() []byte {
 	b[77] = c.MDTS
 	le.PutUint16(b[78:], c.CNTLID)
 	le.PutUint32(b[80:], c.VER)
+	le.PutUint32(b[88:], c.RTD3E)
 	le.PutUint32(b[92:], c.OAES)
 	le.PutUint32(b[96:], c.CTRATT)
 	b[111] = c.CNTRLTYPE

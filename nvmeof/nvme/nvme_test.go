@@ -51,7 +51,8 @@ func TestCommandGolden(t *testing.T) {
 func TestIdentifyRoundTrip(t *testing.T) {
 	ic := &IdentifyController{VID: 1, SN: "sn1", MN: "model", FR: "1.0", MDTS: 5, CNTLID: 7, VER: 0x20000,
 		KAS: 10, SQES: 0x66, CQES: 0x44, MAXCMD: 128, NN: 4, ONCS: NVME_CTRL_ONCS_DSM | NVME_CTRL_ONCS_WRITE_ZEROES,
-		VWC: 1, SGLS: 5, SubNQN: "nqn.2024-01.io.example:sub", IOCCSZ: 260, IORCSZ: 1, CRDT: [3]uint16{1, 20, 300}}
+		VWC: 1, SGLS: 5, SubNQN: "nqn.2024-01.io.example:sub", IOCCSZ: 260, IORCSZ: 1, CRDT: [3]uint16{1, 20, 300},
+		RTD3E: 8_000_000}
 	got, err := ParseIdentifyController(ic.Marshal())
 	if err != nil || *got != *ic {
 		t.Fatalf("round trip %+v, %v", got, err)
@@ -59,6 +60,10 @@ func TestIdentifyRoundTrip(t *testing.T) {
 	// CRDT1..3 at bytes 134..139 (NVMe Base 2.0, Figure 275).
 	if b := ic.Marshal(); b[134] != 1 || b[136] != 20 || b[138] != 300&0xff || b[139] != 300>>8 {
 		t.Fatalf("CRDT bytes % x", b[134:140])
+	}
+	// RTD3E at bytes 88..91.
+	if b := ic.Marshal(); b[88] != 0x00 || b[89] != 0x12 || b[90] != 0x7a || b[91] != 0x00 {
+		t.Fatalf("RTD3E bytes % x", b[88:92])
 	}
 	nvm := &IdentifyControllerNVM{VSL: 1, WZSL: 2, WUSL: 3, DMRL: 4, DMRSL: 0x05060708, DMSL: 0x1122334455667788}
 	gnvm, err := ParseIdentifyControllerNVM(nvm.Marshal())
