@@ -444,7 +444,7 @@ func (r *run) cleanup(err *error) {
 
 // ublkBlock is the ublk device as lifecycle stops and removes it: Stop is
 // docs/design.md's teardown step 3 (STOP_DEV, serving until it returns),
-// Remove its step 8 (rings, mappings, /dev/ublkcN, DEL_DEV), after the
+// Remove its step 9 (rings, mappings, /dev/ublkcN, DEL_DEV), after the
 // queues.
 type ublkBlock struct{ dev *ublk.Device }
 
