@@ -129,7 +129,9 @@ func hostileRun(t *testing.T, flags byte, main, events []byte) {
 	var ends []net.Conn
 	cfg := nvmeof.ControllerConfig{
 		Addr: "hostile", Host: testHost, IOQueues: 2, QueueSize: 8,
-		IOTimeout: 100 * time.Millisecond, AdminTimeout: 100 * time.Millisecond, Logger: quiet,
+		// Short timeouts: a held command costs the fuzzer that long.
+		// Keep Alive's timeout is KATO.
+		IOTimeout: 100 * time.Millisecond, AdminTimeout: 100 * time.Millisecond, KATO: 100 * time.Millisecond, Logger: quiet,
 		Dial: func(ctx context.Context, addr string) (net.Conn, error) {
 			host, ctrl := net.Pipe()
 			mu.Lock()
@@ -147,7 +149,7 @@ func hostileRun(t *testing.T, flags byte, main, events []byte) {
 	}
 	// Bounds the CSTS polls of a controller that never becomes ready
 	// (CAP.TO allows up to 127 s).
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	if flags&1 != 0 {
 		hostileDiscover(ctx, cfg)
