@@ -212,7 +212,10 @@ func TestIOQueueDepthsAndDigests(t *testing.T) {
 				// Small MAXH2CDATA and C2H chunks so one command takes
 				// several PDUs each way; CPDA pads H2C data.
 				tt := startTarget(t, target.Config{MaxH2CData: 4096, C2HChunk: 3072, CPDA: 3, C2HSuccess: c2hSuccess, InCapsuleDataSize: 4096}, 9, 8<<20)
-				c := connect(t, tt, nvmeof.ControllerConfig{QueueSize: 128, HeaderDigest: dg.hd, DataDigest: dg.dd})
+				// No Keep Alive is sent here: a KATO would let the target
+				// delete the controller when the I/O outlasts it (under
+				// -race on a loaded machine it does).
+				c := connect(t, tt, nvmeof.ControllerConfig{QueueSize: 128, HeaderDigest: dg.hd, DataDigest: dg.dd, NoKeepAlive: true})
 				for _, qd := range []int{1, 8, 127} { // 127: SQSIZE of a queue of 128
 					ioPattern(t, c, qd, 200)
 				}
