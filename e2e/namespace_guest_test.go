@@ -234,10 +234,10 @@ func testNamespaceResized(t *testing.T, follows bool) {
 // nvmet fails I/O to it with Internal Path Error (nvmet_req_find_ns, 6.10+)
 // and reports it gone (Namespace Attribute Changed, not in the active
 // list); the daemon holds the I/O and reconnects until it is back. Nothing
-// acknowledged is lost. Until lifecycle's retries of a path status wait
-// (the Command Retry Delay work, issue 11 item 3), an I/O that got the
-// path status before the event was handled can use up its immediate
-// retries and fail with EIO: that alone is accepted.
+// acknowledged is lost. nvmet names no Command Retry Delay, so an I/O that
+// got the path status before the event was handled is retried at once and
+// can use up its retries (nvme_max_retries) in that window and fail with
+// EIO, as on the Linux host without multipath: that alone is accepted.
 func TestGuestNamespaceDisabledBriefly(t *testing.T) {
 	guest.Require(t)
 	s := newScenario(t, guest.TargetOptions{NQN: scenarioNQN("ns-disabled-briefly"), Device: "/dev/ram0", Port: 4462, PortID: 32})
