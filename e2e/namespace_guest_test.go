@@ -321,3 +321,52 @@ func TestGuestNamespaceRecoverReplaced(t *testing.T) {
 	s.detach(second)
 	s.verifyBehindTarget()
 }
+
+// The daemon SIGKILLed under load, the namespace's file grown meanwhile
+// (no host connected: no event), then attach --recover: the same namespace
+// at a new size is taken over, and the device takes the new size where
+// the kernel has UPDATE_SIZE (one WARN line says it keeps its size
+// otherwise); the load resumes without an error.
+func TestGuestNamespaceRecoverResized(t *testing.T) {
+	guest.Require(t)
+	const mib = 1 << 20
+	follows, _ := updateSize(t)
+	file := filepath.Join(t.TempDir(), "ns1.img")
+	if err := guest.CreateFile(file, 8*mib); err != nil {
+		t.Fatal(err)
+	}
+	s := newScenario(t, guest.TargetOptions{NQN: scenarioNQN("ns-recover-resized"), Device: file, BufferedIO: true, Port: 4464, PortID: 34})
+	first := startDaemon(t, s.tl, noNetns, s.attachArgs("-l", "30")...)
+	s.startLoad(first.device, 23)
+
+	s.tl.add("FAULT: SIGKILL")
+	first.signal(syscall.SIGKILL)
+	first.wait()
+	s.tl.add("namespace file grown to 12 MiB")
+	if err := s.tg.ResizeFile(12 * mib); err != nil {
+		t.Fatal(err)
+	}
+	second := startDaemon(t, s.tl, noNetns, s.attachArgs("-l", "30", "--recover")...)
+	if second.device != first.device {
+		t.Fatalf("recovered %s, want %s\n%s", second.device, first.device, second.Log())
+	}
+	s.tl.addAt(s.waitProgress(200, "after recovery"), "I/O resumed (the first I/O completed after recovery)")
+	if follows {
+		waitUntil(t, second.device+" to be 12 MiB", func() bool { return deviceSize(t, second.device) == 12*mib })
+		if err := probe(second.device, 10*mib); err != nil {
+			t.Errorf("I/O in the grown area: %v", err)
+		}
+	} else {
+		if got := deviceSize(t, second.device); got != 8*mib {
+			t.Errorf("%s is %d bytes, want it to keep its 8 MiB without UPDATE_SIZE", second.device, got)
+		}
+		if n := second.countLog("level=WARN", "keeps its size"); n != 1 {
+			t.Errorf("%d WARN lines about the device keeping its size, want 1\n%s", n, second.Log())
+		}
+	}
+	s.tl.add("%s is %d MiB", second.device, deviceSize(t, second.device)/mib)
+	s.finishLoad(nil)
+	s.verify(second.device, "the ublk device")
+	s.detach(second)
+	s.verifyBehindTarget()
+}
