@@ -266,6 +266,10 @@ func TestBlockError(t *testing.T) {
 		{nil, nil},
 		{&nvmeof.QueueError{QID: 1, Err: &net.OpError{Op: "read", Err: syscall.ECONNRESET}}, syscall.EIO},
 		{fmt.Errorf("%w: x", lifecycle.ErrRetriesExhausted), syscall.EIO},
+		// After the retries the last status decides, as nvme_error_status.
+		{fmt.Errorf("%w: %w", lifecycle.ErrRetriesExhausted, nvme.NVME_SC_INVALID_OPCODE), syscall.EOPNOTSUPP},
+		{fmt.Errorf("%w: %w", lifecycle.ErrRetriesExhausted, nvme.NVME_SC_ANA_TRANSITION), syscall.EIO},
+		{fmt.Errorf("%w: %w", lifecycle.ErrRetriesExhausted, nvme.NVME_SC_NS_NOT_READY), syscall.EIO},
 		{lifecycle.ErrDeleted, syscall.EIO},
 		{syscall.EINVAL, syscall.EINVAL},
 		{nvme.Status(nvme.NVME_SC_INVALID_OPCODE), syscall.EOPNOTSUPP},

@@ -215,10 +215,8 @@ func blockError(err error) error {
 		// and the application see an I/O error.
 		return syscall.EIO
 	}
-	var errno syscall.Errno
-	if errors.As(err, &errno) {
-		return errno
-	}
+	// The status first: after its retries lifecycle returns the last
+	// status wrapped with ErrRetriesExhausted, which wraps EIO.
 	var st nvme.Status
 	if errors.As(err, &st) {
 		switch st.Code() {
@@ -227,6 +225,10 @@ func blockError(err error) error {
 		case nvme.NVME_SC_LBA_RANGE, nvme.NVME_SC_CAP_EXCEEDED:
 			return syscall.ENOSPC
 		}
+	}
+	var errno syscall.Errno
+	if errors.As(err, &errno) {
+		return errno
 	}
 	return syscall.EIO
 }

@@ -61,7 +61,7 @@ func (c *Controller) Retry(ctx context.Context, r Ref, err error, fn func(Conn) 
 		c.reportError(r.gen, err)
 	}
 	if c.opts.MaxRetries == 0 {
-		return fmt.Errorf("%w: %v", ErrRetriesExhausted, err)
+		return fmt.Errorf("%w: %w", ErrRetriesExhausted, err)
 	}
 	if err := c.retryWait(ctx, delay); err != nil {
 		return err

@@ -128,7 +128,8 @@ var (
 	// while reconnecting.
 	ErrFastIOFail = fmt.Errorf("fast_io_fail_tmo expired: %w", syscall.EIO)
 	// ErrRetriesExhausted: an I/O failed on the path or with a retryable
-	// status more times than Options.MaxRetries.
+	// status more times than Options.MaxRetries. The error returned wraps
+	// it and the last failure.
 	ErrRetriesExhausted = fmt.Errorf("retries exhausted: %w", syscall.EIO)
 	// ErrNamespaceChanged: a reconnect or a change event found a
 	// different namespace.

@@ -146,6 +146,11 @@ func TestStatusRetriesBounded(t *testing.T) {
 	if !errors.Is(err, ErrRetriesExhausted) || !errors.Is(err, syscall.EIO) || len(tc.tries) != 1+3 {
 		t.Fatalf("Do: %v after %d tries, want ErrRetriesExhausted (EIO) after 4", err, len(tc.tries))
 	}
+	// The last status stays in the chain, for the errno the block layer
+	// gets (nvme_error_status after the retries).
+	if !errors.Is(err, nvme.NVME_SC_NS_NOT_READY) {
+		t.Fatalf("Do: %v does not carry the last status", err)
+	}
 	h.finish()
 }
 

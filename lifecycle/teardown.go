@@ -278,7 +278,7 @@ func (c *Controller) do(ctx context.Context, failedGen uint64, retries int, fn f
 			return err
 		}
 		if retries >= c.opts.MaxRetries {
-			return fmt.Errorf("%w: %v", ErrRetriesExhausted, err)
+			return fmt.Errorf("%w: %w", ErrRetriesExhausted, err)
 		}
 		if err := c.retryWait(ctx, delay); err != nil {
 			return err
