@@ -93,6 +93,7 @@ func startUserManager(t *testing.T, dir string) *userManager {
 		}
 		t.Cleanup(func() { _ = os.Remove("/run/systemd/system") })
 	}
+	makeInaccessibleNodes(t)
 	// root's runtime directory, short enough for the sockets in it.
 	runtime := "/run/user/0"
 	if err := os.MkdirAll(runtime, 0o700); err != nil {
@@ -187,7 +188,10 @@ var rigProps = []string{"ActiveState", "SubState", "StatusText", "MainPID", "NRe
 func newUnitRig(t *testing.T, tg *guest.Target, dropIns map[string]string) *unitRig {
 	t.Helper()
 	dir := t.TempDir()
-	r := &unitRig{t: t, dir: dir, tg: tg, runDir: filepath.Join(dir, "rundir"), daemonLog: filepath.Join(dir, "daemon.log")}
+	// The unit's RuntimeDirectory=, which a user manager makes in
+	// $XDG_RUNTIME_DIR (a system one in /run): the only place the
+	// sandbox lets the daemon write (ProtectSystem=strict, PrivateTmp=).
+	r := &unitRig{t: t, dir: dir, tg: tg, runDir: "/run/user/0/ublk-nvmeof", daemonLog: filepath.Join(dir, "daemon.log")}
 	envFile := filepath.Join(dir, "inst.env")
 	if err := os.WriteFile(envFile, []byte(strings.Join([]string{
 		"UBLK_NVMEOF_TRADDR=127.0.0.1",
@@ -206,6 +210,11 @@ func newUnitRig(t *testing.T, tg *guest.Target, dropIns map[string]string) *unit
 		// Test plumbing only: the daemon's log in a file (there is no
 		// journal in the VM), and the manager's targets.
 		"ublk-nvmeof@.service.d/log.conf": "[Service]\nStandardOutput=append:" + r.daemonLog + "\nStandardError=append:" + r.daemonLog + "\n",
+		// ProtectHome=yes also hides /run/user, where a user manager
+		// (this test's) has its notify socket and the unit's
+		// RuntimeDirectory; a system manager has both in /run. Here
+		// /home, /root and /run/user are read-only instead.
+		"ublk-nvmeof@.service.d/user-manager.conf": "[Service]\nProtectHome=read-only\n",
 		"default.target":                  "[Unit]\nDescription=default\n",
 		// What a service's default dependencies need (the distribution's
 		// user units are not in the VM).
@@ -325,9 +334,51 @@ func checkPattern(t *testing.T, device string, pattern []byte, when string) {
 	}
 }
 
+// makeInaccessibleNodes makes /run/systemd/inaccessible/, as the system
+// manager (PID 1) does at boot: the nodes a unit's sandbox mounts over what
+// it hides (ProtectKernelTunables= hides /proc/kcore with "reg",
+// ProtectKernelLogs= /dev/kmsg with "chr", ProtectKernelModules= the
+// module directories with "dir"). The VM's /init is not systemd.
+func makeInaccessibleNodes(t *testing.T) {
+	t.Helper()
+	dir := "/run/systemd/inaccessible"
+	if _, err := os.Stat(dir); err == nil {
+		return
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	old := unix.Umask(0)
+	defer unix.Umask(old)
+	for name, mk := range map[string]func(string) error{
+		"dir":  func(p string) error { return os.Mkdir(p, 0) },
+		"reg":  func(p string) error { return os.WriteFile(p, nil, 0) },
+		"fifo": func(p string) error { return unix.Mkfifo(p, 0) },
+		"chr":  func(p string) error { return unix.Mknod(p, unix.S_IFCHR, int(unix.Mkdev(0, 0))) },
+		"blk":  func(p string) error { return unix.Mknod(p, unix.S_IFBLK, int(unix.Mkdev(0, 0))) },
+		"sock": func(p string) error {
+			l, err := net.Listen("unix", p)
+			if err != nil {
+				return err
+			}
+			l.(*net.UnixListener).SetUnlinkOnClose(false)
+			if err := l.Close(); err != nil {
+				return err
+			}
+			return os.Chmod(p, 0)
+		},
+	} {
+		if err := mk(filepath.Join(dir, name)); err != nil {
+			t.Fatalf("inaccessible node %s: %v", name, err)
+		}
+	}
+}
+
 // TestGuestSystemdUnit runs the unit under a real systemd: start waits for
 // READY=1 and the unit is active with STATUS= naming the device and the
-// controller state; a SIGKILLed daemon is restarted (Restart=on-failure)
+// controller state, and the daemon runs in the unit's sandbox
+// (checkSandbox); a SIGKILLed daemon is restarted (Restart=on-failure)
 // and its successor takes the same device over (attach --recover), data
 // intact; stop detaches and the device is gone.
 func TestGuestSystemdUnit(t *testing.T) {
@@ -335,6 +386,7 @@ func TestGuestSystemdUnit(t *testing.T) {
 	tg := guest.NewTarget(t, guest.TargetOptions{NQN: "nqn.2026-11.io.ublk-nvmeof:systemd", Device: "/dev/ram1", Port: 4438, PortID: 8})
 	r := newUnitRig(t, tg, nil)
 	device, firstPID := r.start()
+	checkSandbox(t, firstPID)
 	pattern := writePattern(t, device)
 
 	// A crash: Restart=on-failure starts attach --recover, which takes the
@@ -369,13 +421,17 @@ func TestGuestSystemdUnit(t *testing.T) {
 func TestGuestSystemdWatchdogRestartsWedged(t *testing.T) {
 	guest.Require(t)
 	tg := guest.NewTarget(t, guest.TargetOptions{NQN: "nqn.2026-11.io.ublk-nvmeof:watchdog", Device: "/dev/ram1", Port: 4460, PortID: 40})
-	wedge := filepath.Join(t.TempDir(), "wedge")
-	if err := os.WriteFile(wedge, nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
+	// In the run directory: the daemon's /tmp is its own (PrivateTmp=).
+	wedge := filepath.Join("/run/user/0/ublk-nvmeof", "wedge")
 	r := newUnitRig(t, tg, map[string]string{
 		"watchdog.conf": "[Service]\nWatchdogSec=4s\nEnvironment=UBLK_NVMEOF_TEST_WEDGE_TEARDOWN=" + wedge + "\n",
 	})
+	if err := os.MkdirAll(filepath.Dir(wedge), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(wedge, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
 	device, firstPID := r.start()
 	pattern := writePattern(t, device)
 
@@ -406,4 +462,63 @@ func TestGuestSystemdWatchdogRestartsWedged(t *testing.T) {
 	}
 	checkPattern(t, device, pattern, "the wedge and the restart")
 	r.stop(device)
+}
+
+// checkSandbox checks, from /proc, that the daemon pid runs with the unit's
+// hardening applied: CAP_SYS_ADMIN its only capability, in its bounding set
+// too (CapabilityBoundingSet=); no_new_privs (NoNewPrivileges=); a seccomp
+// filter (SystemCallFilter=, SystemCallArchitectures=); in its own mount
+// namespace, the root file system and /sys read-only (ProtectSystem=strict,
+// ProtectKernelTunables=) with its run directory writable
+// (RuntimeDirectory=), its own /tmp (PrivateTmp=), the module directory and
+// /dev/kmsg masked (ProtectKernelModules=, ProtectKernelLogs=), /proc with
+// other processes and non-process files hidden (ProtectProc=, ProcSubset=),
+// /run/user read-only (ProtectHome=, as the test's drop-in sets it).
+func checkSandbox(t *testing.T, pid int) {
+	t.Helper()
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	const capSysAdmin = "0000000000200000" // 1 << CAP_SYS_ADMIN (21)
+	for _, want := range []string{"CapBnd:\t" + capSysAdmin, "CapEff:\t" + capSysAdmin, "NoNewPrivs:\t1", "Seccomp:\t2"} {
+		if !strings.Contains(string(status), want+"\n") {
+			t.Errorf("daemon's /proc/%d/status lacks %q:\n%s", pid, want, status)
+		}
+	}
+	mounts, err := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// mountinfo: ID parent major:minor root mountpoint options ... - type
+	// source super-options; the last mount on a point is the one in
+	// effect.
+	type mount struct{ root, opts, super string }
+	at := map[string]mount{}
+	for _, l := range strings.Split(string(mounts), "\n") {
+		f := strings.Fields(l)
+		if len(f) < 10 {
+			continue
+		}
+		at[f[4]] = mount{root: f[3], opts: f[5], super: f[len(f)-1]}
+	}
+	for point, ok := range map[string]func(mount) bool{
+		"/":                       func(m mount) bool { return strings.HasPrefix(m.opts, "ro") },
+		"/sys":                    func(m mount) bool { return strings.HasPrefix(m.opts, "ro") },
+		"/run/user":               func(m mount) bool { return strings.HasPrefix(m.opts, "ro") },
+		"/run/user/0/ublk-nvmeof": func(m mount) bool { return strings.HasPrefix(m.opts, "rw") },
+		"/tmp":                    func(m mount) bool { return strings.Contains(m.root, "systemd-private-") },
+		"/lib/modules":            func(m mount) bool { return strings.HasSuffix(m.root, "/inaccessible/dir") },
+		"/dev/kmsg":               func(m mount) bool { return strings.HasSuffix(m.root, "/inaccessible/chr") },
+		"/proc": func(m mount) bool {
+			return strings.Contains(m.super, "hidepid=invisible") && strings.Contains(m.super, "subset=pid")
+		},
+	} {
+		if m, found := at[point]; !found || !ok(m) {
+			t.Errorf("daemon's mount on %s: %+v (mounted: %v): not as the sandbox makes it", point, m, found)
+		}
+	}
+	if t.Failed() {
+		t.Logf("daemon's mountinfo:\n%s", mounts)
+	}
 }
