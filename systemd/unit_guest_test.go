@@ -215,7 +215,7 @@ func newUnitRig(t *testing.T, tg *guest.Target, dropIns map[string]string) *unit
 		// RuntimeDirectory; a system manager has both in /run. Here
 		// /home, /root and /run/user are read-only instead.
 		"ublk-nvmeof@.service.d/user-manager.conf": "[Service]\nProtectHome=read-only\n",
-		"default.target":                  "[Unit]\nDescription=default\n",
+		"default.target": "[Unit]\nDescription=default\n",
 		// What a service's default dependencies need (the distribution's
 		// user units are not in the VM).
 		"basic.target": "[Unit]\nDescription=basic\n",
