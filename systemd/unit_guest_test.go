@@ -384,9 +384,23 @@ func makeInaccessibleNodes(t *testing.T) {
 func TestGuestSystemdUnit(t *testing.T) {
 	guest.Require(t)
 	tg := guest.NewTarget(t, guest.TargetOptions{NQN: "nqn.2026-11.io.ublk-nvmeof:systemd", Device: "/dev/ram1", Port: 4438, PortID: 8})
-	r := newUnitRig(t, tg, nil)
+	// A probe in the service's sandbox (ExecStartPost= shares it): may a
+	// process of the unit open a block device DeviceAllow= does not
+	// list? (The test itself, outside, can.)
+	probe := "/run/user/0/ublk-nvmeof/devprobe"
+	r := newUnitRig(t, tg, map[string]string{
+		"devprobe.conf": "[Service]\nExecStartPost=-/bin/sh -c '( exec 3</dev/ram0 ) 2>>" + probe + " && echo opened >>" + probe + " || echo refused >>" + probe + "'\n",
+	})
 	device, firstPID := r.start()
 	checkSandbox(t, firstPID)
+	if b, err := os.ReadFile(probe); err != nil || !strings.Contains(string(b), "refused") || !strings.Contains(string(b), "not permitted") {
+		t.Errorf("the unit's device ACL: a process of the service opening /dev/ram0: %q %v, want refused (EPERM)", b, err)
+	}
+	if f, err := os.Open("/dev/ram0"); err != nil {
+		t.Errorf("the test cannot open /dev/ram0 either: %v", err)
+	} else {
+		f.Close()
+	}
 	pattern := writePattern(t, device)
 
 	// A crash: Restart=on-failure starts attach --recover, which takes the
