@@ -133,6 +133,7 @@ var (
 	cmdStartUserRecovery = ctrlOp{"START_USER_RECOVERY", uapi.UBLK_U_CMD_START_USER_RECOVERY, uapi.UBLK_CMD_START_USER_RECOVERY}
 	cmdEndUserRecovery   = ctrlOp{"END_USER_RECOVERY", uapi.UBLK_U_CMD_END_USER_RECOVERY, uapi.UBLK_CMD_END_USER_RECOVERY}
 	cmdUpdateSize        = ctrlOp{"UPDATE_SIZE", uapi.UBLK_U_CMD_UPDATE_SIZE, 0}
+	cmdQuiesceDev        = ctrlOp{"QUIESCE_DEV", uapi.UBLK_U_CMD_QUIESCE_DEV, 0}
 )
 
 // opcode picks the encoding this kernel understands: ioctl-encoded when the

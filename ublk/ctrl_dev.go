@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -99,6 +100,11 @@ func (c *Control) addDev(ctx context.Context, o Options) (DeviceInfo, error) {
 	case RecoveryFailIO:
 		ri.Flags |= uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_FAIL_IO
 	}
+	// QUIESCE_DEV (Device.Handoff) needs the flag at ADD_DEV, and the
+	// driver takes it only with USER_RECOVERY.
+	if ri.Flags&uapi.UBLK_F_USER_RECOVERY != 0 && c.features.Has(FeatureQuiesce) {
+		ri.Flags |= uapi.UBLK_F_QUIESCE
+	}
 	if c.features != 0 {
 		if want := Features(ri.Flags); !c.features.Has(want) {
 			return DeviceInfo{}, missing(want &^ c.features)
@@ -182,6 +188,18 @@ func (c *Control) endUserRecovery(ctx context.Context, id int) error {
 	cmd := devCmd(id)
 	cmd.Data[0] = uint64(os.Getpid())
 	_, err := c.run(ctx, cmdEndUserRecovery, cmd, nil)
+	return err
+}
+
+// quiesceDev sends QUIESCE_DEV (UBLK_F_QUIESCE, 6.16): the driver stops
+// dispatching new requests (they wait in the kernel), waits up to timeout
+// until every queue has an idle fetch (EBUSY if not), then aborts the idle
+// fetches (UBLK_IO_RES_ABORT). The device becomes QUIESCED when /dev/ublkcN
+// is closed.
+func (c *Control) quiesceDev(ctx context.Context, id int, timeout time.Duration) error {
+	cmd := devCmd(id)
+	cmd.Data[0] = uint64(max(timeout.Milliseconds(), 1)) // 0 would wait forever
+	_, err := c.run(ctx, cmdQuiesceDev, cmd, nil)
 	return err
 }
 

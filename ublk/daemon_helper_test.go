@@ -25,7 +25,30 @@ const (
 	envFile     = "UBLK_TEST_FILE"     // backing file
 	envID       = "UBLK_TEST_ID"       // device to recover
 	envRecovery = "UBLK_TEST_RECOVERY" // RecoveryMode for create
+	// envHandoff=1: at the end hand the device over (Device.Handoff,
+	// printing "HANDOFF <abandoned> <error>") instead of closing it.
+	envHandoff = "UBLK_TEST_HANDOFF"
+	// envDelay: serve every request that long later, from another
+	// goroutine, so that requests are in flight in the backend.
+	envDelay = "UBLK_TEST_DELAY"
 )
+
+// delayedBackend completes each request after a delay, on its own
+// goroutine (joined by wait).
+type delayedBackend struct {
+	b     fileBackend
+	delay time.Duration
+	wg    sync.WaitGroup
+}
+
+func (b *delayedBackend) Serve(r *Request) {
+	b.wg.Add(1)
+	go func() {
+		defer b.wg.Done()
+		time.Sleep(b.delay)
+		b.b.Serve(r)
+	}()
+}
 
 // fileBackend serves from a file with pread/pwrite, so the data outlives
 // the daemon process. Writes are idempotent, as RecoveryReissue needs.
@@ -74,14 +97,24 @@ func TestHelperDaemon(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	var d *Device
+	var backend Backend = fileBackend{f}
+	var delayed *delayedBackend
+	if v := os.Getenv(envDelay); v != "" {
+		delay, err := time.ParseDuration(v)
+		if err != nil {
+			t.Fatal(err)
+		}
+		delayed = &delayedBackend{b: fileBackend{f}, delay: delay}
+		backend = delayed
+	}
 	switch mode {
 	case "create":
 		rec, _ := strconv.Atoi(os.Getenv(envRecovery))
 		d, err = c.Create(ctx, Options{ID: AutoID, Queues: 2, Depth: 64, Recovery: RecoveryMode(rec),
-			Params: Params{Size: uint64(fi.Size()), VolatileCache: true}}, fileBackend{f})
+			Params: Params{Size: uint64(fi.Size()), VolatileCache: true}}, backend)
 	case "recover":
 		id, _ := strconv.Atoi(os.Getenv(envID))
-		d, err = c.Recover(ctx, id, fileBackend{f})
+		d, err = c.Recover(ctx, id, backend)
 	default:
 		t.Fatalf("unknown helper mode %q", mode)
 	}
@@ -90,6 +123,16 @@ func TestHelperDaemon(t *testing.T) {
 	}
 	fmt.Printf("\nREADY %d\n", d.ID())
 	io.Copy(io.Discard, os.Stdin)
+	if os.Getenv(envHandoff) == "1" {
+		hctx, hcancel := context.WithTimeout(context.Background(), time.Minute)
+		defer hcancel()
+		n, err := d.Handoff(hctx)
+		fmt.Printf("\nHANDOFF %d %v\n", n, err)
+		if delayed != nil {
+			delayed.wg.Wait()
+		}
+		return
+	}
 	if err := d.Close(ctx); err != nil {
 		t.Fatal(err)
 	}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -362,4 +363,103 @@ func waitState(t *testing.T, c *Control, id int, want DeviceState) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// TestGuestHandoff: with UBLK_F_QUIESCE (6.16; 7.3 here) a daemon hands its
+// device over (Device.Handoff) under write load, with requests in flight in
+// its backend: it finishes what it holds and abandons nothing; a new
+// process recovers the device; the writers see no error and every
+// acknowledged write reads back. Without QUIESCE (6.12) Handoff refuses,
+// naming the feature, and the device goes on serving.
+func TestGuestHandoff(t *testing.T) {
+	guest.Require(t)
+	c := openControl(t)
+	if feats, _ := c.Features(); !feats.Has(FeatureQuiesce) {
+		err := handoffRefused(t, c)
+		t.Skipf("this kernel lacks UBLK_F_QUIESCE (Linux 6.16): Handoff refuses (%v); a daemon hands over by exiting, see TestGuestRecoveryAfterSIGKILL", err)
+	}
+	file := backingFile(t, 8*mib)
+	a := startDaemon(t, envHelper+"=create", envFile+"="+file, fmt.Sprintf("%s=%d", envRecovery, RecoveryReissue),
+		envHandoff+"=1", envDelay+"=2ms")
+	bdev := fmt.Sprintf("/dev/ublkb%d", a.id)
+	openBlock(t, bdev, os.O_RDONLY).Close()
+	if info, err := c.DeviceInfo(t.Context(), a.id); err != nil || !info.Flags.Has(FeatureQuiesce) {
+		t.Fatalf("device %+v, %v: want UBLK_F_QUIESCE among its flags (Create sets it with recovery)", info, err)
+	}
+	const nw, per = 4, 8 * mib / wblock / 4
+	var ws []*writer
+	for i := range nw {
+		ws = append(ws, startWriterAt(t, bdev, i*per, per))
+	}
+	if !ws[0].waitAcked(30) {
+		t.Fatalf("writer made no progress before the hand-over: %v", ws[0].finish())
+	}
+	a.stdin.Close() // the helper hands the device over and exits
+	var handoff string
+	for line := range a.lines {
+		if rest, ok := strings.CutPrefix(line, "HANDOFF "); ok {
+			handoff = rest
+		}
+	}
+	<-a.exited
+	if a.err != nil {
+		t.Fatalf("old daemon: %v", a.err)
+	}
+	if handoff == "" {
+		t.Fatal("the old daemon never reported its hand-over")
+	}
+	abandoned, herr, _ := strings.Cut(handoff, " ")
+	t.Logf("hand-over: %s request(s) abandoned, error %s", abandoned, herr)
+	if abandoned != "0" || herr != "<nil>" {
+		t.Errorf("the hand-over abandoned %s request(s), error %s; want 0, <nil>", abandoned, herr)
+	}
+	waitState(t, c, a.id, StateQuiesced)
+	for i, w := range ws {
+		select {
+		case <-w.done:
+			t.Fatalf("writer %d stopped while no daemon served the device: %v", i, w.finish())
+		default:
+		}
+	}
+
+	b := startDaemon(t, envHelper+"=recover", envFile+"="+file, fmt.Sprintf("%s=%d", envID, a.id))
+	if !ws[0].waitAcked(30) {
+		t.Fatalf("writer made no progress after recovery: %v", ws[0].finish())
+	}
+	for i, w := range ws {
+		if err := w.finish(); err != nil {
+			t.Fatalf("writer %d saw an I/O error across the hand-over: %v", i, err)
+		}
+	}
+	for _, w := range ws {
+		w.verify(t, bdev)
+	}
+	b.stop(t)
+	assertGone(t, c, a.id)
+}
+
+// handoffRefused: on a kernel without QUIESCE, Handoff fails naming the
+// feature and leaves the device serving.
+func handoffRefused(t *testing.T, c *Control) error {
+	t.Helper()
+	d, err := c.Create(t.Context(), Options{ID: AutoID, Depth: 4, Recovery: RecoveryReissue, Params: Params{Size: mib}}, NullBackend{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := d.Close(t.Context()); err != nil {
+			t.Error(err)
+		}
+	}()
+	n, err := d.Handoff(t.Context())
+	var fe *FeatureError
+	if !errors.Is(err, ErrNotSupported) || !errors.As(err, &fe) || fe.Feature != "UBLK_F_QUIESCE" || n != 0 {
+		t.Errorf("Handoff without QUIESCE: %d, %v; want ErrNotSupported naming UBLK_F_QUIESCE", n, err)
+	}
+	f := openBlock(t, d.BlockDevice(), os.O_RDONLY|unix.O_DIRECT)
+	defer f.Close()
+	if _, err := f.ReadAt(alignedBuf(t, 4096), 0); err != nil {
+		t.Errorf("the device stopped serving after a refused hand-over: %v", err)
+	}
+	return err
 }

@@ -64,6 +64,9 @@ var (
 	// sectors of 512 bytes (set_capacity_and_notify). 6.16 (98b995660bff),
 	// with UBLK_F_UPDATE_SIZE; no legacy form.
 	UBLK_U_CMD_UPDATE_SIZE = _IOWR('u', 0x15, ctrlCmdSize)
+	// UBLK_U_CMD_QUIESCE_DEV quiesces the device for a hand-over (Device.Handoff).
+	// 6.16, with UBLK_F_QUIESCE; no legacy form.
+	UBLK_U_CMD_QUIESCE_DEV = _IOWR('u', 0x16, ctrlCmdSize)
 )
 
 // Legacy and ioctl-encoded I/O command opcodes, issued on /dev/ublkcN

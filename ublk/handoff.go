@@ -1,0 +1,82 @@
+package ublk
+
+import (
+	"context"
+	"fmt"
+	"time"
+)
+
+// Handoff ends serving and leaves the device, with its /dev/ublkbN and the
+// applications' I/O, to the next daemon (Control.Recover), failing nothing.
+// It needs UBLK_F_QUIESCE (Linux 6.16), which Create sets where the kernel
+// has it and recovery is on; on a device without it Handoff returns an
+// error wrapping ErrNotSupported and changes nothing (the device still
+// serves). Afterwards Stop and Close do nothing: the device is no longer
+// this process's.
+//
+// QUIESCE_DEV, sent while the queues still serve, makes the driver stop
+// dispatching (new requests wait in the kernel) and abort the idle
+// fetches; the Backend completes what it holds, those completions are
+// committed, then the queues stop and /dev/ublkcN is closed, which leaves
+// the device QUIESCED with no request in this process's hands. If that
+// fails (QUIESCE_DEV's EBUSY, ctx ending), the queues stop anyway and the
+// driver requeues what the Backend still held for the next daemon
+// (USER_RECOVERY_REISSUE; with plain USER_RECOVERY it fails), as after a
+// crash; the Backend's late completions are dropped. abandoned counts those
+// requests (0 after a clean hand-over). ctx bounds the wait (default
+// DefaultCommandTimeout).
+//
+// Without QUIESCE (6.12) the way to hand over is to exit: the driver
+// quiesces the device once the daemon is gone and the next one recovers it
+// (see TestGuestRecoveryAfterSIGKILL).
+func (d *Device) Handoff(ctx context.Context) (abandoned int, err error) {
+	for _, f := range []Features{FeatureUserRecovery, FeatureQuiesce} {
+		if !d.info.Flags.Has(f) {
+			return 0, fmt.Errorf("ublk: device %d cannot be handed over: %w", d.info.ID, missing(f))
+		}
+	}
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, DefaultCommandTimeout)
+		defer cancel()
+	}
+	err = d.quiesce(ctx)
+	abandoned = d.held()
+	// Stop and Close are Handoff's from now on: no STOP_DEV, no DEL_DEV.
+	d.stopOnce.Do(func() {})
+	d.closeOnce.Do(func() {})
+	d.stopQueues() // commits what the Backend finished, then the loops end
+	d.closeCdev()
+	return abandoned, err
+}
+
+// quiesce sends QUIESCE_DEV and waits until the Backend holds no request.
+func (d *Device) quiesce(ctx context.Context) error {
+	deadline, _ := ctx.Deadline()
+	if err := d.ctrl.quiesceDev(ctx, d.info.ID, time.Until(deadline)); err != nil {
+		return err
+	}
+	for d.held() > 0 {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-d.done:
+			return nil
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	return nil
+}
+
+// held counts the requests the Backend holds, on every queue.
+func (d *Device) held() int {
+	n := 0
+	for _, q := range d.queues {
+		q.mu.Lock()
+		if !q.closed {
+			n += q.owned
+		}
+		q.mu.Unlock()
+	}
+	return n
+}
