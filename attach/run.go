@@ -39,6 +39,9 @@ var (
 	// but I/O that was in flight or held was failed with EIO instead of
 	// drained.
 	ErrDetachedImmediately = errors.New("detached immediately: I/O in flight or held was failed with EIO")
+	// ErrHandedOver: RunConfig.Handoff left the device to the next daemon
+	// (attach --recover) instead of deleting it.
+	ErrHandedOver = errors.New("device handed over to the next daemon")
 )
 
 // RunConfig is how Run reports and what it serves besides the device.
@@ -63,6 +66,11 @@ type RunConfig struct {
 	// immediate: lifecycle.Controller.Hurry. Run then returns
 	// ErrDetachedImmediately. nil: never.
 	Hurry <-chan struct{}
+	// Handoff, closed (SIGUSR2, the unit's RestartKillSignal), makes Run
+	// hand the device to the next daemon instead of deleting it (see
+	// handOff): `systemctl restart` pauses the applications' I/O instead of
+	// failing it. Run then returns ErrHandedOver. nil: never.
+	Handoff <-chan struct{}
 }
 
 // Run attaches: it connects to the controller, creates the ublk device for
@@ -105,8 +113,7 @@ func Run(ctx context.Context, o Options, rc RunConfig) (err error) {
 	stopWatchdog := r.startWatchdog()
 	defer stopWatchdog()
 	r.ready()
-	r.serve(ctx)
-	return nil
+	return r.serve(ctx)
 }
 
 // run is one attach, from setup to cleanup: what the phases of Run share.
@@ -388,28 +395,32 @@ func (r *run) ready() {
 }
 
 // serve waits until the daemon is signalled, asked to detach, or the
-// controller is lost (r.lost; cleanup reports it).
-func (r *run) serve(ctx context.Context) {
+// controller is lost (r.lost; cleanup reports it). A hand-over (rc.Handoff)
+// returns ErrHandedOver.
+func (r *run) serve(ctx context.Context) error {
 	select {
+	case <-r.rc.Handoff:
+		return handOff(r.dev, r.log)
 	case <-ctx.Done():
 		r.log.Info("detaching: signalled")
 	case <-r.detach:
 		r.log.Info("detaching: requested")
 	case <-r.lc.Done():
 		r.lost = true
-		return
+		return nil
 	case <-r.dev.Done():
 		// lifecycle stops the device itself when the controller is lost
 		// (ctrl_loss_tmo, another namespace): that is not a detach.
 		if st := r.lc.State(); st == lifecycle.StateDeleting || st == lifecycle.StateDead {
 			r.lost = true
-			return
+			return nil
 		}
 		r.log.Warn("the ublk device was stopped from outside")
 	}
 	if r.rc.Notifier != nil {
 		_ = r.rc.Notifier.Stopping()
 	}
+	return nil
 }
 
 // cleanup deletes the controller (and with it the device, in lifecycle's
@@ -650,4 +661,45 @@ func (s *statusTracker) snapshot(lc *lifecycle.Controller, b *blockBackend) Stat
 	st.InFlight = int(b.inflight.Load())
 	st.Held = lc.Held()
 	return st
+}
+
+// handoffTimeout bounds the wait for the I/O in flight at a hand-over.
+const handoffTimeout = 30 * time.Second
+
+// exitProcess is os.Exit; handOff's way out on kernels without QUIESCE.
+var exitProcess = os.Exit
+
+// ExitHandedOver is the exit status after a hand-over (ErrHandedOver, or
+// the exit without QUIESCE); the unit lists it in SuccessExitStatus.
+const ExitHandedOver = 12
+
+// handOff leaves the device to the next daemon, which takes it over with
+// attach --recover; applications see a pause, not an error.
+//
+// With UBLK_F_QUIESCE (Linux 6.16) ublk.Device.Handoff quiesces it: the
+// driver holds new I/O, the requests in flight are served to the end, and
+// the device is left QUIESCED; Run's teardown then disconnects from the
+// target, its ublk steps doing nothing (the device is no longer ours).
+//
+// Without QUIESCE (6.12) there is no clean way: the process exits at once,
+// as after a crash, with the device's rings still open, so that the driver
+// keeps the device for user recovery once this process is gone and
+// reissues the requests that were in flight to the next daemon
+// (USER_RECOVERY_REISSUE; with plain USER_RECOVERY they fail, and
+// without recovery the device goes away). The target may still execute a
+// write this process had sent; the reissued copy of it comes after.
+func handOff(dev *ublk.Device, log *slog.Logger) error {
+	ctx, cancel := context.WithTimeout(context.Background(), handoffTimeout)
+	defer cancel()
+	abandoned, err := dev.Handoff(ctx)
+	if errors.Is(err, ublk.ErrNotSupported) {
+		log.Warn("handing over by exiting: this kernel's ublk lacks QUIESCE (Linux 6.16); the next daemon recovers the device and the driver reissues the I/O in flight", "err", err)
+		exitProcess(ExitHandedOver)
+	}
+	if err != nil {
+		log.Warn("hand-over: quiesce failed; the requests left in flight are reissued to the next daemon", "err", err, "requests", abandoned)
+	} else {
+		log.Info("handed over: device quiesced for the next daemon", "requests_left", abandoned)
+	}
+	return ErrHandedOver
 }

@@ -50,6 +50,9 @@ const (
 	// the unit lists it in SuccessExitStatus (a requested stop).
 	exitImmediate = 10
 	exitServed    = 11 // detach --force: a live daemon serves that device
+	// SIGUSR2 (the unit's RestartKillSignal: systemctl restart) handed
+	// the device over to the next daemon instead of deleting it.
+	exitHandedOver = attach.ExitHandedOver
 )
 
 func exitCode(err error) int {
@@ -76,6 +79,8 @@ func exitCode(err error) int {
 		return exitImmediate
 	case errors.Is(err, attach.ErrServed):
 		return exitServed
+	case errors.Is(err, attach.ErrHandedOver):
+		return exitHandedOver
 	}
 	return exitFailure
 }
@@ -321,8 +326,11 @@ func connectCommand(stdout io.Writer, name, usage string, mustRecover bool) *cli
 			setGOMAXPROCS(o.NrIOQueues)
 			ctx, hurry, stop := signalContext()
 			defer stop()
+			handoff, stopHandoff := handoffSignal()
+			defer stopHandoff()
 			return attach.Run(ctx, o, attach.RunConfig{
 				Hurry:        hurry,
+				Handoff:      handoff,
 				MetricsAddr:  c.String("metrics-addr"),
 				PprofAddr:    c.String("pprof-addr"),
 				TeardownHook: testWedgeTeardownHook(),
@@ -358,6 +366,32 @@ func positiveDuration(flag string) func(*cli.Context, time.Duration) error {
 			return fmt.Errorf("%w: --%s %v: must be positive and at most %v", attach.ErrInvalidOptions, flag, v, attach.MaxTimeout)
 		}
 		return nil
+	}
+}
+
+// handoffSignal closes handoff at SIGUSR2, which the unit sends at
+// `systemctl restart` (RestartKillSignal): attach hands the device to the
+// next daemon instead of deleting it (attach.RunConfig.Handoff). stop ends
+// the signal handling and joins its goroutine.
+func handoffSignal() (handoff <-chan struct{}, stop func()) {
+	ch := make(chan os.Signal, 1)
+	signal.Notify(ch, syscall.SIGUSR2)
+	handoffCh := make(chan struct{})
+	quit := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		select {
+		case <-ch:
+			slog.Info("handing the device over to the next daemon", "signal", "SIGUSR2")
+			close(handoffCh)
+		case <-quit:
+		}
+	}()
+	return handoffCh, func() {
+		signal.Stop(ch)
+		close(quit)
+		<-done
 	}
 }
 
