@@ -233,7 +233,7 @@ func connectFlags() []cli.Flag {
 }
 
 func attachCommand(stdout io.Writer) *cli.Command {
-	return connectCommand(stdout, "attach", "connect to an NVMe/TCP controller and expose a namespace as /dev/ublkbN (runs until signalled)", false)
+	return connectCommand(stdout, "attach", "connect to an NVMe/TCP controller and expose a namespace as /dev/ublkbN (runs until signalled: SIGTERM detaches and deletes the device, SIGUSR2 hands it over to the next `attach --recover`)", false)
 }
 
 // recoverCommand is attach that must take over a device a crashed daemon
