@@ -37,7 +37,7 @@ unit:
 # VM at a time; every guest test runs on each E2E_KERNEL kernel, reported
 # as TestVM/<kernel>/<package>/<TestGuestName>.
 e2e: vm-prepare
-	E2E_REQUIRE_VM=1 E2E_RACE=1 $(GO) test -count=1 -p 1 -timeout 80m -v -run '^(TestVM|TestHarness)' ./e2e/...
+	E2E_REQUIRE_VM=1 E2E_RACE=1 $(GO) test -count=1 -p 1 -timeout 85m -v -run '^(TestVM|TestHarness)' ./e2e/...
 
 test: vet unit e2e
 
