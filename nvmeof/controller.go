@@ -936,7 +936,7 @@ func (c *Controller) eventLoop() {
 }
 
 // Teardown, in the order lifecycle calls it (docs/design.md, teardown
-// steps 4 to 7).
+// steps 5 to 8; ShutdownController above is step 4).
 
 // Shutdown shuts every queue's socket down: in-flight commands fail with a
 // *QueueError, nothing new can be sent. It does not wait.
