@@ -41,7 +41,7 @@ const (
 	exitNoKernel    = 4 // ublk_drv not loaded, or a kernel feature missing
 	exitUnreachable = 5 // no TCP connection to the target
 	exitRejected    = 6 // the target refused: unknown NQN, host not allowed
-	exitNoNamespace = 7 // the namespace does not exist
+	exitNoNamespace = 7 // the namespace does not exist (--recover: the device served another)
 	exitLost        = 8 // the controller was lost (ctrl_loss_tmo expired)
 	exitNoDevice    = 9 // detach/status: no daemon serves that device
 	// A second SIGTERM/SIGINT made the detach immediate: the device is
@@ -285,7 +285,7 @@ func connectCommand(stdout io.Writer, name, usage string, mustRecover bool) *cli
 				"on [host:]port, loopback only (a bare port or :port is 127.0.0.1); off unless given",
 			Action: func(_ *cli.Context, v string) error { _, err := attach.PprofListenAddr(v); return err }},
 		&cli.BoolFlag{Name: "link-watch", Usage: "watch the link and route to the target: recover at once when it goes down", EnvVars: env("LINK_WATCH")},
-		&cli.BoolFlag{Name: "recover", Usage: "take over the device a crashed daemon left for this target, if any", EnvVars: env("RECOVER")},
+		&cli.BoolFlag{Name: "recover", Usage: "take over the device a crashed daemon left for this target, if any, and only if it served the same namespace (another one behind the NSID: exit 7, the device left alone)", EnvVars: env("RECOVER")},
 		&cli.StringFlag{Name: "dhchap-secret-file", EnvVars: env("DHCHAP_SECRET_FILE"),
 			Usage: "file holding the host's DH-HMAC-CHAP secret (DHHC-1:..., nvme gen-dhchap-key), read again at every reconnect; the safe form: prefer it to --dhchap-secret"},
 		&cli.StringFlag{Name: "dhchap-ctrl-secret-file", EnvVars: env("DHCHAP_CTRL_SECRET_FILE"),
