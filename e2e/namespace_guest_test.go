@@ -370,3 +370,56 @@ func TestGuestNamespaceRecoverResized(t *testing.T) {
 	s.detach(second)
 	s.verifyBehindTarget()
 }
+
+// The port removed under load, the namespace's file grown while no host is
+// connected (no event reaches anyone), the port back: the reconnect finds
+// the same namespace at a new size and keeps the device (it used to delete
+// it as another namespace); the device takes the new size where the kernel
+// has UPDATE_SIZE, else keeps it with one WARN line; no I/O fails.
+func TestGuestNamespaceResizedAcrossReconnect(t *testing.T) {
+	guest.Require(t)
+	const mib = 1 << 20
+	follows, _ := updateSize(t)
+	file := filepath.Join(t.TempDir(), "ns1.img")
+	if err := guest.CreateFile(file, 8*mib); err != nil {
+		t.Fatal(err)
+	}
+	s := newScenario(t, guest.TargetOptions{NQN: scenarioNQN("ns-resized-reconnect"), Device: file, BufferedIO: true, Port: 4465, PortID: 35})
+	d := startDaemon(t, s.tl, noNetns, s.attachArgs("-l", "60")...)
+	s.startLoad(d.device, 24)
+
+	n := d.nStates()
+	s.tl.add("FAULT: subsystem unlinked from port %d", s.opts.PortID)
+	if err := s.tg.UnlinkPort(); err != nil {
+		t.Fatal(err)
+	}
+	d.waitState(n, "RESETTING")
+	d.waitLog("reconnect failed")
+	s.tl.add("namespace file grown to 12 MiB; port re-added")
+	if err := s.tg.ResizeFile(12 * mib); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.tg.LinkPort(); err != nil {
+		t.Fatal(err)
+	}
+	d.waitState(n, "LIVE")
+	s.tl.addAt(s.waitProgress(200, "after the reconnect"), "I/O resumed (the first I/O completed after the reconnect)")
+	if follows {
+		waitUntil(t, d.device+" to be 12 MiB", func() bool { return deviceSize(t, d.device) == 12*mib })
+		if err := probe(d.device, 10*mib); err != nil {
+			t.Errorf("I/O in the grown area: %v", err)
+		}
+	} else {
+		if got := deviceSize(t, d.device); got != 8*mib {
+			t.Errorf("%s is %d bytes, want it to keep its 8 MiB without UPDATE_SIZE", d.device, got)
+		}
+		if n := d.countLog("level=WARN", "keeps its size"); n != 1 {
+			t.Errorf("%d WARN lines about the device keeping its size, want 1\n%s", n, d.Log())
+		}
+	}
+	s.tl.add("%s is %d MiB", d.device, deviceSize(t, d.device)/mib)
+	s.finishLoad(nil)
+	s.verify(d.device, "the ublk device")
+	s.detach(d)
+	s.verifyBehindTarget()
+}
