@@ -147,12 +147,12 @@ func testNamespaceResized(t *testing.T, follows bool) {
 	if err := guest.CreateFile(file, 8*mib); err != nil {
 		t.Fatal(err)
 	}
-	port, portID := 4460, 30
+	port, portID := 4466, 36
 	if !follows {
-		port, portID = 4461, 31
+		port, portID = 4467, 37
 	}
 	s := newScenario(t, guest.TargetOptions{NQN: scenarioNQN(fmt.Sprintf("ns-resized-%v", follows)), Device: file, BufferedIO: true, Port: port, PortID: portID})
-	const metrics = "127.0.0.1:9460"
+	const metrics = "127.0.0.1:9466"
 	d := startDaemon(t, s.tl, noNetns, s.attachArgs("-l", "30", "--metrics-addr", metrics)...)
 	baseline := daemonGoroutines(t, metrics)
 	if got := deviceSize(t, d.device); got != 8*mib {
