@@ -134,11 +134,7 @@ func TestGuestScenarioTargetFatalLoop(t *testing.T) {
 	if st.State != "LIVE" || st.Reconnects < f.recoveries {
 		t.Errorf("status --json of %s: state %s, %d reconnects; want LIVE and at least the %d recoveries seen in the log", a.device, st.State, st.Reconnects, f.recoveries)
 	}
-	s.finishLoad(nil)
-	s.verify(a.device, "the ublk device")
-	checkGoroutines(t, s.tl, metrics, baseline)
-	s.detach(a)
-	s.verifyBehindTarget()
+	s.end(a, nil, metrics, baseline)
 	if devs := ublkDevices(t); len(devs) != 0 {
 		t.Errorf("ublk devices left: %v", devs)
 	}

@@ -74,6 +74,26 @@ func deviceSize(t *testing.T, dev string) int64 {
 	return n << 9
 }
 
+// fileNamespace creates the backing file of a file namespace, size bytes.
+func fileNamespace(t *testing.T, size int64) string {
+	t.Helper()
+	file := filepath.Join(t.TempDir(), "ns1.img")
+	if err := guest.CreateFile(file, size); err != nil {
+		t.Fatal(err)
+	}
+	return file
+}
+
+// checkGrown12 checks d's device once its 8 MiB namespace has grown to
+// 12 MiB while no host was connected: the device follows where the kernel
+// has UPDATE_SIZE (and the grown area is usable), else it keeps its size
+// with one WARN line.
+func checkGrown12(t *testing.T, d *daemon, follows bool) {
+	t.Helper()
+	const mib = 1 << 20
+	checkGrown12(t, d, follows)
+}
+
 // probe writes one stamped 4 KiB block at off through dev with O_DIRECT
 // and reads it back; it returns the first error.
 func probe(dev string, off int64) error {
@@ -143,10 +163,7 @@ func TestGuestNamespaceResizedNoUpdateSize(t *testing.T) {
 // 4 MiB; the file grown to 12 MiB, shrunk to 4 MiB, grown back to 8 MiB.
 func testNamespaceResized(t *testing.T, follows bool) {
 	const mib = 1 << 20
-	file := filepath.Join(t.TempDir(), "ns1.img")
-	if err := guest.CreateFile(file, 8*mib); err != nil {
-		t.Fatal(err)
-	}
+	file := fileNamespace(t, 8*mib)
 	port, portID := 4466, 36
 	if !follows {
 		port, portID = 4467, 37
@@ -223,11 +240,7 @@ func testNamespaceResized(t *testing.T, follows bool) {
 	if n := d.nStates(); n != 2 { // CONNECTING, LIVE
 		t.Errorf("the resizes changed the controller's state (%d changes)\n%s", n, d.Log())
 	}
-	s.finishLoad(nil)
-	s.verify(d.device, "the ublk device")
-	checkGoroutines(t, s.tl, metrics, baseline)
-	s.detach(d)
-	s.verifyBehindTarget()
+	s.end(d, nil, metrics, baseline)
 }
 
 // The namespace disabled under load for a few seconds, then enabled again:
@@ -258,12 +271,8 @@ func TestGuestNamespaceDisabledBriefly(t *testing.T) {
 		t.Fatal(err)
 	}
 	d.waitState(n, "LIVE")
-	s.tl.addAt(s.waitProgress(200, "after the namespace came back"), "I/O resumed (the first I/O completed after the namespace came back)")
-	s.finishLoad(errorsRetriesExhausted)
-	s.verify(d.device, "the ublk device")
-	checkGoroutines(t, s.tl, metrics, baseline)
-	s.detach(d)
-	s.verifyBehindTarget()
+	s.resumed("the namespace came back")
+	s.end(d, errorsRetriesExhausted, metrics, baseline)
 }
 
 // The daemon SIGKILLed under load; the namespace behind its NSID replaced
@@ -280,9 +289,7 @@ func TestGuestNamespaceRecoverReplaced(t *testing.T) {
 	first := startDaemon(t, s.tl, noNetns, s.attachArgs("-l", "30")...)
 	s.startLoad(first.device, 22)
 
-	s.tl.add("FAULT: SIGKILL")
-	first.signal(syscall.SIGKILL)
-	first.wait()
+	s.kill(first)
 	if gone(first.device) {
 		t.Fatalf("%s disappeared with the daemon: user recovery should keep it", first.device)
 	}
@@ -311,15 +318,8 @@ func TestGuestNamespaceRecoverReplaced(t *testing.T) {
 	if err := s.tg.ReplaceNamespaceIdentity(uuid, nguid); err != nil {
 		t.Fatal(err)
 	}
-	second := startDaemon(t, s.tl, noNetns, s.attachArgs("-l", "30", "--recover")...)
-	if second.device != first.device {
-		t.Fatalf("recovered %s, want %s\n%s", second.device, first.device, second.Log())
-	}
-	s.tl.addAt(s.waitProgress(200, "after recovery"), "I/O resumed (the first I/O completed after recovery)")
-	s.finishLoad(nil)
-	s.verify(second.device, "the ublk device")
-	s.detach(second)
-	s.verifyBehindTarget()
+	second := s.recoverFrom(first)
+	s.end(second, nil, "", 0)
 }
 
 // The daemon SIGKILLed under load, the namespace's file grown meanwhile
@@ -331,44 +331,20 @@ func TestGuestNamespaceRecoverResized(t *testing.T) {
 	guest.Require(t)
 	const mib = 1 << 20
 	follows, _ := updateSize(t)
-	file := filepath.Join(t.TempDir(), "ns1.img")
-	if err := guest.CreateFile(file, 8*mib); err != nil {
-		t.Fatal(err)
-	}
+	file := fileNamespace(t, 8*mib)
 	s := newScenario(t, guest.TargetOptions{NQN: scenarioNQN("ns-recover-resized"), Device: file, BufferedIO: true, Port: 4464, PortID: 34})
 	first := startDaemon(t, s.tl, noNetns, s.attachArgs("-l", "30")...)
 	s.startLoad(first.device, 23)
 
-	s.tl.add("FAULT: SIGKILL")
-	first.signal(syscall.SIGKILL)
-	first.wait()
+	s.kill(first)
 	s.tl.add("namespace file grown to 12 MiB")
 	if err := s.tg.ResizeFile(12 * mib); err != nil {
 		t.Fatal(err)
 	}
-	second := startDaemon(t, s.tl, noNetns, s.attachArgs("-l", "30", "--recover")...)
-	if second.device != first.device {
-		t.Fatalf("recovered %s, want %s\n%s", second.device, first.device, second.Log())
-	}
-	s.tl.addAt(s.waitProgress(200, "after recovery"), "I/O resumed (the first I/O completed after recovery)")
-	if follows {
-		waitUntil(t, second.device+" to be 12 MiB", func() bool { return deviceSize(t, second.device) == 12*mib })
-		if err := probe(second.device, 10*mib); err != nil {
-			t.Errorf("I/O in the grown area: %v", err)
-		}
-	} else {
-		if got := deviceSize(t, second.device); got != 8*mib {
-			t.Errorf("%s is %d bytes, want it to keep its 8 MiB without UPDATE_SIZE", second.device, got)
-		}
-		if n := second.countLog("level=WARN", "keeps its size"); n != 1 {
-			t.Errorf("%d WARN lines about the device keeping its size, want 1\n%s", n, second.Log())
-		}
-	}
+	second := s.recoverFrom(first)
+	checkGrown12(t, second, follows)
 	s.tl.add("%s is %d MiB", second.device, deviceSize(t, second.device)/mib)
-	s.finishLoad(nil)
-	s.verify(second.device, "the ublk device")
-	s.detach(second)
-	s.verifyBehindTarget()
+	s.end(second, nil, "", 0)
 }
 
 // The port removed under load, the namespace's file grown while no host is
@@ -380,20 +356,12 @@ func TestGuestNamespaceResizedAcrossReconnect(t *testing.T) {
 	guest.Require(t)
 	const mib = 1 << 20
 	follows, _ := updateSize(t)
-	file := filepath.Join(t.TempDir(), "ns1.img")
-	if err := guest.CreateFile(file, 8*mib); err != nil {
-		t.Fatal(err)
-	}
+	file := fileNamespace(t, 8*mib)
 	s := newScenario(t, guest.TargetOptions{NQN: scenarioNQN("ns-resized-reconnect"), Device: file, BufferedIO: true, Port: 4465, PortID: 35})
 	d := startDaemon(t, s.tl, noNetns, s.attachArgs("-l", "60")...)
 	s.startLoad(d.device, 24)
 
-	n := d.nStates()
-	s.tl.add("FAULT: subsystem unlinked from port %d", s.opts.PortID)
-	if err := s.tg.UnlinkPort(); err != nil {
-		t.Fatal(err)
-	}
-	d.waitState(n, "RESETTING")
+	n := s.unlinkPort(d, "")
 	d.waitLog("reconnect failed")
 	s.tl.add("namespace file grown to 12 MiB; port re-added")
 	if err := s.tg.ResizeFile(12 * mib); err != nil {
@@ -403,23 +371,8 @@ func TestGuestNamespaceResizedAcrossReconnect(t *testing.T) {
 		t.Fatal(err)
 	}
 	d.waitState(n, "LIVE")
-	s.tl.addAt(s.waitProgress(200, "after the reconnect"), "I/O resumed (the first I/O completed after the reconnect)")
-	if follows {
-		waitUntil(t, d.device+" to be 12 MiB", func() bool { return deviceSize(t, d.device) == 12*mib })
-		if err := probe(d.device, 10*mib); err != nil {
-			t.Errorf("I/O in the grown area: %v", err)
-		}
-	} else {
-		if got := deviceSize(t, d.device); got != 8*mib {
-			t.Errorf("%s is %d bytes, want it to keep its 8 MiB without UPDATE_SIZE", d.device, got)
-		}
-		if n := d.countLog("level=WARN", "keeps its size"); n != 1 {
-			t.Errorf("%d WARN lines about the device keeping its size, want 1\n%s", n, d.Log())
-		}
-	}
+	s.resumed("the reconnect")
+	checkGrown12(t, d, follows)
 	s.tl.add("%s is %d MiB", d.device, deviceSize(t, d.device)/mib)
-	s.finishLoad(nil)
-	s.verify(d.device, "the ublk device")
-	s.detach(d)
-	s.verifyBehindTarget()
+	s.end(d, nil, "", 0)
 }

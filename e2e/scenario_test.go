@@ -650,6 +650,63 @@ func waitOpenable(dev string) error {
 	}
 }
 
+// end finishes a scenario whose device served to the last: the load
+// stopped and checked (allowed: the errors it may have seen), the data
+// verified through the device, the daemon's goroutines back to baseline
+// where it serves metrics (metrics "": it does not), then the detach and
+// the data behind the target.
+func (s *scenario) end(d *daemon, allowed *errorRule, metrics string, baseline int) {
+	s.t.Helper()
+	s.finishLoad(allowed)
+	s.verify(d.device, "the ublk device")
+	if metrics != "" {
+		checkGoroutines(s.t, s.tl, metrics, baseline)
+	}
+	s.detach(d)
+	s.verifyBehindTarget()
+}
+
+// resumed waits for the load's progress after what happened and records
+// the first I/O completed after it.
+func (s *scenario) resumed(after string) {
+	s.t.Helper()
+	s.tl.addAt(s.waitProgress(200, "after "+after), "I/O resumed (the first I/O completed after "+after+")")
+}
+
+// unlinkPort unlinks the subsystem from its port under d (the timeline
+// says so, with note) and waits for d to reset; it returns d's state count
+// from before, for the waits that follow.
+func (s *scenario) unlinkPort(d *daemon, note string) int {
+	s.t.Helper()
+	n := d.nStates()
+	s.tl.add("FAULT: subsystem unlinked from port %d%s", s.opts.PortID, note)
+	if err := s.tg.UnlinkPort(); err != nil {
+		s.t.Fatal(err)
+	}
+	d.waitState(n, "RESETTING")
+	return n
+}
+
+// kill SIGKILLs d under load and waits for it to exit.
+func (s *scenario) kill(d *daemon) {
+	s.t.Helper()
+	s.tl.add("FAULT: SIGKILL")
+	d.signal(syscall.SIGKILL)
+	d.wait()
+}
+
+// recoverFrom starts attach --recover after first was killed, checks that
+// it takes first's device over and waits for the load to resume.
+func (s *scenario) recoverFrom(first *daemon) *daemon {
+	s.t.Helper()
+	second := startDaemon(s.t, s.tl, noNetns, s.attachArgs("-l", "30", "--recover")...)
+	if second.device != first.device {
+		s.t.Fatalf("recovered %s, want %s\n%s", second.device, first.device, second.Log())
+	}
+	s.resumed("recovery")
+	return second
+}
+
 // detach sends SIGTERM and checks a clean exit, the device gone and the
 // target's connections closed.
 func (s *scenario) detach(d *daemon) {

@@ -100,12 +100,7 @@ func TestGuestScenarioPortReadded(t *testing.T) {
 	baseline := daemonGoroutines(t, metrics)
 	s.startLoad(d.device, 2)
 
-	n := d.nStates()
-	s.tl.add("FAULT: subsystem unlinked from port %d", s.opts.PortID)
-	if err := s.tg.UnlinkPort(); err != nil {
-		t.Fatal(err)
-	}
-	d.waitState(n, "RESETTING")
+	n := s.unlinkPort(d, "")
 	s.tl.addAt(s.l.LastSuccess(), "last I/O completed before the stall")
 	// Re-add only once the daemon found the port gone.
 	d.waitLog("reconnect failed")
@@ -114,13 +109,9 @@ func TestGuestScenarioPortReadded(t *testing.T) {
 		t.Fatal(err)
 	}
 	d.waitState(n, "LIVE")
-	s.tl.addAt(s.waitProgress(200, "after the reconnect"), "I/O resumed (the first I/O completed after the reconnect)")
+	s.resumed("the reconnect")
 
-	s.finishLoad(nil)
-	s.verify(d.device, "the ublk device")
-	checkGoroutines(t, s.tl, metrics, baseline)
-	s.detach(d)
-	s.verifyBehindTarget()
+	s.end(d, nil, metrics, baseline)
 }
 
 // c. The port removed for good: after ctrl_loss_tmo held I/O fails with
@@ -132,12 +123,7 @@ func TestGuestScenarioPortRemoved(t *testing.T) {
 	d := startDaemon(t, s.tl, noNetns, s.attachArgs("-l", "3")...)
 	s.startLoad(d.device, 3)
 
-	n := d.nStates()
-	s.tl.add("FAULT: subsystem unlinked from port %d, for good", s.opts.PortID)
-	if err := s.tg.UnlinkPort(); err != nil {
-		t.Fatal(err)
-	}
-	d.waitState(n, "RESETTING")
+	n := s.unlinkPort(d, ", for good")
 	s.tl.addAt(s.l.LastSuccess(), "last I/O completed before the stall")
 	d.waitState(n, "DELETING")
 	waitUntil(t, d.device+" removed", func() bool { return gone(d.device) })
@@ -288,13 +274,9 @@ func TestGuestScenarioLinkCut(t *testing.T) {
 		t.Fatal(err)
 	}
 	d.waitState(n, "LIVE")
-	s.tl.addAt(s.waitProgress(200, "after the link came back"), "I/O resumed (the first I/O completed after the link came back)")
+	s.resumed("the link came back")
 
-	s.finishLoad(nil)
-	s.verify(d.device, "the ublk device")
-	checkGoroutines(t, s.tl, metrics, baseline)
-	s.detach(d)
-	s.verifyBehindTarget()
+	s.end(d, nil, metrics, baseline)
 }
 
 // e, faster: with the link watch the same cut is noticed when the link goes
@@ -333,10 +315,7 @@ func TestGuestScenarioLinkCutLinkWatch(t *testing.T) {
 		t.Errorf("the daemon reconnected without the link watch ending the reconnect delay\n%s", d.Log())
 	}
 	s.waitProgress(200, "after the link came back")
-	s.finishLoad(nil)
-	s.verify(d.device, "the ublk device")
-	s.detach(d)
-	s.verifyBehindTarget()
+	s.end(d, nil, "", 0)
 }
 
 // f. The daemon SIGKILLed under load, then `attach --recover`: the load sees
@@ -347,23 +326,14 @@ func TestGuestScenarioKillRecover(t *testing.T) {
 	first := startDaemon(t, s.tl, noNetns, s.attachArgs("-l", "30")...)
 	s.startLoad(first.device, 7)
 
-	s.tl.add("FAULT: SIGKILL")
-	first.signal(syscall.SIGKILL)
-	first.wait()
+	s.kill(first)
 	s.tl.addAt(s.l.LastSuccess(), "last I/O completed before the stall")
 	if gone(first.device) {
 		t.Fatalf("%s disappeared with the daemon: user recovery should keep it", first.device)
 	}
-	second := startDaemon(t, s.tl, noNetns, s.attachArgs("-l", "30", "--recover")...)
-	if second.device != first.device {
-		t.Fatalf("recovered %s, want %s\n%s", second.device, first.device, second.Log())
-	}
-	s.tl.addAt(s.waitProgress(200, "after recovery"), "I/O resumed (the first I/O completed after recovery)")
+	second := s.recoverFrom(first)
 
-	s.finishLoad(nil)
-	s.verify(second.device, "the ublk device")
-	s.detach(second)
-	s.verifyBehindTarget()
+	s.end(second, nil, "", 0)
 }
 
 // h. The target torn down and rebuilt (the subsystem recreated) under load.
@@ -471,11 +441,7 @@ func testTargetRebuilt(t *testing.T, same bool) {
 	if same {
 		d.waitState(n, "LIVE")
 		s.tl.addAt(s.waitProgress(200, "after the target was rebuilt"), "I/O resumed (the first I/O completed after the rebuild)")
-		s.finishLoad(nil)
-		s.verify(d.device, "the ublk device")
-		checkGoroutines(t, s.tl, metrics, baseline)
-		s.detach(d)
-		s.verifyBehindTarget()
+		s.end(d, nil, metrics, baseline)
 		return
 	}
 	d.waitState(n, "DELETING")
