@@ -1,9 +1,7 @@
 package target
 
 import (
-	"io"
 	"log/slog"
-	"net"
 	"testing"
 
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/auth"
@@ -63,32 +61,9 @@ func FuzzTargetAuth(f *testing.F) {
 		f.Fatal(err)
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
-		tg := New(Config{Logger: slog.New(slog.DiscardHandler), Auth: func(string, string) *auth.ControllerConfig {
+		fuzzConn(t, Config{Logger: slog.New(slog.DiscardHandler), Auth: func(string, string) *auth.ControllerConfig {
 			return &auth.ControllerConfig{HostSecret: secret, Hash: auth.NVME_AUTH_HASH_SHA256}
-		}})
-		sub, err := tg.AddSubsystem(fuzzNQN)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := sub.AddNamespace(NamespaceConfig{NSID: 1, Backend: NewMemoryBackend(64 << 10)}); err != nil {
-			t.Fatal(err)
-		}
-		server, client := net.Pipe()
-		c := newConn(tg, server)
-		tg.mu.Lock()
-		tg.conns[c] = struct{}{}
-		tg.wg.Add(1)
-		tg.mu.Unlock()
-		go c.serve()
-		drained := make(chan struct{})
-		go func() {
-			io.Copy(io.Discard, client)
-			close(drained)
-		}()
-		client.Write(b)
-		client.Close()
-		tg.Close()
-		<-drained
+		}}, b)
 	})
 }
 
@@ -97,20 +72,12 @@ func FuzzTargetAuth(f *testing.F) {
 // Authentication Required.
 func TestAuthHostStream(t *testing.T) {
 	secret, _ := auth.ParseSecret("DHHC-1:01:bHuByyp0b3RFSx1xQPMVO1HKmUWfzveoahfydpW4fNgSLMVm:")
-	tg := New(Config{Logger: slog.New(slog.DiscardHandler), Auth: func(string, string) *auth.ControllerConfig {
+	tg := newFuzzTarget(t, Config{Logger: slog.New(slog.DiscardHandler), Auth: func(string, string) *auth.ControllerConfig {
 		return &auth.ControllerConfig{HostSecret: secret, Hash: auth.NVME_AUTH_HASH_SHA256}
 	}})
 	defer tg.Close()
-	sub, _ := tg.AddSubsystem(fuzzNQN)
-	sub.AddNamespace(NamespaceConfig{NSID: 1, Backend: NewMemoryBackend(64 << 10)})
-	server, client := net.Pipe()
+	client := servePipe(tg)
 	defer client.Close()
-	c := newConn(tg, server)
-	tg.mu.Lock()
-	tg.conns[c] = struct{}{}
-	tg.wg.Add(1)
-	tg.mu.Unlock()
-	go c.serve()
 	go client.Write(authHostStream())
 
 	rd := pdu.NewReader(client, pdu.ControllerToHost, 1<<20)

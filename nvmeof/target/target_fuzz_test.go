@@ -63,47 +63,61 @@ func FuzzTargetConn(f *testing.F) {
 	f.Add(hostStream(pdu.Options{}))
 	f.Add(hostStream(pdu.Options{HeaderDigest: true, DataDigest: true}))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		tg := New(Config{Logger: slog.New(slog.DiscardHandler)})
-		sub, err := tg.AddSubsystem(fuzzNQN)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := sub.AddNamespace(NamespaceConfig{NSID: 1, Backend: NewMemoryBackend(64 << 10)}); err != nil {
-			t.Fatal(err)
-		}
-		server, client := net.Pipe()
-		c := newConn(tg, server)
-		tg.mu.Lock()
-		tg.conns[c] = struct{}{}
-		tg.wg.Add(1)
-		tg.mu.Unlock()
-		go c.serve()
-		drained := make(chan struct{})
-		go func() {
-			io.Copy(io.Discard, client)
-			close(drained)
-		}()
-		client.Write(b)
-		client.Close()
-		tg.Close()
-		<-drained
+		fuzzConn(t, Config{Logger: slog.New(slog.DiscardHandler)}, b)
 	})
+}
+
+// newFuzzTarget is a target made with cfg holding subsystem fuzzNQN with
+// one 64 KiB namespace, NSID 1.
+func newFuzzTarget(t *testing.T, cfg Config) *Target {
+	t.Helper()
+	tg := New(cfg)
+	sub, err := tg.AddSubsystem(fuzzNQN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sub.AddNamespace(NamespaceConfig{NSID: 1, Backend: NewMemoryBackend(64 << 10)}); err != nil {
+		t.Fatal(err)
+	}
+	return tg
+}
+
+// servePipe serves one connection of tg over a net.Pipe, as accept
+// would, and returns the host's end; tg.Close joins the connection.
+func servePipe(tg *Target) net.Conn {
+	server, client := net.Pipe()
+	c := newConn(tg, server)
+	tg.mu.Lock()
+	tg.conns[c] = struct{}{}
+	tg.wg.Add(1)
+	tg.mu.Unlock()
+	go c.serve()
+	return client
+}
+
+// fuzzConn feeds b as a host's bytes to one connection of a target made
+// with cfg (newFuzzTarget), draining every answer, then closes the host's
+// end and the target: it must not panic and Close must return.
+func fuzzConn(t *testing.T, cfg Config, b []byte) {
+	tg := newFuzzTarget(t, cfg)
+	client := servePipe(tg)
+	drained := make(chan struct{})
+	go func() {
+		io.Copy(io.Discard, client)
+		close(drained)
+	}()
+	client.Write(b)
+	client.Close()
+	tg.Close()
+	<-drained
 }
 
 // TestHostStream checks that the fuzz seed is a valid conversation, so
 // the fuzzer starts from inputs that reach every command path.
 func TestHostStream(t *testing.T) {
 	for _, o := range []pdu.Options{{}, {HeaderDigest: true, DataDigest: true}} {
-		tg := New(Config{Logger: slog.New(slog.DiscardHandler)})
-		sub, _ := tg.AddSubsystem(fuzzNQN)
-		sub.AddNamespace(NamespaceConfig{NSID: 1, Backend: NewMemoryBackend(64 << 10)})
-		server, client := net.Pipe()
-		c := newConn(tg, server)
-		tg.mu.Lock()
-		tg.conns[c] = struct{}{}
-		tg.wg.Add(1)
-		tg.mu.Unlock()
-		go c.serve()
+		tg := newFuzzTarget(t, Config{Logger: slog.New(slog.DiscardHandler)})
+		client := servePipe(tg)
 		go client.Write(hostStream(o))
 
 		rd := pdu.NewReader(client, pdu.ControllerToHost, 1<<20)
