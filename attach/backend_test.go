@@ -33,18 +33,19 @@ type backendRig struct {
 	mem  *target.MemoryBackend
 }
 
-// startMemoryTarget starts the in-process target with subsystem nqn and a
-// 1 MiB namespace 1 of 512-byte blocks, closed when t ends, and returns
-// the attach options that reach it.
-func startMemoryTarget(t *testing.T, nqn string) (*target.Target, *target.MemoryBackend, Options) {
+// startTarget starts the in-process target made with cfg, with
+// subsystem nqn and a namespace 1 of size bytes in 512-byte blocks,
+// closed when t ends, and returns it, the namespace's memory and the
+// address it listens on.
+func startTarget(t *testing.T, cfg target.Config, nqn string, size int64) (*target.Target, *target.MemoryBackend, string) {
 	t.Helper()
-	tg := target.New(target.Config{})
+	tg := target.New(cfg)
 	t.Cleanup(func() { tg.Close() })
 	sub, err := tg.AddSubsystem(nqn)
 	if err != nil {
 		t.Fatal(err)
 	}
-	mem := target.NewMemoryBackend(1 << 20)
+	mem := target.NewMemoryBackend(size)
 	if err := sub.AddNamespace(target.NamespaceConfig{NSID: 1, Backend: mem, BlockShift: 9}); err != nil {
 		t.Fatal(err)
 	}
@@ -52,10 +53,45 @@ func startMemoryTarget(t *testing.T, nqn string) (*target.Target, *target.Memory
 	if err != nil {
 		t.Fatal(err)
 	}
+	return tg, mem, addr.String()
+}
+
+// startMemoryTarget starts the in-process target with subsystem nqn and a
+// 1 MiB namespace 1 of 512-byte blocks, closed when t ends, and returns
+// the attach options that reach it.
+func startMemoryTarget(t *testing.T, nqn string) (*target.Target, *target.MemoryBackend, Options) {
+	t.Helper()
+	tg, mem, addr := startTarget(t, target.Config{}, nqn, 1<<20)
 	o := DefaultOptions()
 	o.NQN = nqn
-	o.TrAddr, o.TrSvcID, _ = net.SplitHostPort(addr.String())
+	o.TrAddr, o.TrSvcID, _ = net.SplitHostPort(addr)
 	return tg, mem, o
+}
+
+// rigLifecycleOptions are the lifecycle options of the rigs against the
+// in-process target: reconnect almost at once, never give the controller
+// up, log to logger.
+func rigLifecycleOptions(logger *slog.Logger) lifecycle.Options {
+	lopts := lifecycle.DefaultOptions()
+	lopts.ReconnectDelay = 10 * time.Millisecond
+	lopts.CtrlLossTmo = -1
+	lopts.Logger = logger
+	return lopts
+}
+
+// startLifecycle makes a lifecycle controller on connector and starts it
+// (a failed start deletes it); the caller deletes it.
+func startLifecycle(t *testing.T, connector lifecycle.Connector, lopts lifecycle.Options) *lifecycle.Controller {
+	t.Helper()
+	lc, err := lifecycle.New(connector, lopts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := lc.Start(context.Background()); err != nil {
+		lc.Delete()
+		t.Fatal(err)
+	}
+	return lc
 }
 
 func newBackendRig(t *testing.T) *backendRig {
@@ -71,17 +107,7 @@ func newBackendRig(t *testing.T) *backendRig {
 		},
 		NSID: 1,
 	}
-	lopts := lifecycle.DefaultOptions()
-	lopts.ReconnectDelay = 10 * time.Millisecond
-	lopts.CtrlLossTmo = -1
-	lopts.Logger = quietLogger()
-	lc, err := lifecycle.New(connector, lopts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := lc.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	lc := startLifecycle(t, connector, rigLifecycleOptions(quietLogger()))
 	r := &backendRig{t: t, addr: o.Addr(), nqn: nqn, tg: tg, lc: lc, b: newBlockBackend(lc, nil, 2, 32), mem: mem}
 	t.Cleanup(func() {
 		lc.Delete()

@@ -2,7 +2,6 @@ package attach
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"log/slog"
 	"strings"
@@ -67,17 +66,7 @@ func TestLogAttributes(t *testing.T) {
 		},
 		NSID: 1,
 	}
-	lopts := lifecycle.DefaultOptions()
-	lopts.ReconnectDelay = 10 * time.Millisecond
-	lopts.CtrlLossTmo = -1
-	lopts.Logger = logs.ctrl
-	lc, err := lifecycle.New(connector, lopts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := lc.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	lc := startLifecycle(t, connector, rigLifecycleOptions(logs.ctrl))
 	defer lc.Delete()
 	before := len(buf.lines(t))
 	const device = "/dev/ublkb7"

@@ -157,10 +157,7 @@ func TestWatchdogStopsWhileSupervisorIsWedged(t *testing.T) {
 	tg, _, o := startMemoryTarget(t, nqn)
 	wedged, release := make(chan struct{}), make(chan struct{})
 	var once sync.Once
-	lopts := lifecycle.DefaultOptions()
-	lopts.ReconnectDelay = 10 * time.Millisecond
-	lopts.CtrlLossTmo = -1
-	lopts.Logger = quietLogger()
+	lopts := rigLifecycleOptions(quietLogger())
 	lopts.TeardownHook = func(s lifecycle.Step, done bool) {
 		if s == lifecycle.StepWaitCompletions && !done {
 			once.Do(func() {

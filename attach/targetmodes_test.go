@@ -42,45 +42,21 @@ type modeRig struct {
 func newModeRig(t *testing.T, tcfg target.Config, ccfg nvmeof.ControllerConfig) *modeRig {
 	t.Helper()
 	tcfg.Logger = quietLogger()
-	tg := target.New(tcfg)
-	t.Cleanup(func() { tg.Close() })
-	sub, err := tg.AddSubsystem(modesNQN)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mem := target.NewMemoryBackend(16 << 20)
-	if err := sub.AddNamespace(target.NamespaceConfig{NSID: 1, Backend: mem, BlockShift: 9}); err != nil {
-		t.Fatal(err)
-	}
-	addr, err := tg.Listen("127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ccfg.Addr, ccfg.SubsysNQN = addr.String(), modesNQN
+	tg, mem, addr := startTarget(t, tcfg, modesNQN, 16<<20)
+	ccfg.Addr, ccfg.SubsysNQN = addr, modesNQN
 	ccfg.Host = nvmeof.HostIdentity{NQN: "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000011"}
 	ccfg.IOQueues, ccfg.KATO, ccfg.Logger = 2, 5*time.Second, quietLogger()
 	if ccfg.QueueSize == 0 {
 		ccfg.QueueSize = 32
 	}
 	connector := &nvmeofconn.Connector{Config: ccfg, NSID: 1}
-	lopts := lifecycle.DefaultOptions()
-	lopts.ReconnectDelay = 10 * time.Millisecond
-	lopts.CtrlLossTmo = -1
-	lopts.Logger = quietLogger()
-	lc, err := lifecycle.New(connector, lopts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := lc.Start(context.Background()); err != nil {
-		lc.Delete()
-		t.Fatal(err)
-	}
+	lc := startLifecycle(t, connector, rigLifecycleOptions(quietLogger()))
 	// As attach.Run: the ublk depth follows the negotiated queue size,
 	// the largest I/O MDTS (at most 1 MiB).
 	ns, queues := connector.First()
 	depth := min(connector.FirstQueueSize()-1, 4096)
 	r := &modeRig{
-		backendRig: &backendRig{t: t, addr: addr.String(), nqn: modesNQN, tg: tg, lc: lc, b: newBlockBackend(lc, nil, queues, depth), mem: mem},
+		backendRig: &backendRig{t: t, addr: addr, nqn: modesNQN, tg: tg, lc: lc, b: newBlockBackend(lc, nil, queues, depth), mem: mem},
 		queues:     queues, depth: depth, maxIO: min(ns.MaxTransfer, 1<<20),
 	}
 	t.Cleanup(func() {
