@@ -556,27 +556,7 @@ func TestGuestRecoverAfterKill(t *testing.T) {
 // needed: both ends are this module's.
 func TestServeAndDiscover(t *testing.T) {
 	const nqn = "nqn.2026-11.io.ublk-nvmeof:serve-test"
-	cmd := exec.Command(os.Args[0], "serve", "--listen", "127.0.0.1:0", "--nqn", nqn, "--size", "8M", "--block-size", "4096")
-	cmd.Env = append(os.Environ(), envRunMain+"=1")
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if cmd.ProcessState == nil {
-			_ = cmd.Process.Kill()
-			_ = cmd.Wait()
-		}
-	}()
-	line, err := bufio.NewReader(stdout).ReadString('\n')
-	if err != nil {
-		t.Fatalf("serve printed nothing: %v\n%s", err, stderr.String())
-	}
+	cmd, line, stderr := startServeLoopback(t, nqn, "--block-size", "4096")
 	// "serving NQN namespace 1 (N bytes) on ADDR"
 	f := strings.Fields(line)
 	if len(f) < 2 || f[1] != nqn || !strings.Contains(line, "(8388608 bytes)") {

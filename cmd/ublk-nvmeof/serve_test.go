@@ -19,9 +19,11 @@ import (
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/nvme"
 )
 
-// startServeOnFreePort runs `serve` with args on a free loopback port and returns
-// its process and address; it is killed when the test ends.
-func startServeOnFreePort(t *testing.T, nqn string, args ...string) (*exec.Cmd, string) {
+// startServeLoopback runs `serve` on a free loopback port with an 8 MiB namespace
+// and args, and returns its process, the first line it printed ("serving
+// NQN namespace 1 (N bytes) on ADDR") and its stderr; it is killed when
+// the test ends unless the test waited for it.
+func startServeLoopback(t *testing.T, nqn string, args ...string) (*exec.Cmd, string, *bytes.Buffer) {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], append([]string{"serve", "--listen", "127.0.0.1:0", "--nqn", nqn, "--size", "8M"}, args...)...)
 	cmd.Env = append(os.Environ(), envRunMain+"=1")
@@ -35,13 +37,23 @@ func startServeOnFreePort(t *testing.T, nqn string, args ...string) (*exec.Cmd, 
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
+		if cmd.ProcessState == nil {
+			_ = cmd.Process.Kill()
+			_ = cmd.Wait()
+		}
 	})
 	line, err := bufio.NewReader(stdout).ReadString('\n')
 	if err != nil {
 		t.Fatalf("serve printed nothing: %v\n%s", err, stderr.String())
 	}
+	return cmd, line, &stderr
+}
+
+// startServeOnFreePort is startServeLoopback returning the process and the
+// address it serves on.
+func startServeOnFreePort(t *testing.T, nqn string, args ...string) (*exec.Cmd, string) {
+	t.Helper()
+	cmd, line, _ := startServeLoopback(t, nqn, args...)
 	f := strings.Fields(line)
 	return cmd, f[len(f)-1]
 }
