@@ -24,30 +24,41 @@ import (
 // other end of a net.Pipe; the serving goroutines are joined at cleanup,
 // after the controller (closed by a later-registered cleanup) is gone.
 func pipeDial(t *testing.T, script *scripted.Script) func(context.Context, string) (net.Conn, error) {
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	var ends []net.Conn
-	t.Cleanup(func() {
-		mu.Lock()
-		for _, c := range ends {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	})
-	return func(ctx context.Context, addr string) (net.Conn, error) {
-		host, ctrl := net.Pipe()
-		mu.Lock()
-		ends = append(ends, ctrl)
-		mu.Unlock()
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer ctrl.Close()
-			scripted.Serve(ctrl, script)
-		}()
-		return host, nil
+	p := &pipeScript{script: script}
+	t.Cleanup(p.close)
+	return p.dial
+}
+
+// pipeScript serves script on the controller's end of every net.Pipe its
+// dial makes; close ends them all and joins their goroutines.
+type pipeScript struct {
+	script *scripted.Script
+	wg     sync.WaitGroup
+	mu     sync.Mutex
+	ends   []net.Conn
+}
+
+func (p *pipeScript) dial(ctx context.Context, addr string) (net.Conn, error) {
+	host, ctrl := net.Pipe()
+	p.mu.Lock()
+	p.ends = append(p.ends, ctrl)
+	p.mu.Unlock()
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		defer ctrl.Close()
+		scripted.Serve(ctrl, p.script)
+	}()
+	return host, nil
+}
+
+func (p *pipeScript) close() {
+	p.mu.Lock()
+	for _, c := range p.ends {
+		c.Close()
 	}
+	p.mu.Unlock()
+	p.wg.Wait()
 }
 
 var quiet = slog.New(slog.DiscardHandler)

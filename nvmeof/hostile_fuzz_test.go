@@ -5,7 +5,6 @@ import (
 	"encoding/binary"
 	"fmt"
 	"math/rand/v2"
-	"net"
 	"sync"
 	"testing"
 	"time"
@@ -123,28 +122,13 @@ func hostileScript(main, events *fuzzStream) *scripted.Script {
 // against a controller scripted by the two streams.
 func hostileRun(t *testing.T, flags byte, main, events []byte) {
 	ms, es := &fuzzStream{b: main}, &fuzzStream{b: events}
-	script := hostileScript(ms, es)
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	var ends []net.Conn
+	pipes := &pipeScript{script: hostileScript(ms, es)}
 	cfg := nvmeof.ControllerConfig{
 		Addr: "hostile", Host: testHost, IOQueues: 2, QueueSize: 8,
 		// Short timeouts: a held command costs the fuzzer that long.
 		// Keep Alive's timeout is KATO.
 		IOTimeout: 100 * time.Millisecond, AdminTimeout: 100 * time.Millisecond, KATO: 100 * time.Millisecond, Logger: quiet,
-		Dial: func(ctx context.Context, addr string) (net.Conn, error) {
-			host, ctrl := net.Pipe()
-			mu.Lock()
-			ends = append(ends, ctrl)
-			mu.Unlock()
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer ctrl.Close()
-				scripted.Serve(ctrl, script)
-			}()
-			return host, nil
-		},
+		Dial:    pipes.dial,
 		OnEvent: func(nvmeof.AsyncEvent) {},
 	}
 	// Bounds the CSTS polls of a controller that never becomes ready
@@ -156,12 +140,7 @@ func hostileRun(t *testing.T, flags byte, main, events []byte) {
 	} else {
 		hostileAttach(ctx, cfg, flags)
 	}
-	mu.Lock()
-	for _, c := range ends {
-		c.Close()
-	}
-	mu.Unlock()
-	wg.Wait()
+	pipes.close()
 }
 
 // hostileDiscover is nvmeof.Discover (what `discover` runs) over the
