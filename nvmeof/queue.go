@@ -955,9 +955,6 @@ func (q *Queue) sendQueued(writer bool) error {
 			}
 			q.mu.Lock()
 			it.req.sending--
-			if it.h2c {
-				it.req.r2tActive = false
-			}
 			finish := it.req.sending == 0 && it.req.responded
 			if finish && !writer {
 				q.finishq = append(q.finishq, it.req)
@@ -1020,6 +1017,13 @@ func (q *Queue) send(w *bufio.Writer, hdr []byte, it sendItem) ([]byte, error) {
 				Data: pdu.DataHeader{CommandID: r.cid, TTag: it.ttag, DataOffset: off}}
 			if off+n == end {
 				h.Flags = pdu.NVME_TCP_F_DATA_LAST
+				// The R2T is done once this PDU's last byte is out,
+				// and the controller may send the next one at once:
+				// the reader must see it done before that can
+				// arrive, so before the write, not after it.
+				q.mu.Lock()
+				r.r2tActive = false
+				q.mu.Unlock()
 			}
 			hdr = pdu.AppendHeader(hdr[:0], &h, int(n), o)
 			if err := q.writeData(w, hdr, r.Data[off:off+n], o); err != nil {

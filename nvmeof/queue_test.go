@@ -225,15 +225,18 @@ func TestSecondR2TWhileActive(t *testing.T) {
 	const n = 256 << 10
 	host, ctrl := net.Pipe()
 	ctrlDone := make(chan struct{})
+	hostFailed := make(chan struct{})
 	go func() {
 		defer close(ctrlDone)
-		scriptedController(ctrl, pdu.ICResp{MaxH2CData: n / 2}, func(h *pdu.Header, _ []byte, o pdu.Options) bool {
+		scriptedController(ctrl, pdu.ICResp{MaxH2CData: n / 4}, func(h *pdu.Header, _ []byte, o pdu.Options) bool {
 			if h.Type != pdu.TypeCapsuleCmd {
 				return true
 			}
-			// Two R2Ts back to back, without reading the data the
-			// first asks for: the host's writer is still sending it
-			// (net.Pipe does not buffer) when the second arrives.
+			// Two R2Ts back to back, reading none of the data the
+			// first asks for until the host has failed: its writer
+			// is still sending the first of that R2T's two H2CData
+			// PDUs (net.Pipe does not buffer) when the second
+			// arrives.
 			var b []byte
 			for _, off := range []uint32{0, n / 2} {
 				r := pdu.Header{CommonHeader: pdu.CommonHeader{Type: pdu.TypeR2T},
@@ -241,10 +244,12 @@ func TestSecondR2TWhileActive(t *testing.T) {
 				b = pdu.Append(b, &r, nil, o)
 			}
 			ctrl.Write(b)
+			<-hostFailed
 			return false
 		})
 	}()
 	defer func() { <-ctrlDone }()
+	defer close(hostFailed)
 	cfg := quietQueueConfig(1, 4)
 	cfg.MaxData = n
 	q, err := NewQueue(context.Background(), host, cfg)
