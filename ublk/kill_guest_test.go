@@ -116,16 +116,48 @@ func (w *writer) verify(t *testing.T, path string) {
 	}
 }
 
+// startFileDaemon creates a device on an 8 MiB backing file, served by a
+// daemon in recovery mode mode (env: more of its settings), and waits for
+// its block node; it returns the daemon, the file (for the daemon that
+// recovers it) and the node.
+func startFileDaemon(t *testing.T, mode RecoveryMode, env ...string) (*daemon, string, string) {
+	t.Helper()
+	file := backingFile(t, 8*mib)
+	a := startDaemon(t, append([]string{envHelper + "=create", envFile + "=" + file, fmt.Sprintf("%s=%d", envRecovery, mode)}, env...)...)
+	bdev := fmt.Sprintf("/dev/ublkb%d", a.id)
+	openBlock(t, bdev, os.O_RDONLY).Close() // wait for the node
+	return a, file, bdev
+}
+
+// startWriterAcked starts a writer on the first blocks of path and waits
+// for 20 acknowledged writes; without them the test fails with what.
+func startWriterAcked(t *testing.T, path string, blocks int, what string) *writer {
+	t.Helper()
+	w := startWriter(t, path, blocks)
+	if !w.waitAcked(20) {
+		t.Fatalf("%s: %v", what, w.finish())
+	}
+	return w
+}
+
+// waitWriterStopped waits for a writer to stop on its own once the daemon
+// died; still blocked after 2 minutes, the test fails with what.
+func waitWriterStopped(t *testing.T, w *writer, what string) {
+	t.Helper()
+	select {
+	case <-w.done:
+	case <-time.After(2 * time.Minute):
+		t.Fatal(what)
+	}
+}
+
 // TestGuestRecoveryAfterSIGKILL: a daemon serving a USER_RECOVERY_REISSUE
 // device is SIGKILLed under write load; a new process recovers the device;
 // the writer sees no error and every acknowledged write reads back.
 func TestGuestRecoveryAfterSIGKILL(t *testing.T) {
 	guest.Require(t)
 	c := openControl(t)
-	file := backingFile(t, 8*mib)
-	a := startDaemon(t, envHelper+"=create", envFile+"="+file, fmt.Sprintf("%s=%d", envRecovery, RecoveryReissue))
-	bdev := fmt.Sprintf("/dev/ublkb%d", a.id)
-	openBlock(t, bdev, os.O_RDONLY).Close() // wait for the node
+	a, file, bdev := startFileDaemon(t, RecoveryReissue)
 	// Four writers on disjoint blocks keep several requests in flight
 	// when the daemon dies: all of them must be reissued.
 	const nw, per = 4, 8 * mib / wblock / 4
@@ -175,20 +207,10 @@ func TestGuestRecoveryAfterSIGKILL(t *testing.T) {
 func TestGuestSIGKILLWithoutRecovery(t *testing.T) {
 	guest.Require(t)
 	c := openControl(t)
-	file := backingFile(t, 8*mib)
-	a := startDaemon(t, envHelper+"=create", envFile+"="+file, fmt.Sprintf("%s=%d", envRecovery, RecoveryNone))
-	bdev := fmt.Sprintf("/dev/ublkb%d", a.id)
-	openBlock(t, bdev, os.O_RDONLY).Close()
-	w := startWriter(t, bdev, 8*mib/wblock)
-	if !w.waitAcked(20) {
-		t.Fatalf("writer made no progress: %v", w.finish())
-	}
+	a, _, bdev := startFileDaemon(t, RecoveryNone)
+	w := startWriterAcked(t, bdev, 8*mib/wblock, "writer made no progress")
 	a.kill(t)
-	select {
-	case <-w.done:
-	case <-time.After(2 * time.Minute):
-		t.Fatal("writer still blocked 2 minutes after the daemon died")
-	}
+	waitWriterStopped(t, w, "writer still blocked 2 minutes after the daemon died")
 	if err := w.finish(); err == nil {
 		t.Error("writer saw no error although the device lost its daemon")
 	} else {
@@ -253,23 +275,14 @@ func TestGuestDeleteUnderIO(t *testing.T) {
 func TestGuestRecoveryWithoutReissue(t *testing.T) {
 	guest.Require(t)
 	c := openControl(t)
-	file := backingFile(t, 8*mib)
-	a := startDaemon(t, envHelper+"=create", envFile+"="+file, fmt.Sprintf("%s=%d", envRecovery, Recovery))
-	bdev := fmt.Sprintf("/dev/ublkb%d", a.id)
-	openBlock(t, bdev, os.O_RDONLY).Close()
-	w1 := startWriter(t, bdev, 4*mib/wblock)
-	if !w1.waitAcked(20) {
-		t.Fatalf("writer made no progress: %v", w1.finish())
-	}
+	a, file, bdev := startFileDaemon(t, Recovery)
+	w1 := startWriterAcked(t, bdev, 4*mib/wblock, "writer made no progress")
 	a.kill(t)
 	b := startDaemon(t, envHelper+"=recover", envFile+"="+file, fmt.Sprintf("%s=%d", envID, a.id))
 	// The first writer either failed its in-flight write or carried on.
 	err1 := w1.finish()
 	t.Logf("writer across the kill: %d writes, then %v", w1.acked.Load(), err1)
-	w2 := startWriter(t, bdev, 4*mib/wblock)
-	if !w2.waitAcked(20) {
-		t.Fatalf("no progress after recovery: %v", w2.finish())
-	}
+	w2 := startWriterAcked(t, bdev, 4*mib/wblock, "no progress after recovery")
 	if err := w2.finish(); err != nil {
 		t.Fatalf("write after recovery: %v", err)
 	}
@@ -298,20 +311,10 @@ func TestGuestRecoveryFailIO(t *testing.T) {
 	if f, _ := c.Features(); !f.Has(FeatureUserRecoveryFailIO) {
 		t.Skipf("this kernel lacks UBLK_F_USER_RECOVERY_FAIL_IO (Linux 6.13): features %v", f)
 	}
-	file := backingFile(t, 8*mib)
-	a := startDaemon(t, envHelper+"=create", envFile+"="+file, fmt.Sprintf("%s=%d", envRecovery, RecoveryFailIO))
-	bdev := fmt.Sprintf("/dev/ublkb%d", a.id)
-	openBlock(t, bdev, os.O_RDONLY).Close()
-	w := startWriter(t, bdev, 8*mib/wblock)
-	if !w.waitAcked(20) {
-		t.Fatalf("writer made no progress: %v", w.finish())
-	}
+	a, file, bdev := startFileDaemon(t, RecoveryFailIO)
+	w := startWriterAcked(t, bdev, 8*mib/wblock, "writer made no progress")
 	a.kill(t)
-	select {
-	case <-w.done:
-	case <-time.After(2 * time.Minute):
-		t.Fatal("writer still blocked 2 minutes after the daemon died: I/O waits instead of failing")
-	}
+	waitWriterStopped(t, w, "writer still blocked 2 minutes after the daemon died: I/O waits instead of failing")
 	if err := w.finish(); !errors.Is(err, unix.EIO) && !errors.Is(err, unix.EREMOTEIO) {
 		t.Fatalf("writer across the daemon's death: %v, want EIO or EREMOTEIO", err)
 	} else {
@@ -336,10 +339,7 @@ func TestGuestRecoveryFailIO(t *testing.T) {
 
 	b := startDaemon(t, envHelper+"=recover", envFile+"="+file, fmt.Sprintf("%s=%d", envID, a.id))
 	waitState(t, c, a.id, StateLive)
-	w2 := startWriter(t, bdev, 8*mib/wblock)
-	if !w2.waitAcked(20) {
-		t.Fatalf("writer made no progress after recovery: %v", w2.finish())
-	}
+	w2 := startWriterAcked(t, bdev, 8*mib/wblock, "writer made no progress after recovery")
 	if err := w2.finish(); err != nil {
 		t.Fatalf("writer after recovery: %v", err)
 	}
@@ -378,11 +378,7 @@ func TestGuestHandoff(t *testing.T) {
 		err := handoffRefused(t, c)
 		t.Skipf("this kernel lacks UBLK_F_QUIESCE (Linux 6.16): Handoff refuses (%v); a daemon hands over by exiting, see TestGuestRecoveryAfterSIGKILL", err)
 	}
-	file := backingFile(t, 8*mib)
-	a := startDaemon(t, envHelper+"=create", envFile+"="+file, fmt.Sprintf("%s=%d", envRecovery, RecoveryReissue),
-		envHandoff+"=1", envDelay+"=2ms")
-	bdev := fmt.Sprintf("/dev/ublkb%d", a.id)
-	openBlock(t, bdev, os.O_RDONLY).Close()
+	a, file, bdev := startFileDaemon(t, RecoveryReissue, envHandoff+"=1", envDelay+"=2ms")
 	if info, err := c.DeviceInfo(t.Context(), a.id); err != nil || !info.Flags.Has(FeatureQuiesce) {
 		t.Fatalf("device %+v, %v: want UBLK_F_QUIESCE among its flags (Create sets it with recovery)", info, err)
 	}
