@@ -27,17 +27,7 @@ func TestPathStatusOverTCP(t *testing.T) {
 	}
 	for _, st := range pathStatuses {
 		t.Run(fmt.Sprintf("retried/%#x", uint16(st)), func(t *testing.T) {
-			r, c, writes := pathStatusRig(t, target.Fault{Status: st, Times: 2})
-			if err := write(c, 1, 7, 77); err != nil {
-				t.Fatalf("write after two %v: %v", st, err)
-			}
-			if n := writes.Load(); n != 3 {
-				t.Fatalf("the target saw %d writes, want 3", n)
-			}
-			if got := r.stored(7); got != 77 {
-				t.Fatalf("block 7 = %d", got)
-			}
-			checkNoRecovery(t, r, c)
+			checkRetriedTwice(t, st, 1)
 		})
 		t.Run(fmt.Sprintf("dnr/%#x", uint16(st)), func(t *testing.T) {
 			r, c, writes := pathStatusRig(t, target.Fault{Status: st | nvme.NVME_STATUS_DNR, Times: 1})
@@ -71,17 +61,7 @@ func TestPathStatusOverTCP(t *testing.T) {
 	// disabled), an Internal Error.
 	for _, st := range []nvme.Status{nvme.NVME_SC_NS_NOT_READY, nvme.NVME_SC_INTERNAL} {
 		t.Run(fmt.Sprintf("other-type-retried/%#x", uint16(st)), func(t *testing.T) {
-			r, c, writes := pathStatusRig(t, target.Fault{Status: st, Times: 2})
-			if err := write(c, 0, 7, 77); err != nil {
-				t.Fatalf("write after two %v: %v", st, err)
-			}
-			if n := writes.Load(); n != 3 {
-				t.Fatalf("the target saw %d writes, want 3", n)
-			}
-			if got := r.stored(7); got != 77 {
-				t.Fatalf("block 7 = %d", got)
-			}
-			checkNoRecovery(t, r, c)
+			checkRetriedTwice(t, st, 0)
 		})
 	}
 	// The in-process target does not enable Advanced Command Retry: a CRD
@@ -96,6 +76,23 @@ func TestPathStatusOverTCP(t *testing.T) {
 		}
 		checkNoRecovery(t, r, c)
 	})
+}
+
+// checkRetriedTwice: a write on queue q whose first two tries complete
+// with st lands on the third try, on the same association.
+func checkRetriedTwice(t *testing.T, st nvme.Status, q int) {
+	t.Helper()
+	r, c, writes := pathStatusRig(t, target.Fault{Status: st, Times: 2})
+	if err := write(c, q, 7, 77); err != nil {
+		t.Fatalf("write after two %v: %v", st, err)
+	}
+	if n := writes.Load(); n != 3 {
+		t.Fatalf("the target saw %d writes, want 3", n)
+	}
+	if got := r.stored(7); got != 77 {
+		t.Fatalf("block 7 = %d", got)
+	}
+	checkNoRecovery(t, r, c)
 }
 
 // pathStatusRig connects a controller to a target that answers writes with
