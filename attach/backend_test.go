@@ -68,6 +68,28 @@ func startMemoryTarget(t *testing.T, nqn string) (*target.Target, *target.Memory
 	return tg, mem, o
 }
 
+// connectAssociation makes one association through k as the lifecycle's
+// connect does (the admin queue, then the I/O queues), without a
+// lifecycle; release tears it down in the lifecycle's order.
+func connectAssociation(t *testing.T, ctx context.Context, k lifecycle.Connector) (conn lifecycle.Conn, release func()) {
+	t.Helper()
+	conn, err := k.Connect(ctx, func(error) {})
+	if err != nil {
+		t.Fatal(err)
+	}
+	release = func() {
+		conn.Shutdown()
+		conn.WaitIdle()
+		conn.FreeIOQueues()
+		conn.FreeAdminQueue()
+	}
+	if err := conn.ConnectIOQueues(ctx); err != nil {
+		release()
+		t.Fatal(err)
+	}
+	return conn, release
+}
+
 // rigLifecycleOptions are the lifecycle options of the rigs against the
 // in-process target: reconnect almost at once, never give the controller
 // up, log to logger.
@@ -328,19 +350,8 @@ func TestConnectorNamespaceAndRTT(t *testing.T) {
 	}
 	var rtts []time.Duration
 	k := &nvmeofconn.Connector{Config: cfg, NSID: 1, KeepAliveRTT: func(d time.Duration) { rtts = append(rtts, d) }}
-	conn, err := k.Connect(ctx, func(error) {})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		conn.Shutdown()
-		conn.WaitIdle()
-		conn.FreeIOQueues()
-		conn.FreeAdminQueue()
-	}()
-	if err := conn.ConnectIOQueues(ctx); err != nil {
-		t.Fatal(err)
-	}
+	conn, release := connectAssociation(t, ctx, k)
+	defer release()
 	if ns, queues := k.First(); ns == nil || ns.NSID != 1 || queues != 1 {
 		t.Fatalf("first association: namespace %v, %d queues", ns, queues)
 	}

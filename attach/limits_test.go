@@ -46,19 +46,8 @@ func TestDeviceFollowsControllerLimits(t *testing.T) {
 	p.NVM.WZSL = 0        // MDTS bounds Write Zeroes then: 16 blocks
 	p.NVM.DMRSL = 24
 	k, _ := scriptedConnector(t, &scripted.Script{Polite: p}, 128)
-	conn, err := k.Connect(context.Background(), func(error) {})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		conn.Shutdown()
-		conn.WaitIdle()
-		conn.FreeIOQueues()
-		conn.FreeAdminQueue()
-	}()
-	if err := conn.ConnectIOQueues(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	_, release := connectAssociation(t, context.Background(), k)
+	defer release()
 	// run.go: depth := min(connector.FirstQueueSize()-1, 4096)
 	if n := k.FirstQueueSize(); n != 16 {
 		t.Errorf("negotiated queue size %d, want 16 (MAXCMD)", n)
