@@ -326,11 +326,7 @@ func TestSeedKeepAliveWhileIOQueuesConnect(t *testing.T) {
 func ioConnectCase(t *testing.T, how string, at Step, when timing) {
 	gate := newIOConnectGate()
 	h, started := startIOConnect(t, how, gate, func(tgt *fakeTarget) { tgt.keepAlives = make(chan *fakeCmd) })
-	conn := <-gate.connecting
-	// The I/O queues are connecting: keep-alive must be running.
-	h.waitTimers(1)
-	h.clk.Advance(2 * time.Second) // KATO/2
-	ka := <-h.tgt.keepAlives       // written, in flight
+	conn, ka := keepAliveWhileIOConnect(h, gate)
 
 	l := newLanding(t, conn, ka, at, when)
 	h.c.setStepHook(l.hook)
@@ -343,6 +339,17 @@ func ioConnectCase(t *testing.T, how string, at Step, when timing) {
 	if conn.usage != 0 {
 		t.Errorf("admin queue usage %d at the end", conn.usage)
 	}
+}
+
+// keepAliveWhileIOConnect waits for the I/O queues of the association to
+// connect (held by gate) and, as they are connecting, for its keep-alive:
+// it must be running. It returns the association and the keep-alive
+// command, written and in flight.
+func keepAliveWhileIOConnect(h *harness, gate *ioConnectGate) (*fakeConn, *fakeCmd) {
+	conn := <-gate.connecting
+	h.waitTimers(1)
+	h.clk.Advance(2 * time.Second) // KATO/2
+	return conn, <-h.tgt.keepAlives
 }
 
 // startIOConnect starts the connect under test (the first, or a reconnect
@@ -456,16 +463,8 @@ func TestSeedKeepAliveAllocatedWhileIOQueuesConnect(t *testing.T) {
 // down keep-alive first.
 func TestKeepAliveFailureEndsIOQueueConnect(t *testing.T) {
 	gate := newIOConnectGate()
-	h := newUnstartedHarness(t, func(o *Options, tgt *fakeTarget) {
-		tgt.keepAlives = make(chan *fakeCmd)
-		tgt.ioConnect = gate.connect
-	})
-	started := make(chan error, 1)
-	go func() { started <- h.c.Start(context.Background()) }()
-	conn := <-gate.connecting
-	h.waitTimers(1)
-	h.clk.Advance(2 * time.Second)
-	ka := <-h.tgt.keepAlives
+	h, started := startIOConnect(t, "first-connect-fails", gate, func(tgt *fakeTarget) { tgt.keepAlives = make(chan *fakeCmd) })
+	conn, ka := keepAliveWhileIOConnect(h, gate)
 	ka.complete(errPath) // the keep-alive fails; the I/O connect is never answered
 	err := <-started
 	if err == nil || !errors.Is(err, errPath) {
@@ -483,16 +482,8 @@ func TestKeepAliveFailureEndsIOQueueConnect(t *testing.T) {
 // after the controller is LIVE, and keep-alive goes on.
 func TestKeepAliveInFlightAcrossIOQueueConnect(t *testing.T) {
 	gate := newIOConnectGate()
-	h := newUnstartedHarness(t, func(o *Options, tgt *fakeTarget) {
-		tgt.keepAlives = make(chan *fakeCmd)
-		tgt.ioConnect = gate.connect
-	})
-	started := make(chan error, 1)
-	go func() { started <- h.c.Start(context.Background()) }()
-	<-gate.connecting
-	h.waitTimers(1)
-	h.clk.Advance(2 * time.Second)
-	ka := <-h.tgt.keepAlives
+	h, started := startIOConnect(t, "first-connect-fails", gate, func(tgt *fakeTarget) { tgt.keepAlives = make(chan *fakeCmd) })
+	_, ka := keepAliveWhileIOConnect(h, gate)
 	if s := h.c.State(); s != StateConnecting {
 		t.Fatalf("state %v while the I/O queues connect", s)
 	}
