@@ -57,21 +57,33 @@ func (c *Controller) retryDelay(err error) time.Duration {
 
 // retryWait waits d before a retry, holding no reference on any
 // association: teardown does not wait for it. A delete ends it at once
-// with ErrDeleted (EIO), ctx with its error.
+// with ErrDeleted (EIO), ctx with its error. That includes a delete the
+// controller decides itself (ctrl_loss_tmo, another namespace), which
+// cancels c.ctx only once its teardown is done: the block device's
+// quiesce in that teardown waits for this I/O, so DELETING ends it.
 func (c *Controller) retryWait(ctx context.Context, d time.Duration) error {
 	if d <= 0 {
 		return nil
 	}
 	t := c.clk.NewTimer(d)
 	defer t.Stop()
-	select {
-	case <-t.C():
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-c.ctx.Done():
-		// Cancelled when deletion was requested or the controller
-		// deleted itself.
-		return ErrDeleted
+	for {
+		// wake before the state: a change after the look closes it.
+		c.mu.Lock()
+		wake := c.wake
+		c.mu.Unlock()
+		if s := c.sm.State(); s == StateDeleting || s == StateDead {
+			return ErrDeleted
+		}
+		select {
+		case <-t.C():
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-c.ctx.Done():
+			// Cancelled when deletion was requested.
+			return ErrDeleted
+		case <-wake:
+		}
 	}
 }
