@@ -1,15 +1,12 @@
 package systemd
 
 import (
-	"fmt"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/ublk-nvmeof/ublk-nvmeof/e2e"
 	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/guest"
 	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/load"
 	"github.com/ublk-nvmeof/ublk-nvmeof/ublk"
@@ -34,33 +31,9 @@ func TestGuestSystemdRestartHandoff(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dir := t.TempDir()
 	tg := guest.NewTarget(t, guest.TargetOptions{NQN: "nqn.2026-11.io.ublk-nvmeof:restart", Device: "/dev/ram1", Port: 4439, PortID: 9})
-	daemonLog := filepath.Join(dir, "daemon.log")
-	m := startUnit(t, dir, daemonLog, []string{
-		"UBLK_NVMEOF_TRADDR=127.0.0.1",
-		"UBLK_NVMEOF_TRSVCID=4439",
-		"UBLK_NVMEOF_NQN=" + tg.Opts.NQN,
-		"UBLK_NVMEOF_NR_IO_QUEUES=2",
-		"UBLK_NVMEOF_RUN_DIR=" + filepath.Join(dir, "rundir"),
-	})
-	const svc = "ublk-nvmeof@inst.service"
-	logs := func() string {
-		b, _ := os.ReadFile(daemonLog)
-		st, _ := m.systemctl(t, "status", svc)
-		return fmt.Sprintf("daemon log:\n%s\nsystemctl status:\n%s", b, st)
-	}
-	t.Cleanup(func() { _, _ = m.systemctl(t, "stop", svc) })
-	if out, err := m.systemctl(t, "start", svc); err != nil {
-		t.Fatalf("start: %v\n%s\n%s", err, out, logs())
-	}
-	props := []string{"ActiveState", "StatusText", "MainPID"}
-	p := m.show(t, svc, props...)
-	device, _, _ := strings.Cut(strings.TrimPrefix(p["StatusText"], "serving "), ",")
-	if p["ActiveState"] != "active" || !strings.HasPrefix(device, "/dev/ublkb") {
-		t.Fatalf("after start: %v\n%s", p, logs())
-	}
-	firstPID, _ := strconv.Atoi(p["MainPID"])
+	r := newUnitRig(t, tg, nil)
+	device, firstPID := r.start()
 
 	const blocks = 4096 // 16 MiB
 	if err := load.Zero(device, 0, blocks, true); err != nil {
@@ -80,12 +53,12 @@ func TestGuestSystemdRestartHandoff(t *testing.T) {
 	waitProgress(t, l, 100, "before the restart")
 
 	// Type=notify: restart returns once the new daemon sent READY=1.
-	if out, err := m.systemctl(t, "restart", svc); err != nil {
-		t.Fatalf("restart: %v\n%s\n%s", err, out, logs())
+	if out, err := r.m.systemctl(t, "restart", rigService); err != nil {
+		t.Fatalf("restart: %v\n%s\n%s", err, out, r.logs())
 	}
-	p = m.show(t, svc, props...)
+	p := r.show()
 	if pid, _ := strconv.Atoi(p["MainPID"]); p["ActiveState"] != "active" || pid == firstPID || !strings.HasPrefix(p["StatusText"], "serving "+device+",") {
-		t.Fatalf("after restart: %v, want %s served by a new daemon\n%s", p, device, logs())
+		t.Fatalf("after restart: %v, want %s served by a new daemon\n%s", p, device, r.logs())
 	}
 	waitProgress(t, l, 100, "after the restart")
 	st := l.Stop()
@@ -93,7 +66,7 @@ func TestGuestSystemdRestartHandoff(t *testing.T) {
 	n, errs := l.Errors()
 	t.Logf("load: %v", st)
 	if n != 0 || st.Mismatches != 0 {
-		t.Fatalf("the application saw %d I/O errors and %d bad blocks across the restart: %v %v\n%s", n, st.Mismatches, errs, l.Mismatches(), logs())
+		t.Fatalf("the application saw %d I/O errors and %d bad blocks across the restart: %v %v\n%s", n, st.Mismatches, errs, l.Mismatches(), r.logs())
 	}
 	rep, err := l.Verify(device)
 	if err != nil {
@@ -101,20 +74,15 @@ func TestGuestSystemdRestartHandoff(t *testing.T) {
 	}
 	t.Logf("verify: %v", rep)
 
-	b, _ := os.ReadFile(daemonLog)
+	b, _ := os.ReadFile(r.daemonLog)
 	want := "handing over by exiting" // 6.12
 	if feats.Has(ublk.FeatureQuiesce) {
 		want = "handed over: device quiesced for the next daemon"
 	}
 	if !strings.Contains(string(b), want) || !strings.Contains(string(b), "recovering the device a dead daemon left") {
-		t.Fatalf("daemon log lacks %q or the recovery (kernel QUIESCE: %v)\n%s", want, feats.Has(ublk.FeatureQuiesce), logs())
+		t.Fatalf("daemon log lacks %q or the recovery (kernel QUIESCE: %v)\n%s", want, feats.Has(ublk.FeatureQuiesce), r.logs())
 	}
-	if out, err := m.systemctl(t, "stop", svc); err != nil {
-		t.Fatalf("stop: %v\n%s\n%s", err, out, logs())
-	}
-	if _, err := os.Stat(device); err == nil {
-		t.Fatalf("%s still there after stop\n%s", device, logs())
-	}
+	r.stop(device)
 }
 
 // waitProgress waits until the load completed n more I/Os.
@@ -128,32 +96,4 @@ func waitProgress(t *testing.T, l *load.Load, n uint64, when string) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-}
-
-// startUnit installs the unit as shipped (binary and environment file
-// paths changed, output to daemonLog) with instance "inst" configured by
-// env, under a user manager.
-func startUnit(t *testing.T, dir, daemonLog string, env []string) *userManager {
-	t.Helper()
-	if err := os.WriteFile(filepath.Join(dir, "inst.env"), []byte(strings.Join(env, "\n")+"\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	unit := strings.ReplaceAll(unitText, "/usr/local/bin/ublk-nvmeof", e2e.DaemonPath)
-	unit = strings.ReplaceAll(unit, "/etc/ublk-nvmeof/%i.env", filepath.Join(dir, "%i.env"))
-	units := filepath.Join(dir, "config", "systemd", "user")
-	for name, text := range map[string]string{
-		"ublk-nvmeof@.service":            unit,
-		"ublk-nvmeof@.service.d/log.conf": "[Service]\nStandardOutput=append:" + daemonLog + "\nStandardError=append:" + daemonLog + "\n",
-		"default.target":                  "[Unit]\nDescription=default\n",
-		"basic.target":                    "[Unit]\nDescription=basic\n",
-	} {
-		p := filepath.Join(units, name)
-		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(p, []byte(text), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return startUserManager(t, dir)
 }
