@@ -169,6 +169,26 @@ func quietQueueConfig(qid uint16, size int) QueueConfig {
 	return QueueConfig{QID: qid, Size: size, Timeout: hangTimeout, Logger: slog.New(slog.DiscardHandler)}
 }
 
+// writeOnQueue writes n bytes through I/O queue 1 (depth 4, MaxData n)
+// connected over nc and returns the write's result; the queue is closed
+// before it returns.
+func writeOnQueue(t *testing.T, nc net.Conn, n int) error {
+	t.Helper()
+	cfg := quietQueueConfig(1, 4)
+	cfg.MaxData = n
+	q, err := NewQueue(context.Background(), nc, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Close()
+	done := make(chan error, 1)
+	req := &Request{Data: make([]byte, n), Write: true}
+	if err := q.Submit(req, func(err error) { done <- err }); err != nil {
+		t.Fatal(err)
+	}
+	return waitDone(t, "write", done)
+}
+
 // hangTimeout bounds waits in these tests: reaching it means a hang.
 const hangTimeout = 60 * time.Second
 
@@ -250,19 +270,7 @@ func TestSecondR2TWhileActive(t *testing.T) {
 	}()
 	defer func() { <-ctrlDone }()
 	defer close(hostFailed)
-	cfg := quietQueueConfig(1, 4)
-	cfg.MaxData = n
-	q, err := NewQueue(context.Background(), host, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer q.Close()
-	done := make(chan error, 1)
-	req := &Request{Data: make([]byte, n), Write: true}
-	if err := q.Submit(req, func(err error) { done <- err }); err != nil {
-		t.Fatal(err)
-	}
-	err = waitDone(t, "write", done)
+	err := writeOnQueue(t, host, n)
 	var pe *pdu.ProtocolError
 	if !errors.As(err, &pe) || !strings.Contains(pe.Msg, "MAXR2T") {
 		t.Fatalf("write: %v, want a protocol error about the second R2T", err)

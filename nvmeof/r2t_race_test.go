@@ -1,7 +1,6 @@
 package nvmeof
 
 import (
-	"context"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -97,19 +96,7 @@ func TestNextR2TAfterDataSent(t *testing.T) {
 		})
 	}()
 	defer func() { <-ctrlDone }()
-	cfg := quietQueueConfig(1, 4)
-	cfg.MaxData = n
-	q, err := NewQueue(context.Background(), g, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer q.Close()
-	done := make(chan error, 1)
-	req := &Request{Data: make([]byte, n), Write: true}
-	if err := q.Submit(req, func(err error) { done <- err }); err != nil {
-		t.Fatal(err)
-	}
-	if err := waitDone(t, "write", done); err != nil {
+	if err := writeOnQueue(t, g, n); err != nil {
 		t.Fatalf("write with a second R2T sent once the first one's data arrived: %v", err)
 	}
 }
