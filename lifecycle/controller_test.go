@@ -126,6 +126,18 @@ func (h *harness) waitState(s State) {
 	}
 }
 
+// heldWrite drops the association with a socket error and, while the
+// controller is CONNECTING, starts a write; it returns once the write is
+// held, with its result channel.
+func (h *harness) heldWrite() <-chan error {
+	h.t.Helper()
+	h.tgt.lastConn().onError(errSocket)
+	h.waitState(StateConnecting)
+	res := h.doWrite(1, 1)
+	waitFor(h.t, "the write to be held", func() bool { return h.c.Held() == 1 })
+	return res
+}
+
 // doWrite runs a write through the controller on its own goroutine and
 // returns its result channel.
 func (h *harness) doWrite(lba, val uint64) <-chan error {
@@ -300,10 +312,7 @@ func TestCtrlLossTmoDeletes(t *testing.T) {
 	h.tgt.mu.Lock()
 	h.tgt.connectErrs = []error{fail, fail, fail, fail, fail}
 	h.tgt.mu.Unlock()
-	h.tgt.lastConn().onError(errSocket)
-	h.waitState(StateConnecting)
-	res := h.doWrite(1, 1)
-	waitFor(t, "the write to be held", func() bool { return h.c.Held() == 1 })
+	res := h.heldWrite()
 	for i := 0; i < 3; i++ {
 		h.clk.WaitTimers(1)
 		h.clk.Advance(10 * time.Second)
@@ -377,10 +386,7 @@ func TestFastIOFail(t *testing.T) {
 	h.tgt.mu.Lock()
 	h.tgt.connectErrs = []error{fail, fail}
 	h.tgt.mu.Unlock()
-	h.tgt.lastConn().onError(errSocket)
-	h.waitState(StateConnecting)
-	res := h.doWrite(1, 1)
-	waitFor(t, "the write to be held", func() bool { return h.c.Held() == 1 })
+	res := h.heldWrite()
 	h.clk.WaitTimers(2) // reconnect_delay and fast_io_fail_tmo
 	h.clk.Advance(10 * time.Second)
 	h.clk.WaitTimers(2)
@@ -413,10 +419,7 @@ func TestNamespaceChangedOnReconnect(t *testing.T) {
 	h.tgt.mu.Lock()
 	h.tgt.ns.NGUID[0] ^= 0xff
 	h.tgt.mu.Unlock()
-	h.tgt.lastConn().onError(errSocket)
-	h.waitState(StateConnecting)
-	res := h.doWrite(1, 1)
-	waitFor(t, "the write to be held", func() bool { return h.c.Held() == 1 })
+	res := h.heldWrite()
 	h.clk.WaitTimers(1)
 	h.clk.Advance(10 * time.Second)
 	<-h.c.Done()
@@ -434,10 +437,7 @@ func TestNamespaceChangedOnReconnect(t *testing.T) {
 
 func TestDeleteWhileReconnectWaiting(t *testing.T) {
 	h := newHarness(t, nil)
-	h.tgt.lastConn().onError(errSocket)
-	h.waitState(StateConnecting)
-	res := h.doWrite(1, 1)
-	waitFor(t, "the write to be held", func() bool { return h.c.Held() == 1 })
+	res := h.heldWrite()
 	h.c.Delete()
 	if err := <-res; !errors.Is(err, ErrDeleted) {
 		t.Fatalf("held write: %v", err)
@@ -632,10 +632,7 @@ func TestNoKeepAliveWhileReconnecting(t *testing.T) {
 // Delete from many goroutines at once, while recovering with I/O held.
 func TestConcurrentDelete(t *testing.T) {
 	h := newHarness(t, nil)
-	h.tgt.lastConn().onError(errSocket)
-	h.waitState(StateConnecting)
-	res := h.doWrite(1, 1)
-	waitFor(t, "the write to be held", func() bool { return h.c.Held() == 1 })
+	res := h.heldWrite()
 	var wg sync.WaitGroup
 	for i := 0; i < 8; i++ {
 		wg.Add(1)

@@ -133,10 +133,7 @@ func (h *harness) setTargetBlocks(n uint64) Namespace {
 func TestReconnectResizedNamespace(t *testing.T) {
 	h, b, _ := newResizeHarness(t)
 	h.setTargetBlocks(2 << 20)
-	h.tgt.lastConn().onError(errSocket)
-	h.waitState(StateConnecting)
-	res := h.doWrite(1, 1)
-	waitFor(t, "the write to be held", func() bool { return h.c.Held() == 1 })
+	res := h.heldWrite()
 	h.clk.WaitTimers(1)
 	h.clk.Advance(10 * time.Second)
 	h.waitState(StateLive)
@@ -183,15 +180,21 @@ func TestNamespaceEventResizes(t *testing.T) {
 	h.finish()
 }
 
-// A namespace-changed event that finds another namespace deletes the
-// controller and its device.
-func TestNamespaceEventIdentityChanged(t *testing.T) {
-	h, _, _ := newResizeHarness(t)
+// namespaceReplacedEvent gives the target's namespace another UUID and
+// sends the namespace-changed event that reports it.
+func (h *harness) namespaceReplacedEvent() {
 	h.tgt.mu.Lock()
 	h.tgt.ns.UUID[0] ^= 0xff
 	ns := h.tgt.ns
 	h.tgt.mu.Unlock()
 	h.tgt.nsEvents <- ns
+}
+
+// A namespace-changed event that finds another namespace deletes the
+// controller and its device.
+func TestNamespaceEventIdentityChanged(t *testing.T) {
+	h, _, _ := newResizeHarness(t)
+	h.namespaceReplacedEvent()
 	h.waitDead()
 	if err := h.c.Err(); !errors.Is(err, ErrNamespaceChanged) {
 		t.Fatalf("Err() = %v, want ErrNamespaceChanged", err)

@@ -44,11 +44,7 @@ func TestRetryDelayEndsWithSelfDelete(t *testing.T) {
 	b := &stopDrainsIOBlock{fakeBlock: h.blk, io: res, drained: make(chan error, 1)}
 	h.c.SetBlock(b)
 
-	h.tgt.mu.Lock()
-	h.tgt.ns.UUID[0] ^= 0xff
-	ns := h.tgt.ns
-	h.tgt.mu.Unlock()
-	h.tgt.nsEvents <- ns
+	h.namespaceReplacedEvent()
 	h.waitDead()
 	if err := <-b.drained; !errors.Is(err, ErrDeleted) {
 		t.Fatalf("I/O waiting for its retry when the controller deleted itself: %v, want ErrDeleted", err)
