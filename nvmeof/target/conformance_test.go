@@ -306,11 +306,7 @@ func TestTargetEnforcesMAXH2CDATAAndCPDA(t *testing.T) {
 func TestTargetNoInCapsuleData(t *testing.T) {
 	tg, addr := newRawTarget(t, Config{InCapsuleDataSize: NoInCapsuleData})
 	admin, h := setupIO(t, addr, 15, false)
-	var id nvme.Command
-	id.SetOpcode(nvme.NVME_ADMIN_IDENTIFY)
-	id.SetCDW(10, nvme.NVME_ID_CNS_CTRL)
-	id.SetSGL(0, nvme.IdentifySize, nvme.SGLTransport)
-	ctrl := admin.identify(id)
+	ctrl := admin.identifyController()
 	if ctrl.IOCCSZ != 4 {
 		t.Fatalf("IOCCSZ %d, want 4", ctrl.IOCCSZ)
 	}
@@ -319,9 +315,14 @@ func TestTargetNoInCapsuleData(t *testing.T) {
 	wantViolation(t, tg, "512 bytes of in-capsule data, at most 0 on queue 1")
 }
 
-// identify sends an Identify and returns the controller data it reads.
-func (h *rawHost) identify(cmd nvme.Command) *nvme.IdentifyController {
+// identifyController sends an Identify Controller and returns the data
+// it reads.
+func (h *rawHost) identifyController() *nvme.IdentifyController {
 	h.t.Helper()
+	var cmd nvme.Command
+	cmd.SetOpcode(nvme.NVME_ADMIN_IDENTIFY)
+	cmd.SetCDW(10, nvme.NVME_ID_CNS_CTRL)
+	cmd.SetSGL(0, nvme.IdentifySize, nvme.SGLTransport)
 	cid := h.send(cmd, nil)
 	var data []byte
 	for {
@@ -363,11 +364,7 @@ func TestTargetIdentifyModes(t *testing.T) {
 	} {
 		_, addr := newRawTarget(t, tc.cfg)
 		admin, _ := setupIO(t, addr, 15, false)
-		var id nvme.Command
-		id.SetOpcode(nvme.NVME_ADMIN_IDENTIFY)
-		id.SetCDW(10, nvme.NVME_ID_CNS_CTRL)
-		id.SetSGL(0, nvme.IdentifySize, nvme.SGLTransport)
-		ctrl := admin.identify(id)
+		ctrl := admin.identifyController()
 		wantCmd := uint16(1024)
 		if tc.cfg.MaxCmd != 0 {
 			wantCmd = uint16(tc.cfg.MaxCmd)
