@@ -326,14 +326,12 @@ func (r *run) createDevice(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	r.lc.SetBlock(ublkBlock{dev})
-	select {
-	case <-r.lc.Done():
-		// Deleted before it knew of the device: remove it here.
+	if err := r.lc.SetBlock(ublkBlock{dev}); err != nil {
+		// Deleted (or being deleted) before it knew of the device:
+		// remove it here.
 		_ = dev.Close(context.Background())
 		r.lost = true
 		return nil
-	default:
 	}
 	r.dev = dev
 	r.status.setDevice(dev.ID(), dev.BlockDevice(), dev.Info().Flags)

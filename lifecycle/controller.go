@@ -116,6 +116,7 @@ type Controller struct {
 	gen        uint64    // association generation; errors from older ones are stale
 	pendingErr error     // first error reported for gen
 	block      Block
+	blockTaken bool // a delete's teardown has looked for block: SetBlock is refused
 	crdt       [3]time.Duration // Command Retry Delay Times of the live association
 	failfast   bool             // fast_io_fail_tmo expired while reconnecting
 	wake       chan struct{}    // closed and replaced when state or failfast changes
@@ -203,14 +204,21 @@ func (c *Controller) Err() error {
 
 // SetBlock registers the block device in front of the controller, to be
 // stopped and removed when the controller is deleted. Call it once, after
-// Start.
-func (c *Controller) SetBlock(b Block) {
+// Start. Once a delete has begun (requested, or the controller deleting
+// itself) it returns ErrDeleted and registers nothing: the caller removes
+// the block device itself.
+func (c *Controller) SetBlock(b Block) error {
 	c.mu.Lock()
+	if c.blockTaken {
+		c.mu.Unlock()
+		return ErrDeleted
+	}
 	c.block = b
 	c.mu.Unlock()
 	if _, ok := b.(Resizer); ok {
 		c.fitBlock() // a device taken over may have another size
 	}
+	return nil
 }
 
 // Start makes the first association and makes the controller LIVE. As with

@@ -57,7 +57,7 @@
 //
 //	c, _ := lifecycle.New(&nvmeofconn.Connector{Config: cfg, NSID: 1}, lifecycle.DefaultOptions())
 //	if err := c.Start(ctx); err != nil { ... }
-//	c.SetBlock(dev)
+//	if err := c.SetBlock(dev); err != nil { ... } // being deleted: remove dev yourself
 //	err := c.Do(ctx, func(conn lifecycle.Conn) error {
 //		n := conn.(*nvmeofconn.Conn)
 //		return n.IOQueue(q).Write(ctx, n.NS(), lba, buf, false)

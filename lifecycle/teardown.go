@@ -74,6 +74,9 @@ const (
 func (c *Controller) teardown(mode teardownMode, reason string) {
 	c.mu.Lock()
 	conn, block := c.conn, c.block
+	if mode == teardownDelete {
+		c.blockTaken = true // a later SetBlock is refused: nobody would remove it
+	}
 	c.mu.Unlock()
 
 	// 1. No new submissions.
