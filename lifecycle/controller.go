@@ -116,7 +116,7 @@ type Controller struct {
 	gen        uint64    // association generation; errors from older ones are stale
 	pendingErr error     // first error reported for gen
 	block      Block
-	blockTaken bool // a delete's teardown has looked for block: SetBlock is refused
+	blockTaken bool             // a delete's teardown has looked for block: SetBlock is refused
 	crdt       [3]time.Duration // Command Retry Delay Times of the live association
 	failfast   bool             // fast_io_fail_tmo expired while reconnecting
 	wake       chan struct{}    // closed and replaced when state or failfast changes
