@@ -87,11 +87,24 @@ func fileNamespace(t *testing.T, size int64) string {
 // checkGrown12 checks d's device once its 8 MiB namespace has grown to
 // 12 MiB while no host was connected: the device follows where the kernel
 // has UPDATE_SIZE (and the grown area is usable), else it keeps its size
-// with one WARN line.
-func checkGrown12(t *testing.T, d *daemon, follows bool) {
+// with one WARN line. The timeline gets the device's size.
+func checkGrown12(t *testing.T, s *scenario, d *daemon, follows bool) {
 	t.Helper()
 	const mib = 1 << 20
-	checkGrown12(t, d, follows)
+	if follows {
+		waitUntil(t, d.device+" to be 12 MiB", func() bool { return deviceSize(t, d.device) == 12*mib })
+		if err := probe(d.device, 10*mib); err != nil {
+			t.Errorf("I/O in the grown area: %v", err)
+		}
+	} else {
+		if got := deviceSize(t, d.device); got != 8*mib {
+			t.Errorf("%s is %d bytes, want it to keep its 8 MiB without UPDATE_SIZE", d.device, got)
+		}
+		if n := d.countLog("level=WARN", "keeps its size"); n != 1 {
+			t.Errorf("%d WARN lines about the device keeping its size, want 1\n%s", n, d.Log())
+		}
+	}
+	s.tl.add("%s is %d MiB", d.device, deviceSize(t, d.device)/mib)
 }
 
 // probe writes one stamped 4 KiB block at off through dev with O_DIRECT
@@ -342,8 +355,7 @@ func TestGuestNamespaceRecoverResized(t *testing.T) {
 		t.Fatal(err)
 	}
 	second := s.recoverFrom(first)
-	checkGrown12(t, second, follows)
-	s.tl.add("%s is %d MiB", second.device, deviceSize(t, second.device)/mib)
+	checkGrown12(t, s, second, follows)
 	s.end(second, nil, "", 0)
 }
 
@@ -372,7 +384,6 @@ func TestGuestNamespaceResizedAcrossReconnect(t *testing.T) {
 	}
 	d.waitState(n, "LIVE")
 	s.resumed("the reconnect")
-	checkGrown12(t, d, follows)
-	s.tl.add("%s is %d MiB", d.device, deviceSize(t, d.device)/mib)
+	checkGrown12(t, s, d, follows)
 	s.end(d, nil, "", 0)
 }
