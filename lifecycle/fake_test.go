@@ -178,6 +178,18 @@ type fakeCmd struct {
 // was no longer in flight (already failed by Shutdown): a late response.
 func (cmd *fakeCmd) complete(err error) bool { return cmd.c.complete(cmd, err) }
 
+// wait returns cmd's completion, or ctx's error once ctx ends first: the
+// command is then abandoned to the queue (Shutdown fails it), and its
+// handler still holds the reference until then.
+func (cmd *fakeCmd) wait(ctx context.Context) error {
+	select {
+	case err := <-cmd.done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
 type fakeConn struct {
 	target  *fakeTarget
 	onError func(error)
@@ -343,13 +355,7 @@ func (c *fakeConn) KeepAlive(ctx context.Context) error {
 	} else {
 		cmd.complete(nil)
 	}
-	select {
-	case err := <-cmd.done:
-		return err
-	case <-ctx.Done():
-		// Abandoned to the queue: its handler still holds the reference.
-		return ctx.Err()
-	}
+	return cmd.wait(ctx)
 }
 
 // fault is how a fake I/O misbehaves.
@@ -416,14 +422,7 @@ func (c *fakeConn) ShutdownController(ctx context.Context) error {
 	if !hang {
 		cmd.complete(nil)
 	}
-	select {
-	case err := <-cmd.done:
-		return err
-	case <-ctx.Done():
-		// Abandoned to the queue: Shutdown fails it, and its handler
-		// holds the reference until then.
-		return ctx.Err()
-	}
+	return cmd.wait(ctx)
 }
 
 func (c *fakeConn) Shutdown() {
