@@ -265,3 +265,23 @@ func TestWatchdogStopsWhileSupervisorIsWedged(t *testing.T) {
 		}
 	}
 }
+
+// TestObserveDeletingSaysStopping: a controller that deletes itself
+// (ctrl_loss_tmo) tears down while its supervisor answers no health
+// request; STOPPING=1 at DELETING ends the watchdog so that systemd does
+// not SIGABRT the daemon in the middle of its teardown.
+func TestObserveDeletingSaysStopping(t *testing.T) {
+	l := notifyListener(t)
+	r := &run{rc: RunConfig{Notifier: &ServiceNotifier{}}, status: &statusTracker{}}
+	r.observe(lifecycle.Transition{To: lifecycle.StateResetting, Reason: "keep-alive timed out"})
+	if got := readMsg(t, l); !strings.HasPrefix(got, "STATUS=") {
+		t.Fatalf("resetting: %q", got)
+	}
+	r.observe(lifecycle.Transition{To: lifecycle.StateDeleting, Reason: "ctrl_loss_tmo expired"})
+	if got := readMsg(t, l); !strings.HasPrefix(got, "STATUS=") || !strings.Contains(got, "DELETING") {
+		t.Fatalf("deleting: %q", got)
+	}
+	if got := readMsg(t, l); got != "STOPPING=1" {
+		t.Fatalf("after DELETING: %q, want STOPPING=1", got)
+	}
+}

@@ -286,6 +286,15 @@ func (r *run) observe(tr lifecycle.Transition) {
 	}
 	if r.rc.Notifier != nil {
 		_ = r.rc.Notifier.Status(serviceStatus(r.status.device(), fmt.Sprintf("%v (%s)", tr.To, tr.Reason)))
+		if tr.To == lifecycle.StateDeleting {
+			// The daemon is on its way out, asked to or not (ctrl_loss_tmo,
+			// another namespace). STOPPING=1 ends systemd's watchdog
+			// (TimeoutStopSec bounds the teardown from here): the
+			// supervisor answers no health request while it tears down,
+			// and a self-delete's STOP_DEV, shutdown notification and
+			// DEL_DEV may together outlast WatchdogSec.
+			_ = r.rc.Notifier.Stopping()
+		}
 	}
 }
 

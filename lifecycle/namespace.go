@@ -143,6 +143,11 @@ func (c *Controller) adoptNamespace(o Namespace) error {
 // fitBlock makes the block device's size the namespace's, where the block
 // device can be resized; otherwise it logs one WARN line.
 func (c *Controller) fitBlock() {
+	// resizeMu before reading the namespace: two callers (SetBlock and the
+	// supervisor applying a change) must not resize in the order opposite
+	// to the one they read the size in, leaving the device at a stale size.
+	c.resizeMu.Lock()
+	defer c.resizeMu.Unlock()
 	c.mu.Lock()
 	ns, block := c.ns, c.block
 	c.mu.Unlock()
@@ -159,8 +164,6 @@ func (c *Controller) fitBlock() {
 		c.log.Warn("namespace resized; the block device cannot be resized and keeps its size: I/O past the namespace's end fails with EIO", "size", size)
 		return
 	}
-	c.resizeMu.Lock()
-	defer c.resizeMu.Unlock()
 	was := r.Size()
 	if was == size {
 		return
