@@ -74,14 +74,16 @@ func deviceSize(t *testing.T, dev string) int64 {
 	return n << 9
 }
 
-// fileNamespace creates the backing file of a file namespace, size bytes.
-func fileNamespace(t *testing.T, size int64) string {
+// newFileScenario is a scenario (scenarioNQN(name) on port, portID) whose
+// namespace is a file of 8 MiB, written through the page cache so that it
+// can be resized under the target.
+func newFileScenario(t *testing.T, name string, port, portID int) *scenario {
 	t.Helper()
 	file := filepath.Join(t.TempDir(), "ns1.img")
-	if err := guest.CreateFile(file, size); err != nil {
+	if err := guest.CreateFile(file, 8<<20); err != nil {
 		t.Fatal(err)
 	}
-	return file
+	return newScenario(t, guest.TargetOptions{NQN: scenarioNQN(name), Device: file, BufferedIO: true, Port: port, PortID: portID})
 }
 
 // checkGrown12 checks d's device once its 8 MiB namespace has grown to
@@ -176,12 +178,11 @@ func TestGuestNamespaceResizedNoUpdateSize(t *testing.T) {
 // 4 MiB; the file grown to 12 MiB, shrunk to 4 MiB, grown back to 8 MiB.
 func testNamespaceResized(t *testing.T, follows bool) {
 	const mib = 1 << 20
-	file := fileNamespace(t, 8*mib)
 	port, portID := 4466, 36
 	if !follows {
 		port, portID = 4467, 37
 	}
-	s := newScenario(t, guest.TargetOptions{NQN: scenarioNQN(fmt.Sprintf("ns-resized-%v", follows)), Device: file, BufferedIO: true, Port: port, PortID: portID})
+	s := newFileScenario(t, fmt.Sprintf("ns-resized-%v", follows), port, portID)
 	const metrics = "127.0.0.1:9466"
 	d := startDaemon(t, s.tl, noNetns, s.attachArgs("-l", "30", "--metrics-addr", metrics)...)
 	baseline := daemonGoroutines(t, metrics)
@@ -344,8 +345,7 @@ func TestGuestNamespaceRecoverResized(t *testing.T) {
 	guest.Require(t)
 	const mib = 1 << 20
 	follows, _ := updateSize(t)
-	file := fileNamespace(t, 8*mib)
-	s := newScenario(t, guest.TargetOptions{NQN: scenarioNQN("ns-recover-resized"), Device: file, BufferedIO: true, Port: 4464, PortID: 34})
+	s := newFileScenario(t, "ns-recover-resized", 4464, 34)
 	first := startDaemon(t, s.tl, noNetns, s.attachArgs("-l", "30")...)
 	s.startLoad(first.device, 23)
 
@@ -368,8 +368,7 @@ func TestGuestNamespaceResizedAcrossReconnect(t *testing.T) {
 	guest.Require(t)
 	const mib = 1 << 20
 	follows, _ := updateSize(t)
-	file := fileNamespace(t, 8*mib)
-	s := newScenario(t, guest.TargetOptions{NQN: scenarioNQN("ns-resized-reconnect"), Device: file, BufferedIO: true, Port: 4465, PortID: 35})
+	s := newFileScenario(t, "ns-resized-reconnect", 4465, 35)
 	d := startDaemon(t, s.tl, noNetns, s.attachArgs("-l", "60")...)
 	s.startLoad(d.device, 24)
 
