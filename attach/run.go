@@ -407,7 +407,16 @@ func (r *run) ready() {
 func (r *run) serve(ctx context.Context) error {
 	select {
 	case <-r.rc.Handoff:
-		return handOff(r.dev, r.log)
+		err := handOff(r.dev, r.log)
+		if errors.Is(err, ublk.ErrStopping) {
+			// The controller is deleting itself (only its teardown
+			// stops the device while serve waits here): that delete
+			// removes the device; report the controller lost.
+			r.log.Warn("hand-over refused: the controller is being deleted, and the device with it", "err", err)
+			r.lost = true
+			return nil
+		}
+		return err
 	case <-ctx.Done():
 		r.log.Info("detaching: signalled")
 	case <-r.detach:
@@ -702,6 +711,9 @@ func handOff(dev *ublk.Device, log *slog.Logger) error {
 	if errors.Is(err, ublk.ErrNotSupported) {
 		log.Warn("handing over by exiting: this kernel's ublk lacks QUIESCE (Linux 6.16); the next daemon recovers the device and the driver reissues the I/O in flight", "err", err)
 		exitProcess(ExitHandedOver)
+	}
+	if errors.Is(err, ublk.ErrStopping) {
+		return err // not handed over: a delete under way removes the device
 	}
 	if err != nil {
 		log.Warn("hand-over: quiesce failed; the requests left in flight are reissued to the next daemon", "err", err, "requests", abandoned)

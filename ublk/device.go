@@ -31,6 +31,14 @@ type Device struct {
 	size     uint64
 	stopping bool
 
+	// endMu orders Handoff against Stop and Close (handoff.go): the one
+	// that begins first owns the device's end. stopBegun: Stop or Close
+	// was called; handoff: non-nil once Handoff began, closed when it
+	// returned.
+	endMu     sync.Mutex
+	stopBegun bool
+	handoff   chan struct{}
+
 	stopOnce  sync.Once
 	stopErr   error
 	closeOnce sync.Once
@@ -304,6 +312,9 @@ func (d *Device) Err() error {
 // Stop lets a caller order teardown as docs/design.md does: quiesce the block
 // device first, then shut the backend down, then Close to delete.
 func (d *Device) Stop(ctx context.Context) error {
+	if d.beginEnd() {
+		return nil // handed over: no longer this process's to stop
+	}
 	d.stopOnce.Do(func() { d.stopErr = d.stop(ctx) })
 	return d.stopErr
 }
@@ -342,6 +353,9 @@ func (d *Device) stop(ctx context.Context) error {
 // own, because a device left behind is the worse outcome. Close is
 // idempotent.
 func (d *Device) Close(ctx context.Context) error {
+	if d.beginEnd() {
+		return nil // handed over: no longer this process's to delete
+	}
 	d.closeOnce.Do(func() { d.closeErr = d.close(ctx) })
 	return d.closeErr
 }

@@ -2,9 +2,32 @@ package ublk
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 )
+
+// ErrStopping: Handoff was refused because Stop or Close had begun (a
+// delete is under way, which removes the device).
+var ErrStopping = errors.New("the device is being stopped")
+
+// beginEnd is called by Stop and Close. After a Handoff began it waits for
+// it and reports true: the device is the next daemon's, Stop and Close do
+// nothing. Otherwise it marks the stop begun (Handoff refuses from now on,
+// so a delete under way keeps the device to remove it) and reports false.
+func (d *Device) beginEnd() (handedOver bool) {
+	d.endMu.Lock()
+	h := d.handoff
+	if h == nil {
+		d.stopBegun = true
+	}
+	d.endMu.Unlock()
+	if h != nil {
+		<-h
+		return true
+	}
+	return false
+}
 
 // Handoff ends serving and leaves the device, with its /dev/ublkbN and the
 // applications' I/O, to the next daemon (Control.Recover), failing nothing.
@@ -12,7 +35,9 @@ import (
 // has it and recovery is on; on a device without it Handoff returns an
 // error wrapping ErrNotSupported and changes nothing (the device still
 // serves). Afterwards Stop and Close do nothing: the device is no longer
-// this process's.
+// this process's; called during a Handoff, they wait for it. Once Stop or
+// Close has begun (a delete under way), Handoff refuses with ErrStopping
+// and the delete removes the device.
 //
 // QUIESCE_DEV, sent while the queues still serve, makes the driver stop
 // dispatching (new requests wait in the kernel) and abort the idle
@@ -35,6 +60,15 @@ func (d *Device) Handoff(ctx context.Context) (abandoned int, err error) {
 			return 0, fmt.Errorf("ublk: device %d cannot be handed over: %w", d.info.ID, missing(f))
 		}
 	}
+	d.endMu.Lock()
+	if d.stopBegun || d.handoff != nil {
+		d.endMu.Unlock()
+		return 0, fmt.Errorf("ublk: device %d cannot be handed over: %w", d.info.ID, ErrStopping)
+	}
+	done := make(chan struct{})
+	d.handoff = done
+	d.endMu.Unlock()
+	defer close(done)
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, DefaultCommandTimeout)
