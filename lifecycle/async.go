@@ -2,8 +2,6 @@ package lifecycle
 
 import (
 	"context"
-	"fmt"
-	"time"
 )
 
 // Ref is a usage reference on the live association, taken without waiting
@@ -48,23 +46,16 @@ func (r Ref) Exit() { r.c.exit() }
 // recovers. After a status the controller answered: no recovery; fn runs
 // again on the same association if it is still live, after the Command
 // Retry Delay the status names (a delete meanwhile fails it with
-// ErrDeleted at once). Up to Options.MaxRetries tries in all after the
-// first. Call it after r.Exit, on a goroutine that may block.
+// ErrDeleted at once). The retries are bounded as Do's, this failure
+// counted among them. Call it after r.Exit, on a goroutine that may block.
 func (c *Controller) Retry(ctx context.Context, r Ref, err error, fn func(Conn) error) error {
-	failedGen := r.gen
-	var delay time.Duration
-	if RetryableStatus(err) {
-		// The controller answered: the association is fine.
-		failedGen = 0
-		delay = c.retryDelay(err)
-	} else {
-		c.reportError(r.gen, err)
-	}
-	if c.opts.MaxRetries == 0 {
-		return fmt.Errorf("%w: %w", ErrRetriesExhausted, err)
+	var t tries
+	delay, err := c.next(&t, r.gen, err)
+	if err != nil {
+		return err
 	}
 	if err := c.retryWait(ctx, delay); err != nil {
 		return err
 	}
-	return c.do(ctx, failedGen, 1, fn)
+	return c.do(ctx, t, fn)
 }

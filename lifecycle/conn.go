@@ -64,7 +64,8 @@ type Conn interface {
 	// status from the controller. Such a command is retried on the next
 	// association. It may also be true for a Path Related Status without
 	// DNR (nvmeof.IsPathError is): lifecycle recognises that status itself
-	// and retries the command on the same association, without recovery.
+	// and retries the command on the same association, without recovery,
+	// until the retries there are used up (retry.go).
 	IsPathError(err error) bool
 	// CRDT are the Command Retry Delay Times 1..3 (Identify Controller
 	// CRDT1..3, in 100 ms units) when Advanced Command Retry was enabled
@@ -127,9 +128,11 @@ var (
 	// ErrFastIOFail: held I/O failed because fast_io_fail_tmo expired
 	// while reconnecting.
 	ErrFastIOFail = fmt.Errorf("fast_io_fail_tmo expired: %w", syscall.EIO)
-	// ErrRetriesExhausted: an I/O failed on the path or with a retryable
-	// status more times than Options.MaxRetries. The error returned wraps
-	// it and the last failure.
+	// ErrRetriesExhausted: an I/O failed on the path more times than
+	// Options.MaxRetries, or with a retryable status more times than that
+	// on one association (a Path Related Status then fails the path
+	// instead, while path failures remain). The error returned wraps it
+	// and the last failure.
 	ErrRetriesExhausted = fmt.Errorf("retries exhausted: %w", syscall.EIO)
 	// ErrNamespaceChanged: a reconnect or a change event found a
 	// different namespace.

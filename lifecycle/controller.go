@@ -27,8 +27,10 @@ type Options struct {
 	// failed with EIO (fast_io_fail_tmo). Negative: off, I/O is held
 	// until the controller is LIVE again or deleted.
 	FastIOFailTmo time.Duration
-	// MaxRetries is how many times an I/O that failed on the path is
-	// retried on a new association (nvme_max_retries).
+	// MaxRetries (nvme_max_retries) is how many times an I/O that failed
+	// on the path is retried on a new association, and how many times one
+	// that failed with a status without DNR is retried on each association
+	// (retry.go).
 	MaxRetries int
 	// ShutdownTimeout, if positive, bounds the shutdown notification the
 	// delete sends (CC.SHN, then waiting for CSTS.SHST) below the Conn's

@@ -31,7 +31,9 @@
 // NVMe status without DNR (Namespace Not Ready, a Path Related Status, ...)
 // starts no recovery: the controller answered, so Do retries it on the same
 // association after the Command Retry Delay the status names (retry.go,
-// nvme_decide_disposition). Everything else only
+// nvme_decide_disposition), up to MaxRetries times there; a Path Related
+// Status that outlasts them is then a failure of the path (recovery, the
+// I/O held for the next association). Everything else only
 // signals the supervisor, so no callback ever tears down inline, and
 // keep-alive's failure is a channel the supervisor selects on: no
 // self-join.

@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/nvme"
 )
@@ -57,42 +59,169 @@ func TestPathStatusWithDNRFails(t *testing.T) {
 	h.finish()
 }
 
-// The retries are bounded: MaxRetries after the first try, then EIO.
-func TestPathStatusRetriesBounded(t *testing.T) {
-	h := newHarness(t, func(o *Options, _ *fakeTarget) { o.MaxRetries = 3 })
-	tries := 0
-	err := h.c.Do(context.Background(), func(Conn) error {
-		tries++
-		return nvme.NVME_SC_HOST_PATH_ERROR
-	})
-	if !errors.Is(err, ErrRetriesExhausted) || !errors.Is(err, syscall.EIO) || tries != 1+3 {
-		t.Fatalf("Do: %v after %d tries, want ErrRetriesExhausted (EIO) after 4", err, tries)
+// A Path Related Status that outlasts its retries on the association (a
+// namespace disabled on the target: nvmet's Internal Path Error, until the
+// Namespace Attribute Changed event is handled) is a failure of the path:
+// the I/O is not failed; recovery starts, and the I/O is held while the
+// reconnects find no namespace, then completes on the next association.
+func TestPathStatusOutlastingRetriesRecovers(t *testing.T) {
+	for _, async := range []bool{false, true} {
+		t.Run(map[bool]string{false: "Do", true: "Retry"}[async], func(t *testing.T) {
+			h := newHarness(t, func(o *Options, tgt *fakeTarget) {
+				noKeepAlive(o, tgt)
+				o.MaxRetries = 3
+			})
+			first := h.tgt.lastConn()
+			var onFirst, onOthers atomic.Int32
+			fn := func(c Conn) error {
+				if c == Conn(first) {
+					onFirst.Add(1)
+					return nvme.NVME_SC_INTERNAL_PATH_ERROR
+				}
+				onOthers.Add(1)
+				return c.(*fakeConn).write(context.Background(), 5, 55, faultNone)
+			}
+			res := make(chan error, 1)
+			if async {
+				r, ok := h.c.TryEnter()
+				if !ok {
+					t.Fatal("TryEnter failed while LIVE")
+				}
+				onFirst.Add(1) // the first try, on the fast path
+				r.Exit()
+				go func() { res <- h.c.Retry(context.Background(), r, nvme.NVME_SC_INTERNAL_PATH_ERROR, fn) }()
+			} else {
+				go func() { res <- h.c.Do(context.Background(), fn) }()
+			}
+			h.waitState(StateConnecting)
+			// The first reconnect finds no namespace (not an error
+			// with DNR): the I/O stays held.
+			h.tgt.mu.Lock()
+			h.tgt.connectErrs = []error{errors.New("fake: namespace 1: not active")}
+			h.tgt.mu.Unlock()
+			h.waitTimers(1)
+			h.clk.Advance(10 * time.Second)
+			waitFor(t, "the failed reconnect", func() bool { return h.tgt.connectCount() == 2 })
+			waitFor(t, "the I/O to be held", func() bool { return h.c.Held() == 1 })
+			select {
+			case err := <-res:
+				t.Fatalf("the I/O ended while the controller reconnects: %v", err)
+			default:
+			}
+			h.waitTimers(1)
+			h.clk.Advance(10 * time.Second)
+			if err := <-res; err != nil {
+				t.Fatalf("I/O: %v, want it completed on the next association", err)
+			}
+			if n, m := onFirst.Load(), onOthers.Load(); n != 1+3 || m != 1 {
+				t.Fatalf("%d tries on the first association (want 1+MaxRetries = 4), %d on the next (want 1)", n, m)
+			}
+			if h.tgt.data[5] != 55 {
+				t.Fatal("the write was not applied on the next association")
+			}
+			want := []State{StateConnecting, StateLive, StateResetting, StateConnecting, StateLive}
+			if got := h.states(); !equalStates(got, want) {
+				t.Fatalf("states %v, want %v", got, want)
+			}
+			h.finish()
+		})
 	}
-	if s := h.c.State(); s != StateLive {
-		t.Fatalf("state %v", s)
+}
+
+// Those failures of the path are bounded as the others: a path status on
+// every association fails the I/O after MaxRetries associations, each
+// after MaxRetries retries on it, with EIO and the status.
+func TestPathStatusOnEveryAssociationBounded(t *testing.T) {
+	h := newHarness(t, func(o *Options, tgt *fakeTarget) {
+		noKeepAlive(o, tgt)
+		o.MaxRetries = 1
+	})
+	var tries atomic.Int32
+	res := make(chan error, 1)
+	go func() {
+		res <- h.c.Do(context.Background(), func(Conn) error {
+			tries.Add(1)
+			return nvme.NVME_SC_ANA_INACCESSIBLE
+		})
+	}()
+	h.waitState(StateConnecting)
+	h.waitTimers(1)
+	h.clk.Advance(10 * time.Second)
+	err := <-res
+	if !errors.Is(err, ErrRetriesExhausted) || !errors.Is(err, syscall.EIO) || !errors.Is(err, nvme.NVME_SC_ANA_INACCESSIBLE) {
+		t.Fatalf("Do: %v, want ErrRetriesExhausted (EIO) with the status", err)
+	}
+	if n := tries.Load(); n != 2*(1+1) {
+		t.Fatalf("%d tries, want 4: 1+MaxRetries on each of 1+MaxRetries associations", n)
+	}
+	if n := h.tgt.connectCount(); n != 2 {
+		t.Fatalf("%d connects, want 2", n)
 	}
 	h.finish()
 }
 
-// Path errors and path statuses count against the same MaxRetries.
-func TestPathStatusAndPathErrorShareRetries(t *testing.T) {
-	h := newHarness(t, func(o *Options, _ *fakeTarget) { o.MaxRetries = 1 })
+// An I/O whose status retries are used up, whose next try fails because
+// the association fails (recovery started by another I/O's path status
+// shuts the sockets under it), is retried on the next association: the
+// status retries and the failures of the path are bounded apart.
+func TestPathErrorAfterStatusRetriesRetried(t *testing.T) {
+	h := newHarness(t, func(o *Options, tgt *fakeTarget) {
+		noKeepAlive(o, tgt)
+		o.MaxRetries = 2
+	})
+	tries := 0
+	res := make(chan error, 1)
+	go func() {
+		res <- h.c.Do(context.Background(), func(c Conn) error {
+			tries++
+			switch tries {
+			case 1, 2:
+				return nvme.NVME_SC_ANA_TRANSITION
+			case 3:
+				return c.(*fakeConn).write(context.Background(), 6, 66, faultSocket)
+			}
+			return c.(*fakeConn).write(context.Background(), 6, 66, faultNone)
+		})
+	}()
+	h.waitState(StateConnecting)
+	h.waitTimers(1)
+	h.clk.Advance(10 * time.Second)
+	if err := <-res; err != nil || tries != 4 {
+		t.Fatalf("Do: %v after %d tries, want success after 4", err, tries)
+	}
+	if h.tgt.data[6] != 66 {
+		t.Fatal("retried write not applied")
+	}
+	h.finish()
+}
+
+// The status retries are counted on each association, the failures of
+// the path in all: with MaxRetries 1, a status and a path error on one
+// association, then the same on the next, fail the I/O.
+func TestPathStatusAndPathErrorBoundedApart(t *testing.T) {
+	h := newHarness(t, func(o *Options, tgt *fakeTarget) {
+		noKeepAlive(o, tgt)
+		o.MaxRetries = 1
+	})
 	res := make(chan error, 1)
 	tries := 0
 	go func() {
 		res <- h.c.Do(context.Background(), func(c Conn) error {
 			tries++
-			if tries == 1 {
+			if tries%2 == 1 {
 				return nvme.NVME_SC_ANA_INACCESSIBLE
 			}
 			return c.(*fakeConn).write(context.Background(), 1, 1, faultSocket)
 		})
 	}()
+	h.waitState(StateConnecting)
+	h.waitTimers(1)
+	h.clk.Advance(10 * time.Second)
 	err := <-res
-	if !errors.Is(err, ErrRetriesExhausted) || tries != 2 {
-		t.Fatalf("Do: %v after %d tries, want ErrRetriesExhausted after 2", err, tries)
+	if !errors.Is(err, ErrRetriesExhausted) || tries != 4 {
+		t.Fatalf("Do: %v after %d tries, want ErrRetriesExhausted after 4", err, tries)
 	}
-	h.waitState(StateConnecting) // the path error started recovery
+	h.waitEntered(StateConnecting, 2) // the last path error started recovery too
 	h.finish()
 }
 

@@ -3,6 +3,7 @@ package lifecycle
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 )
 
@@ -10,10 +11,17 @@ import (
 // nvme_retry_req: a command the controller completed with any status
 // without the Do Not Retry bit is retried, on the same association (the
 // controller answered: no recovery), after the Command Retry Delay the
-// status asks for, up to Options.MaxRetries (nvme_max_retries) times.
-// Namespace Not Ready, a Path Related Status (SCT 3), a data digest error
-// reported on that one command: all are such statuses. A status with DNR
-// is returned at once.
+// status asks for, up to Options.MaxRetries (nvme_max_retries) times on
+// each association. Namespace Not Ready, a Path Related Status (SCT 3), a
+// data digest error reported on that one command: all are such statuses.
+// A status with DNR is returned at once.
+//
+// When those retries are used up, a Path Related Status is handled as a
+// failure of the association (the path is what fails; native multipath
+// fails such a request over, nvme_failover_req, and holds it while no
+// path is usable): recovery starts and the I/O is held for the next
+// association, counted with the association failures. Any other status
+// then fails the I/O, as the Linux host does.
 
 // maxRetryDelay bounds the wait before a retry: CRDT is a 16-bit count of
 // 100 ms (up to 109 minutes), and a controller's value only holds the I/O.
@@ -35,6 +43,58 @@ type retryableStatus interface {
 func RetryableStatus(err error) bool {
 	var s retryableStatus
 	return errors.As(err, &s) && !s.DNR()
+}
+
+// pathStatus reports whether err carries a Path Related Status (Status
+// Code Type 3; NVMe Base Specification 2.0, "Path Related Status Values";
+// nvme_is_path_error): an error in its chain has a method
+// PathRelated() bool, as nvme.Status, that returns true.
+func pathStatus(err error) bool {
+	var s interface{ PathRelated() bool }
+	return errors.As(err, &s) && s.PathRelated()
+}
+
+// tries is what an I/O has been through: its failed tries, counted for
+// Options.MaxRetries, and the association it last failed on the path of.
+type tries struct {
+	// statuses: statuses without DNR on the association the I/O is on;
+	// none yet on the next one.
+	statuses int
+	// paths: failures of the path, each retried on a new association.
+	paths int
+	// failedGen is the association the I/O failed on the path of (0:
+	// none): it is not tried there again.
+	failedGen uint64
+}
+
+// next counts the failed try err of an I/O on association gen, a status
+// without DNR (RetryableStatus) or a failure of the path, and decides what
+// follows: the delay before the I/O is tried again, on the same
+// association after a status and on the next one (failedGen) after a path
+// failure, for which recovery is started here; or the error that ends the
+// I/O, wrapping ErrRetriesExhausted and err.
+func (c *Controller) next(t *tries, gen uint64, err error) (time.Duration, error) {
+	if RetryableStatus(err) {
+		if t.statuses < c.opts.MaxRetries {
+			// The controller answered: the association works; the
+			// I/O stays on it (failedGen stays what it was).
+			t.statuses++
+			return c.retryDelay(err), nil
+		}
+		if !pathStatus(err) || t.paths >= c.opts.MaxRetries {
+			return 0, fmt.Errorf("%w: %w", ErrRetriesExhausted, err)
+		}
+		// The path keeps failing it: recover, as after a path error.
+		err = fmt.Errorf("path status after %d retries: %w", t.statuses, err)
+	}
+	c.reportError(gen, err)
+	t.failedGen = gen
+	t.statuses = 0 // the next association gets its own
+	if t.paths >= c.opts.MaxRetries {
+		return 0, fmt.Errorf("%w: %w", ErrRetriesExhausted, err)
+	}
+	t.paths++
+	return 0, nil
 }
 
 // retryDelay is how long to wait before retrying a command that failed

@@ -2,9 +2,7 @@ package lifecycle
 
 import (
 	"context"
-	"fmt"
 	"sync"
-	"time"
 )
 
 // Step is one step of teardown, in docs/design.md's order.
@@ -236,52 +234,50 @@ func (c *Controller) step(s Step, fn func()) {
 // LIVE again; it fails with an error wrapping EIO once fast_io_fail_tmo has
 // expired, or once the controller is DELETING or DEAD.
 //
-// fn is retried, up to Options.MaxRetries times in all, when it fails
+// fn is retried when it fails
 //   - with a path error (Conn.IsPathError: the association failed under
-//     it): recovery is started and fn is retried on the next association;
+//     it): recovery is started and fn is retried on the next association,
+//     up to Options.MaxRetries times;
 //   - with an NVMe status without DNR (RetryableStatus: Namespace Not
 //     Ready, a Path Related Status, a data digest error on that command,
 //     any other): the controller answered, so the association is fine and
 //     no recovery is started; fn is retried on the same association after
 //     the Command Retry Delay the status names (CRD 1..3: Conn.CRDT), as
 //     the Linux host retries it (nvme_decide_disposition,
-//     nvme_retry_req). The wait holds no reference: a delete during it
-//     fails the I/O with ErrDeleted at once.
+//     nvme_retry_req), up to Options.MaxRetries times on each
+//     association. The wait holds no reference: a delete during it fails
+//     the I/O with ErrDeleted at once. A Path Related Status that outlasts
+//     those retries is then a failure of the path, as above: recovery,
+//     and fn is held for the next association (retry.go).
 //
 // Any other error, a status with DNR among them, is returned as it is.
 //
 // fn must not keep the Conn, or anything from it, after it returns: the
 // association may be freed as soon as every Do caller has returned.
 func (c *Controller) Do(ctx context.Context, fn func(Conn) error) error {
-	return c.do(ctx, 0, 0, fn)
+	return c.do(ctx, tries{}, fn)
 }
 
-// do is Do for an I/O that has already been tried and failed `retries`
-// times, the last time on the path of association failedGen (0: none).
-func (c *Controller) do(ctx context.Context, failedGen uint64, retries int, fn func(Conn) error) error {
-	for ; ; retries++ {
-		conn, gen, err := c.enter(ctx, failedGen)
+// do is Do for an I/O that has already been through t.
+func (c *Controller) do(ctx context.Context, t tries, fn func(Conn) error) error {
+	for {
+		conn, gen, err := c.enter(ctx, t.failedGen)
 		if err != nil {
 			return err
 		}
 		err = c.call(conn, fn)
-		var delay time.Duration
 		switch {
 		case err == nil:
 			return nil
-		case RetryableStatus(err):
-			// First: a Conn may count a path status as a path
-			// error too, but the association works. Retry on it:
-			// failedGen stays what it was.
-			delay = c.retryDelay(err)
-		case conn.IsPathError(err):
-			c.reportError(gen, err)
-			failedGen = gen
+		case RetryableStatus(err), conn.IsPathError(err):
+			// A status first: a Conn may count a path status as a
+			// path error too, but the association works (next).
 		default:
 			return err
 		}
-		if retries >= c.opts.MaxRetries {
-			return fmt.Errorf("%w: %w", ErrRetriesExhausted, err)
+		delay, err := c.next(&t, gen, err)
+		if err != nil {
+			return err
 		}
 		if err := c.retryWait(ctx, delay); err != nil {
 			return err

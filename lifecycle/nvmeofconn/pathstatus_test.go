@@ -16,9 +16,12 @@ import (
 // The Path Related Status values (SCT 3) a write can complete with, over
 // TCP from the in-process target. Without DNR each is retried on the same
 // association (no recovery, no reconnect) and the write lands; with DNR the
-// write fails with that status after one try; always failing, the write
-// fails with EIO after 1+MaxRetries tries. A status of another type without
-// DNR is retried just the same.
+// write fails with that status after one try. A status of another type
+// without DNR is retried just the same, and always failing, the write fails
+// with EIO after 1+MaxRetries tries. A path status that outlasts those
+// retries is a failure of the path: the controller recovers and the write
+// lands on the next association; on every association, it fails with EIO
+// after MaxRetries of them.
 func TestPathStatusOverTCP(t *testing.T) {
 	pathStatuses := []nvme.Status{
 		nvme.NVME_SC_INTERNAL_PATH_ERROR, nvme.NVME_SC_ANA_PERSISTENT_LOSS, nvme.NVME_SC_ANA_INACCESSIBLE,
@@ -46,15 +49,42 @@ func TestPathStatusOverTCP(t *testing.T) {
 		})
 	}
 	t.Run("bounded", func(t *testing.T) {
-		r, c, writes := pathStatusRig(t, target.Fault{Status: nvme.NVME_SC_ANA_TRANSITION})
+		r, c, writes := pathStatusRig(t, target.Fault{Status: nvme.NVME_SC_NS_NOT_READY})
 		err := write(c, 0, 7, 77)
-		if !errors.Is(err, lifecycle.ErrRetriesExhausted) || !errors.Is(err, syscall.EIO) {
-			t.Fatalf("write: %v, want ErrRetriesExhausted (EIO)", err)
+		if !errors.Is(err, lifecycle.ErrRetriesExhausted) || !errors.Is(err, syscall.EIO) || !errors.Is(err, nvme.NVME_SC_NS_NOT_READY) {
+			t.Fatalf("write: %v, want ErrRetriesExhausted (EIO) with Namespace Not Ready", err)
 		}
 		if n, want := writes.Load(), int32(1+lifecycle.DefaultOptions().MaxRetries); n != want {
 			t.Fatalf("the target saw %d writes, want %d", n, want)
 		}
 		checkNoRecovery(t, r, c)
+	})
+	t.Run("path-status-outlasting-retries", func(t *testing.T) {
+		// Two more than the first association's tries.
+		tries := 1 + lifecycle.DefaultOptions().MaxRetries
+		r, c, writes := pathStatusRig(t, target.Fault{Status: nvme.NVME_SC_INTERNAL_PATH_ERROR, Times: tries + 2})
+		if err := write(c, 0, 7, 77); err != nil {
+			t.Fatalf("write: %v, want it retried on the next association", err)
+		}
+		if n, want := writes.Load(), int32(tries+3); n != want {
+			t.Fatalf("the target saw %d writes, want %d", n, want)
+		}
+		if got := r.stored(7); got != 77 {
+			t.Fatalf("block 7 = %d", got)
+		}
+		checkRecoveries(t, r, c, 1)
+	})
+	t.Run("path-status-bounded", func(t *testing.T) {
+		r, c, writes := pathStatusRig(t, target.Fault{Status: nvme.NVME_SC_ANA_TRANSITION})
+		err := write(c, 0, 7, 77)
+		if !errors.Is(err, lifecycle.ErrRetriesExhausted) || !errors.Is(err, syscall.EIO) || !errors.Is(err, nvme.NVME_SC_ANA_TRANSITION) {
+			t.Fatalf("write: %v, want ErrRetriesExhausted (EIO) with ANA Transition", err)
+		}
+		k := 1 + lifecycle.DefaultOptions().MaxRetries
+		if n, want := writes.Load(), int32(k*k); n != want {
+			t.Fatalf("the target saw %d writes, want %d (1+MaxRetries on each of 1+MaxRetries associations)", n, want)
+		}
+		checkRecoveries(t, r, c, k-1)
 	})
 	// Any status without DNR is retried (nvme_decide_disposition), on the
 	// same association: Namespace Not Ready (a namespace briefly
@@ -127,5 +157,26 @@ func checkNoRecovery(t *testing.T, r *rig, c *lifecycle.Controller) {
 	}
 	if n := r.conn.attempts.Load(); n != 1 {
 		t.Fatalf("%d connects, want 1", n)
+	}
+}
+
+// checkRecoveries checks that the controller recovered n times and is LIVE
+// on its n+1st association.
+func checkRecoveries(t *testing.T, r *rig, c *lifecycle.Controller, n int) {
+	t.Helper()
+	if s := c.State(); s != lifecycle.StateLive {
+		t.Fatalf("state %v", s)
+	}
+	resets := 0
+	for _, tr := range c.States().History() {
+		if tr.To == lifecycle.StateResetting {
+			resets++
+		}
+	}
+	if resets != n {
+		t.Fatalf("%d recoveries, want %d", resets, n)
+	}
+	if got := r.conn.attempts.Load(); got != int32(n+1) {
+		t.Fatalf("%d connects, want %d", got, n+1)
 	}
 }

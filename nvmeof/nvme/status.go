@@ -198,5 +198,6 @@ func (s Status) DoNotRetry() bool { return s.DNR() }
 // the command failed on this path, e.g. nvmet's Internal Path Error for a
 // disabled namespace. Unless DNR is set it may succeed later or elsewhere;
 // lifecycle.Controller.Do retries such a command (PathRelated and not DNR)
-// on the same association, up to its MaxRetries.
+// on the same association, up to its MaxRetries, then on the next one
+// after a recovery, as a failure of the path.
 func (s Status) PathRelated() bool { return s&NVME_SCT_MASK == NVME_SCT_PATH }
