@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/auth"
@@ -84,6 +86,10 @@ func authenticateQueue(ctx context.Context, q *Queue, a *AuthConfig, host HostId
 	tid := uint16(authTransaction.Add(1))
 	res, err := auth.Authenticate(ctx, &queueAuthTransport{q: q, timeout: timeout}, cfg, tid)
 	if err != nil {
+		if closedAfterReply(err) {
+			err = &auth.Error{Remote: true, Reason: auth.NVME_AUTH_DHCHAP_FAILURE_FAILED,
+				Detail: "the controller closed the connection instead of answering DH-HMAC-CHAP_Reply, as Linux nvmet does when it rejected the host: wrong host secret, or a host NQN it has no secret for"}
+		}
 		return fmt.Errorf("nvmeof: authenticate queue %d to %s: %w", q.QID(), subsysNQN, err)
 	}
 	if q.QID() == 0 {
@@ -114,4 +120,21 @@ func (t *queueAuthTransport) Receive(ctx context.Context, al int) ([]byte, error
 		return nil, err
 	}
 	return buf, nil
+}
+
+// closedAfterReply reports whether the controller closed the connection
+// (EOF, reset) while the host waited for its answer to DH-HMAC-CHAP_Reply.
+// Linux nvmet 6.12 may do that instead of sending AUTH_Failure1 when it
+// rejects the host (nvmet_execute_auth_receive calls
+// nvmet_ctrl_fatal_error before completing the Failure1 read), so it is
+// taken as the rejection it almost always is: final, not retried. A
+// timeout or our own shutdown is not.
+func closedAfterReply(err error) bool {
+	var ru *auth.ReplyUnansweredError
+	var qe *QueueError
+	if !errors.As(err, &ru) || !errors.As(ru.Err, &qe) {
+		return false
+	}
+	return errors.Is(qe.Err, io.EOF) || errors.Is(qe.Err, io.ErrUnexpectedEOF) ||
+		errors.Is(qe.Err, syscall.ECONNRESET) || errors.Is(qe.Err, syscall.EPIPE)
 }

@@ -140,6 +140,10 @@ func (x *hostTransaction) run(ctx context.Context) (*Result, error) {
 		return nil, fmt.Errorf("DH-HMAC-CHAP: send DH-HMAC-CHAP_Reply: %w", err)
 	}
 	if b, err = x.receive(ctx, success1AL, "DH-HMAC-CHAP_Success1"); err != nil {
+		var ae *Error
+		if !errors.As(err, &ae) {
+			err = &ReplyUnansweredError{Err: err}
+		}
 		return nil, err
 	}
 	if aerr := x.success1(b); aerr != nil {
@@ -152,6 +156,19 @@ func (x *hostTransaction) run(ctx context.Context) (*Result, error) {
 	}
 	return &Result{Hash: x.ch.Hash, DHGroup: x.ch.DHGroup, Bidirectional: x.c2 != nil}, nil
 }
+
+// ReplyUnansweredError: the Authentication Receive that was to bring
+// DH-HMAC-CHAP_Success1 (or AUTH_Failure1) after the host's
+// DH-HMAC-CHAP_Reply failed in the transport. Linux nvmet (6.12) declares
+// the controller fatal as it rejects the host's response on the admin
+// queue, which may close the connection before its AUTH_Failure1 goes out;
+// the caller, which knows its transport, tells that apart from a timeout.
+type ReplyUnansweredError struct{ Err error }
+
+func (e *ReplyUnansweredError) Error() string {
+	return fmt.Sprintf("DH-HMAC-CHAP: receive DH-HMAC-CHAP_Success1: %v", e.Err)
+}
+func (e *ReplyUnansweredError) Unwrap() error { return e.Err }
 
 // receive issues Authentication Receive and turns AUTH_Failure1 into an
 // *Error.

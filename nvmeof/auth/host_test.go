@@ -153,3 +153,37 @@ func TestHostRejectsBadChallenges(t *testing.T) {
 		})
 	}
 }
+
+// dropAfterReply is a transport whose connection breaks while the host
+// waits for the answer to its DH-HMAC-CHAP_Reply, as Linux nvmet 6.12's
+// may when it rejects the host.
+type dropAfterReply struct {
+	loopback
+	err error
+}
+
+func (d *dropAfterReply) Receive(ctx context.Context, al int) ([]byte, error) {
+	if len(d.msgs) >= 3 { // negotiate sent, challenge received, reply sent
+		return nil, d.err
+	}
+	return d.loopback.Receive(ctx, al)
+}
+
+// TestHostSuccess1TransportError: a transport error after the Reply is a
+// *ReplyUnansweredError (wrapping the transport's error) for the caller to
+// judge; before the Reply it is passed on as it is.
+func TestHostSuccess1TransportError(t *testing.T) {
+	cc := &ControllerConfig{HostNQN: testHostNQN, SubsysNQN: testSubsysNQN, HostSecret: mustSecret(t, hostKey), Hash: NVME_AUTH_HASH_SHA256, DHGroup: NVME_AUTH_DHGROUP_NULL}
+	hc := &HostConfig{HostNQN: testHostNQN, SubsysNQN: testSubsysNQN, Secret: mustSecret(t, otherKey)}
+	broken := errors.New("connection reset")
+	d := &dropAfterReply{loopback: loopback{c: NewControllerTransaction(cc)}, err: broken}
+	_, err := Authenticate(context.Background(), d, hc, 1)
+	var ru *ReplyUnansweredError
+	if !errors.As(err, &ru) || !errors.Is(err, broken) {
+		t.Fatalf("%v: want a *ReplyUnansweredError wrapping the transport's error", err)
+	}
+	var ae *Error
+	if errors.As(err, &ae) {
+		t.Fatalf("%v: the host alone cannot tell a rejection from a broken link", err)
+	}
+}
