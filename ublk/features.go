@@ -58,7 +58,7 @@ var featureTable = [...]featureInfo{
 	{"QUIESCE", "6.16"},
 	{"PER_IO_DAEMON", ""},
 	{"BUF_REG_OFF_DAEMON", ""},
-	{"BATCH_IO", ""},
+	{"BATCH_IO", "7.0"}, // "ublk: add UBLK_F_BATCH_IO" series, block tree 2026-01-22, after 6.19
 	{"INTEGRITY", ""},
 	{"SAFE_STOP_DEV", ""},
 	{"NO_AUTO_PART_SCAN", ""},

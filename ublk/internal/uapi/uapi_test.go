@@ -102,3 +102,23 @@ func TestOpcodeEncoding(t *testing.T) {
 		t.Error("IOCNr does not recover the legacy opcode")
 	}
 }
+
+// The zero-copy ABI: io_uring_rsrc_register's C layout, the two buffer
+// registration opcodes' encodings, and ublk_auto_buf_reg_to_sqe_addr.
+func TestZeroCopyABI(t *testing.T) {
+	var rr IoUringRsrcRegister
+	if unsafe.Sizeof(rr) != 32 || unsafe.Offsetof(rr.Data) != 16 || unsafe.Offsetof(rr.Tags) != 24 {
+		t.Errorf("io_uring_rsrc_register: size %d, data at %d, tags at %d; want 32, 16, 24",
+			unsafe.Sizeof(rr), unsafe.Offsetof(rr.Data), unsafe.Offsetof(rr.Tags))
+	}
+	if unsafe.Sizeof(UblkAutoBufReg{}) != 8 {
+		t.Errorf("sizeof(ublk_auto_buf_reg) = %d, want 8", unsafe.Sizeof(UblkAutoBufReg{}))
+	}
+	if UBLK_U_IO_REGISTER_IO_BUF != 0xc0107523 || UBLK_U_IO_UNREGISTER_IO_BUF != 0xc0107524 {
+		t.Errorf("UBLK_U_IO_(UN)REGISTER_IO_BUF = %#x, %#x", UBLK_U_IO_REGISTER_IO_BUF, UBLK_U_IO_UNREGISTER_IO_BUF)
+	}
+	b := UblkAutoBufReg{Index: 0x1234, Flags: UBLK_AUTO_BUF_REG_FALLBACK, Reserved0: 0x56, Reserved1: 0x789abcde}
+	if got, want := b.SQEAddr(), uint64(0x789abcde_56_01_1234); got != want {
+		t.Errorf("SQEAddr = %#x, want %#x", got, want)
+	}
+}

@@ -119,7 +119,7 @@ const (
 	UBLK_F_QUIESCE                = 1 << 12 // 6.16
 	UBLK_F_PER_IO_DAEMON          = 1 << 13 // 6.16
 	UBLK_F_BUF_REG_OFF_DAEMON     = 1 << 14 // 6.16
-	UBLK_F_BATCH_IO               = 1 << 15
+	UBLK_F_BATCH_IO               = 1 << 15 // 7.0
 	UBLK_F_INTEGRITY              = 1 << 16
 	UBLK_F_SAFE_STOP_DEV          = 1 << 17
 	UBLK_F_NO_AUTO_PART_SCAN      = 1 << 18
