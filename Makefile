@@ -3,10 +3,11 @@
 #   make test   every test: unit and integration (-race), then the VM tests
 #   make e2e    only the VM tests
 #   make bench  ublk-nvmeof against the kernel initiator in the VM -> docs/perf
+#   make bench-native  the host library and `serve` against SPDK, no VM -> docs/perf/native.md
 GO ?= go
 export CGO_ENABLED ?= 1
 
-.PHONY: all build vet unit test e2e bench bench-go demo vm-prepare clean
+.PHONY: all build vet unit test e2e bench bench-native bench-go demo vm-prepare clean
 
 all: build
 
@@ -47,6 +48,13 @@ test: vet unit e2e
 bench:
 	e2e/vm/prepare-vm.sh lts
 	E2E_KERNEL=lts $(GO) run ./e2e/cmd/bench $(BENCH_FLAGS)
+
+# The nvmeof host library against spdk_nvme_perf and `ublk-nvmeof serve`
+# against nvmf_tgt on this machine (CPUs 0 and 1), with SPDK v24.01 from
+# e2e/spdk/build.sh's cache; never part of make test. BENCH_NATIVE_FLAGS:
+# e.g. -t 5s -rows 4k-randread.
+bench-native:
+	$(GO) run ./e2e/cmd/bench-native $(BENCH_NATIVE_FLAGS)
 
 bench-go:
 	$(GO) test -run '^$$' -bench . -benchmem ./...

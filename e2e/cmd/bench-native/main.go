@@ -1,0 +1,533 @@
+// Command bench-native is `make bench-native`: the nvmeof host library
+// against SPDK's spdk_nvme_perf, both against SPDK's nvmf_tgt, and
+// spdk_nvme_perf against `ublk-nvmeof serve` against nvmf_tgt, on this
+// machine (no VM): the target pinned to CPU 0, each initiator to CPU 1.
+// It writes docs/perf/native.md (the table with ratios, the commands, the
+// load) and, for the library's worst row, a CPU profile under
+// docs/perf/native-profile/.
+//
+// SPDK comes from the cache e2e/spdk/build.sh fills (SPDK_CACHE, default
+// ~/.cache/ublk-nvmeof/spdk/v24.01); without it the command says what is
+// missing and exits 2.
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/native"
+)
+
+// Ports and names of this bench (4540-4559; the SPDK interop tests use
+// 4520-4539).
+const (
+	tgtPort   = 4540
+	servePort = 4541
+	nqn       = "nqn.2016-06.io.spdk:bench-native"
+	// The namespace: 256 MiB of memory in 4 KiB blocks on both targets.
+	nsMiB     = 256
+	blockSize = 4096
+	// CPUs: the target alone on targetCPU, the initiator alone on
+	// hostCPU.
+	targetCPU = 0
+	hostCPU   = 1
+)
+
+func main() {
+	out := flag.String("out", "docs/perf", "directory native.md and native-profile/ are written to")
+	runtimeFlag := flag.Duration("t", 10*time.Second, "run time of each row and tool (whole seconds)")
+	only := flag.String("rows", "", "only the rows whose name contains this (e.g. 4k-randread); default all")
+	noProfile := flag.Bool("no-profile", false, "skip the CPU profile of the worst row")
+	flag.Parse()
+	err := run(*out, *runtimeFlag, *only, !*noProfile)
+	var missing *missingError
+	switch {
+	case errors.As(err, &missing):
+		fmt.Fprintf(os.Stderr, "bench-native: %v\n", err)
+		os.Exit(2)
+	case err != nil:
+		fmt.Fprintf(os.Stderr, "bench-native: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+func run(out string, d time.Duration, only string, profile bool) error {
+	if d < time.Second || d%time.Second != 0 {
+		return fmt.Errorf("-t %v: whole seconds, at least 1 (spdk_nvme_perf's -t)", d)
+	}
+	spdk, err := findSPDK()
+	if err != nil {
+		return err
+	}
+	if runtime.NumCPU() < 2 {
+		return fmt.Errorf("%d CPU: the bench pins the target and the initiator to CPUs %d and %d", runtime.NumCPU(), targetCPU, hostCPU)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	work, err := os.MkdirTemp("", "bench-native-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(work)
+	b := &bench{spdk: spdk, work: work, d: d}
+	if err := b.buildGo(ctx); err != nil {
+		return err
+	}
+	var rows []native.Workload
+	for _, w := range native.Rows(d) {
+		if strings.Contains(w.Name(), only) {
+			rows = append(rows, w)
+		}
+	}
+	if len(rows) == 0 {
+		return fmt.Errorf("-rows %q matches no row", only)
+	}
+	rep := &native.Report{Date: time.Now(), Commit: gitCommit(), Machine: machine(), SPDK: spdk.describe(), LoadBefore: loadavg()}
+	results := make([]native.Row, len(rows))
+	for i, w := range rows {
+		results[i].Workload = w
+	}
+	if err := b.hostSide(ctx, results, rep); err != nil {
+		return err
+	}
+	if err := b.targetSide(ctx, results, rep); err != nil {
+		return err
+	}
+	rep.LoadAfter = loadavg()
+	rep.Rows = results
+	if profile {
+		if err := b.profileWorst(ctx, results, rep, out); err != nil {
+			return err
+		}
+	}
+	rep.Notes = append(rep.Notes,
+		"Each row runs each tool once for the run time, alternating tools row by row; spdk_nvme_perf's start (DPDK init, connect) is outside its window, the library's connect outside its own.",
+		"-q is the depth in all, spread round robin over -P queues (spdk_nvme_perf's nvme_submit_io); the library does the same from each completion.",
+		"nvmf_tgt and spdk_nvme_perf run without hugepages (--no-huge), as this machine has none configured.")
+	if err := os.MkdirAll(out, 0o755); err != nil {
+		return err
+	}
+	md := filepath.Join(out, "native.md")
+	if err := os.WriteFile(md, []byte(rep.Markdown()), 0o644); err != nil {
+		return err
+	}
+	fmt.Fprintf(os.Stderr, "bench-native: wrote %s\n", md)
+	return nil
+}
+
+// bench holds what every step needs.
+type bench struct {
+	spdk spdkBuild
+	work string // temporary: binaries, logs, the RPC socket
+	d    time.Duration
+	// The binaries built from this tree.
+	perfBin, serveBin string
+}
+
+func (b *bench) buildGo(ctx context.Context) error {
+	b.perfBin = filepath.Join(b.work, "nvmeof-perf")
+	b.serveBin = filepath.Join(b.work, "ublk-nvmeof")
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", b.work, "./e2e/cmd/nvmeof-perf", "./cmd/ublk-nvmeof")
+	cmd.Stderr = os.Stderr
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("go build: %w", err)
+	}
+	return nil
+}
+
+// hostSide runs spdk_nvme_perf and the library against one nvmf_tgt,
+// row by row.
+func (b *bench) hostSide(ctx context.Context, rows []native.Row, rep *native.Report) error {
+	tgt, err := b.startNvmfTgt(ctx, rep)
+	if err != nil {
+		return err
+	}
+	defer tgt.stop()
+	for i := range rows {
+		w := rows[i].Workload
+		fmt.Fprintf(os.Stderr, "bench-native: %s: spdk_nvme_perf -> nvmf_tgt\n", w.Name())
+		if rows[i].SPDK, err = b.spdkPerf(ctx, w, tgtPort, rep, i == 0); err != nil {
+			return err
+		}
+		fmt.Fprintf(os.Stderr, "bench-native: %s: nvmeof library -> nvmf_tgt\n", w.Name())
+		if rows[i].Host, err = b.library(ctx, w, tgtPort, "", rep, i == 0); err != nil {
+			return err
+		}
+		fmt.Fprintf(os.Stderr, "bench-native: %s: %.0f vs %.0f IOPS (%.2fx), library CPU/IO %v\n", w.Name(),
+			rows[i].Host.IOPS(), rows[i].SPDK.IOPS, rows[i].HostRatio(), rows[i].Host.CPUPerIO())
+	}
+	return tgt.err()
+}
+
+// targetSide runs spdk_nvme_perf against serve, row by row.
+func (b *bench) targetSide(ctx context.Context, rows []native.Row, rep *native.Report) error {
+	srv, err := b.startServe(ctx, rep)
+	if err != nil {
+		return err
+	}
+	defer srv.stop()
+	for i := range rows {
+		w := rows[i].Workload
+		fmt.Fprintf(os.Stderr, "bench-native: %s: spdk_nvme_perf -> serve\n", w.Name())
+		before, err := processCPU(srv.cmd.Process.Pid)
+		if err != nil {
+			return err
+		}
+		if rows[i].Serve, err = b.spdkPerf(ctx, w, servePort, rep, false); err != nil {
+			return err
+		}
+		after, err := processCPU(srv.cmd.Process.Pid)
+		if err != nil {
+			return err
+		}
+		rows[i].ServeCPU = after - before
+		fmt.Fprintf(os.Stderr, "bench-native: %s: serve %.0f vs nvmf_tgt %.0f IOPS (%.2fx)\n", w.Name(), rows[i].Serve.IOPS, rows[i].SPDK.IOPS, rows[i].ServeRatio())
+	}
+	return srv.err()
+}
+
+// profileWorst runs the library's worst row again with a CPU profile and
+// writes it, and `go tool pprof -top` of it, under out/native-profile.
+func (b *bench) profileWorst(ctx context.Context, rows []native.Row, rep *native.Report, out string) error {
+	worst := native.Worst(rows)
+	if worst < 0 {
+		return nil
+	}
+	w := rows[worst].Workload
+	dir := filepath.Join(out, "native-profile")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	prof := filepath.Join(dir, w.Name()+".pprof")
+	tgt, err := b.startNvmfTgt(ctx, nil)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(os.Stderr, "bench-native: %s: profiling the library\n", w.Name())
+	_, err = b.library(ctx, w, tgtPort, prof, rep, false)
+	tgt.stop()
+	if err != nil {
+		return err
+	}
+	top, err := exec.CommandContext(ctx, "go", "tool", "pprof", "-top", "-nodecount=40", b.perfBin, prof).Output()
+	if err != nil {
+		return fmt.Errorf("go tool pprof: %w", err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, w.Name()+".top.txt"), top, 0o644); err != nil {
+		return err
+	}
+	rep.Profile, rep.ProfileTop = w.Name(), string(top)
+	rep.Commands = append(rep.Commands, fmt.Sprintf("go tool pprof -top -nodecount=40 nvmeof-perf %s", prof))
+	return nil
+}
+
+// spdkPerf runs spdk_nvme_perf on hostCPU against port.
+func (b *bench) spdkPerf(ctx context.Context, w native.Workload, port int, rep *native.Report, record bool) (native.PerfTotal, error) {
+	args := append(native.PerfArgs(w, native.PerfTarget{Addr: "127.0.0.1", Port: port, NQN: nqn}, fmt.Sprintf("%#x", 1<<hostCPU)),
+		"--no-huge", "-s", "512")
+	if record {
+		rep.Commands = append(rep.Commands, shellLine(b.spdk.perf, args))
+	}
+	cmd := exec.CommandContext(ctx, b.spdk.perf, args...)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return native.PerfTotal{}, fmt.Errorf("spdk_nvme_perf %s: %w\n%s", w.Name(), err, tail(out))
+	}
+	t, err := native.ParsePerfTotal(string(out))
+	if err != nil {
+		return t, fmt.Errorf("%s: %w\n%s", w.Name(), err, tail(out))
+	}
+	return t, nil
+}
+
+// libraryOutput is nvmeof-perf's JSON line.
+type libraryOutput struct {
+	IOs       uint64 `json:"ios"`
+	ElapsedNs int64  `json:"elapsed_ns"`
+	CPUNs     int64  `json:"cpu_ns"`
+}
+
+// library runs nvmeof-perf on hostCPU (taskset, GOMAXPROCS=1) against
+// port.
+func (b *bench) library(ctx context.Context, w native.Workload, port int, profile string, rep *native.Report, record bool) (native.Result, error) {
+	args := []string{"-c", strconv.Itoa(hostCPU), b.perfBin, "-addr", fmt.Sprintf("127.0.0.1:%d", port), "-nqn", nqn,
+		"-q", strconv.Itoa(w.QueueDepth), "-o", strconv.Itoa(w.IOSize), "-w", w.Pattern, "-t", w.Duration.String(), "-P", strconv.Itoa(w.Queues)}
+	if profile != "" {
+		args = append(args, "-cpuprofile", profile)
+	}
+	if record {
+		rep.Commands = append(rep.Commands, "GOMAXPROCS=1 "+shellLine("taskset", args))
+	}
+	cmd := exec.CommandContext(ctx, "taskset", args...)
+	cmd.Env = append(os.Environ(), "GOMAXPROCS=1")
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return native.Result{}, fmt.Errorf("nvmeof-perf %s: %w\n%s", w.Name(), err, stderr.String())
+	}
+	var o libraryOutput
+	if err := json.Unmarshal(out, &o); err != nil || o.ElapsedNs <= 0 {
+		return native.Result{}, fmt.Errorf("nvmeof-perf %s printed %q: %v", w.Name(), out, err)
+	}
+	return native.Result{IOs: o.IOs, Elapsed: time.Duration(o.ElapsedNs), CPU: time.Duration(o.CPUNs), IOSize: w.IOSize}, nil
+}
+
+// daemon is a target process this bench started.
+type daemon struct {
+	name   string
+	cmd    *exec.Cmd
+	exited chan struct{}
+	werr   error
+	log    string
+}
+
+func (d *daemon) start() error {
+	if err := d.cmd.Start(); err != nil {
+		return fmt.Errorf("start %s: %w", d.name, err)
+	}
+	d.exited = make(chan struct{})
+	go func() {
+		d.werr = d.cmd.Wait()
+		close(d.exited)
+	}()
+	return nil
+}
+
+// err reports a daemon that exited before it was stopped.
+func (d *daemon) err() error {
+	select {
+	case <-d.exited:
+		return fmt.Errorf("%s exited during the bench: %v; its log %s:\n%s", d.name, d.werr, d.log, readTail(d.log))
+	default:
+		return nil
+	}
+}
+
+// stop asks the daemon to exit (SIGINT) and waits; SIGKILL after 10 s.
+func (d *daemon) stop() {
+	d.cmd.Process.Signal(os.Interrupt)
+	select {
+	case <-d.exited:
+	case <-time.After(10 * time.Second):
+		d.cmd.Process.Kill()
+		<-d.exited
+	}
+}
+
+// startNvmfTgt starts nvmf_tgt on targetCPU and configures it through
+// rpc.py: TCP transport, a malloc bdev, the subsystem, its namespace and
+// listener.
+func (b *bench) startNvmfTgt(ctx context.Context, rep *native.Report) (*daemon, error) {
+	sock := filepath.Join(b.work, "nvmf_tgt.sock")
+	args := []string{"--no-huge", "-s", "1024", "-u", "-m", fmt.Sprintf("%#x", 1<<targetCPU), "-r", sock}
+	d, err := b.daemon(ctx, "nvmf_tgt", b.spdk.nvmfTgt, args, nil)
+	if err != nil {
+		return nil, err
+	}
+	rpcs := [][]string{
+		{"nvmf_create_transport", "-t", "TCP"},
+		{"bdev_malloc_create", "-b", "Malloc0", strconv.Itoa(nsMiB), strconv.Itoa(blockSize)},
+		{"nvmf_create_subsystem", nqn, "-a", "-s", "BENCHNATIVE0001"},
+		{"nvmf_subsystem_add_ns", nqn, "Malloc0"},
+		{"nvmf_subsystem_add_listener", nqn, "-t", "tcp", "-a", "127.0.0.1", "-s", strconv.Itoa(tgtPort)},
+	}
+	if rep != nil {
+		rep.Commands = append(rep.Commands, shellLine(b.spdk.nvmfTgt, args))
+	}
+	if err := b.waitRPC(ctx, d, sock); err != nil {
+		d.stop()
+		return nil, err
+	}
+	for _, r := range rpcs {
+		full := append([]string{b.spdk.rpc, "-s", sock}, r...)
+		if rep != nil {
+			rep.Commands = append(rep.Commands, shellLine("python3", full))
+		}
+		if out, err := exec.CommandContext(ctx, "python3", full...).CombinedOutput(); err != nil {
+			d.stop()
+			return nil, fmt.Errorf("rpc.py %s: %w\n%s", r[0], err, out)
+		}
+	}
+	return d, nil
+}
+
+// waitRPC waits until nvmf_tgt answers on its RPC socket (its
+// subsystems initialized), at most 60 s.
+func (b *bench) waitRPC(ctx context.Context, d *daemon, sock string) error {
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		err := exec.CommandContext(ctx, "python3", b.spdk.rpc, "-s", sock, "-t", "5", "framework_wait_init").Run()
+		if err == nil {
+			return nil
+		}
+		if err := d.err(); err != nil {
+			return err
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return fmt.Errorf("nvmf_tgt did not answer on %s within 60 s; its log %s:\n%s", sock, d.log, readTail(d.log))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// startServe starts `ublk-nvmeof serve` on targetCPU with GOMAXPROCS=1 and
+// waits for its "serving" line.
+func (b *bench) startServe(ctx context.Context, rep *native.Report) (*daemon, error) {
+	args := []string{"-c", strconv.Itoa(targetCPU), b.serveBin, "serve", "--listen", fmt.Sprintf("127.0.0.1:%d", servePort),
+		"--nqn", nqn, "--size", fmt.Sprintf("%dM", nsMiB), "--block-size", strconv.Itoa(blockSize)}
+	rep.Commands = append(rep.Commands, "GOMAXPROCS=1 "+shellLine("taskset", args))
+	d, err := b.daemon(ctx, "serve", "taskset", args, []string{"GOMAXPROCS=1"})
+	if err != nil {
+		return nil, err
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if data, _ := os.ReadFile(d.log); strings.Contains(string(data), "serving "+nqn) {
+			return d, nil
+		}
+		if err := d.err(); err != nil {
+			return nil, err
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			d.stop()
+			return nil, fmt.Errorf("serve did not start within 30 s; its log %s:\n%s", d.log, readTail(d.log))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// daemon starts a target with its output in a log file under work.
+func (b *bench) daemon(ctx context.Context, name, path string, args, env []string) (*daemon, error) {
+	log := filepath.Join(b.work, name+".log")
+	f, err := os.Create(log)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close() // the child holds its own descriptor
+	cmd := exec.Command(path, args...)
+	cmd.Stdout, cmd.Stderr = f, f
+	cmd.Env = append(os.Environ(), env...)
+	d := &daemon{name: name, cmd: cmd, log: log}
+	if err := d.start(); err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+// processCPU is a process's utime+stime from /proc/PID/stat (fields 14
+// and 15, in clock ticks; 100 per second on Linux).
+func processCPU(pid int) (time.Duration, error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	return parseStatCPU(string(data))
+}
+
+// parseStatCPU reads utime and stime from a /proc/PID/stat line. The
+// command name (field 2) may hold spaces and parentheses: the fields
+// after it start after its last ')'.
+func parseStatCPU(stat string) (time.Duration, error) {
+	i := strings.LastIndexByte(stat, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("/proc stat %q: no command name", stat)
+	}
+	f := strings.Fields(stat[i+1:])
+	// f[0] is field 3 (state): utime is field 14, f[11]; stime f[12].
+	if len(f) < 13 {
+		return 0, fmt.Errorf("/proc stat has %d fields after the name, want at least 13", len(f))
+	}
+	var ticks int64
+	for _, s := range f[11:13] {
+		n, err := strconv.ParseInt(s, 10, 64)
+		if err != nil || n < 0 {
+			return 0, fmt.Errorf("/proc stat: %q is not a tick count", s)
+		}
+		ticks += n
+	}
+	const clockTicks = 100 // USER_HZ
+	return time.Duration(ticks) * (time.Second / clockTicks), nil
+}
+
+func loadavg() string {
+	data, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown: " + err.Error()
+	}
+	return strings.TrimSpace(string(data))
+}
+
+func gitCommit() string {
+	out, err := exec.Command("git", "describe", "--always", "--dirty").Output()
+	if err != nil {
+		return "unknown"
+	}
+	return strings.TrimSpace(string(out))
+}
+
+// machine is the CPU model, its count and the kernel.
+func machine() string {
+	model := "unknown CPU"
+	if f, err := os.Open("/proc/cpuinfo"); err == nil {
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			if k, v, ok := strings.Cut(sc.Text(), ":"); ok && strings.TrimSpace(k) == "model name" {
+				model = strings.TrimSpace(v)
+				break
+			}
+		}
+		f.Close()
+	}
+	var uts syscall.Utsname
+	kernel := "unknown kernel"
+	if syscall.Uname(&uts) == nil {
+		var b []byte
+		for _, c := range uts.Release {
+			if c == 0 {
+				break
+			}
+			b = append(b, byte(c))
+		}
+		kernel = "Linux " + string(b)
+	}
+	return fmt.Sprintf("%s, %d CPUs, %s, %s", model, runtime.NumCPU(), kernel, runtime.Version())
+}
+
+// shellLine quotes args for the report.
+func shellLine(name string, args []string) string {
+	parts := []string{name}
+	for _, a := range args {
+		if strings.ContainsAny(a, " \t'\"$") {
+			a = "'" + strings.ReplaceAll(a, "'", `'\''`) + "'"
+		}
+		parts = append(parts, a)
+	}
+	return strings.Join(parts, " ")
+}
+
+func tail(b []byte) string {
+	const n = 2000
+	if len(b) > n {
+		b = b[len(b)-n:]
+	}
+	return string(b)
+}
+
+func readTail(path string) string {
+	data, _ := os.ReadFile(path)
+	return tail(data)
+}
