@@ -4,10 +4,13 @@
 #   make e2e    only the VM tests
 #   make bench  ublk-nvmeof against the kernel initiator in the VM -> docs/perf
 #   make bench-native  the host library and `serve` against SPDK, no VM -> docs/perf/native.md
+#   make spdk SPDK_SRC=DIR   build SPDK v24.01's nvmf_tgt and host tools into
+#               ~/.cache/ublk-nvmeof/spdk/v24.01 (e2e/spdk/build.sh); make
+#               spdk-test runs the interop tests against that build
 GO ?= go
 export CGO_ENABLED ?= 1
 
-.PHONY: all build vet unit test e2e bench bench-native bench-go demo vm-prepare clean
+.PHONY: all build vet unit test e2e bench bench-native bench-go demo vm-prepare spdk spdk-test clean
 
 all: build
 
@@ -58,6 +61,17 @@ bench-native:
 
 bench-go:
 	$(GO) test -run '^$$' -bench . -benchmem ./...
+
+# SPDK v24.01 from a source tree the user lays out (build.sh's header says
+# which); never part of make test: CI cannot fetch it. The interop tests
+# skip without the build and under -short; -p 1: one polling nvmf_tgt at a
+# time.
+spdk:
+	e2e/spdk/build.sh $(SPDK_SRC)
+
+SPDK_TEST_PACKAGES ?= ./e2e/spdk/ ./nvmeof/ ./lifecycle/ ./cmd/ublk-nvmeof/
+spdk-test:
+	$(GO) test -race -count=1 -p 1 -timeout 20m -v -run 'SPDK' $(SPDK_TEST_PACKAGES)
 
 demo:
 	e2e/vm/prepare-vm.sh lts
