@@ -29,6 +29,7 @@ import (
 	"time"
 
 	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/native"
+	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/spdk"
 )
 
 // Ports and names of this bench (4540-4559; the SPDK interop tests use
@@ -53,9 +54,8 @@ func main() {
 	noProfile := flag.Bool("no-profile", false, "skip the CPU profile of the worst row")
 	flag.Parse()
 	err := run(*out, *runtimeFlag, *only, !*noProfile)
-	var missing *missingError
 	switch {
-	case errors.As(err, &missing):
+	case errors.Is(err, spdk.ErrNoBuild):
 		fmt.Fprintf(os.Stderr, "bench-native: %v\n", err)
 		os.Exit(2)
 	case err != nil:

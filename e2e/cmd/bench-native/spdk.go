@@ -1,10 +1,7 @@
 package main
 
 import (
-	"fmt"
-	"os"
-	"path/filepath"
-	"strings"
+	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/spdk"
 )
 
 // spdkBuild is the SPDK build e2e/spdk/build.sh leaves in its cache.
@@ -13,44 +10,14 @@ type spdkBuild struct {
 	nvmfTgt, perf, rpc string
 }
 
-// missingError says what of SPDK is missing and how to get it.
-type missingError struct{ what []string }
-
-func (e *missingError) Error() string {
-	return "SPDK is not built: missing " + strings.Join(e.what, ", ") +
-		" (build it with `make spdk SPDK_SRC=/path/to/spdk` or e2e/spdk/build.sh, SPDK v24.01, or set SPDK_CACHE to a build elsewhere)"
-}
-
-// spdkCache is $SPDK_CACHE, or the build script's default.
-func spdkCache() string {
-	if d := os.Getenv("SPDK_CACHE"); d != "" {
-		return d
-	}
-	base := os.Getenv("XDG_CACHE_HOME")
-	if base == "" {
-		home, _ := os.UserHomeDir()
-		base = filepath.Join(home, ".cache")
-	}
-	return filepath.Join(base, "ublk-nvmeof", "spdk", "v24.01")
-}
-
-// findSPDK checks the cache holds a complete build.
+// findSPDK finds the build (package spdk); its error, wrapping
+// spdk.ErrNoBuild, says what is missing and how to build it.
 func findSPDK() (spdkBuild, error) {
-	dir := spdkCache()
-	b := spdkBuild{dir: dir, nvmfTgt: filepath.Join(dir, "bin", "nvmf_tgt"),
-		perf: filepath.Join(dir, "bin", "spdk_nvme_perf"), rpc: filepath.Join(dir, "scripts", "rpc.py")}
-	var missing []string
-	for _, p := range []string{filepath.Join(dir, "BUILT"), b.nvmfTgt, b.perf, b.rpc} {
-		if _, err := os.Stat(p); err != nil {
-			missing = append(missing, p)
-		}
+	b, err := spdk.Find()
+	if err != nil {
+		return spdkBuild{}, err
 	}
-	if len(missing) > 0 {
-		return b, &missingError{what: missing}
-	}
-	return b, nil
+	return spdkBuild{dir: b.Dir, nvmfTgt: b.NvmfTgt, perf: b.NVMePerf, rpc: b.RPCPy}, nil
 }
 
-func (b spdkBuild) describe() string {
-	return fmt.Sprintf("v24.01 from %s", b.dir)
-}
+func (b spdkBuild) describe() string { return spdk.Version + " from " + b.dir }

@@ -25,6 +25,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/native"
+	"github.com/ublk-nvmeof/ublk-nvmeof/keepalive"
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof"
 )
 
@@ -76,10 +77,7 @@ func run(addr, nqn string, w native.Workload, cpus, profile string) error {
 	if err != nil {
 		return err
 	}
-	// Deep enough for the depth on every queue; keep-alive on, as a real
-	// host (one command per KATO/2 on the admin queue).
-	c, err := nvmeof.Connect(ctx, nvmeof.ControllerConfig{Addr: addr, SubsysNQN: nqn, Host: host,
-		IOQueues: w.Queues, QueueSize: max(nvmeof.DefaultQueueSize, w.QueueDepth+1)})
+	c, err := connect(ctx, addr, nqn, host, w)
 	if err != nil {
 		return err
 	}
@@ -108,6 +106,40 @@ func run(addr, nqn string, w native.Workload, cpus, profile string) error {
 	return json.NewEncoder(os.Stdout).Encode(output{Workload: w.Name(), IOs: res.IOs, ElapsedNs: int64(res.Elapsed),
 		CPUNs: int64(res.CPU), IOPS: res.IOPS(), MiBps: res.MiBps(),
 		CPUPerIO: float64(res.CPUPerIO()) / float64(time.Microsecond), GOMAXPROC: runtime.GOMAXPROCS(0)})
+}
+
+// connect makes the association as the daemon does: the admin queue,
+// keep-alive (the controller deletes a controller that sends none within
+// KATO; traffic-based where it says TBKAS), then the I/O queues, each deep
+// enough for the whole depth.
+func connect(ctx context.Context, addr, nqn string, host nvmeof.HostIdentity, w native.Workload) (*controller, error) {
+	c, err := nvmeof.ConnectAdmin(ctx, nvmeof.ControllerConfig{Addr: addr, SubsysNQN: nqn, Host: host,
+		IOQueues: w.Queues, QueueSize: max(nvmeof.DefaultQueueSize, w.QueueDepth+1)})
+	if err != nil {
+		return nil, err
+	}
+	cfg := keepalive.Config{KATO: c.KATO()}
+	if c.TBKAS() {
+		cfg.Traffic = c.Traffic()
+	}
+	cc := &controller{Controller: c, keeper: keepalive.Start(c, cfg)}
+	if err := c.ConnectIOQueues(ctx); err != nil {
+		cc.Close()
+		return nil, err
+	}
+	return cc, nil
+}
+
+// controller is the association with its keep-alive.
+type controller struct {
+	*nvmeof.Controller
+	keeper *keepalive.Keeper
+}
+
+// Close stops the keep-alive, then tears the association down.
+func (c *controller) Close() error {
+	c.keeper.Stop()
+	return c.Controller.Close()
 }
 
 // pin binds every thread of the process to cpus and sets GOMAXPROCS to
