@@ -10,7 +10,7 @@
 GO ?= go
 export CGO_ENABLED ?= 1
 
-.PHONY: all build vet unit test e2e bench bench-native bench-go demo vm-prepare spdk spdk-test clean
+.PHONY: all build vet unit test e2e bench bench-baseline bench-native bench-go demo vm-prepare spdk spdk-test clean
 
 all: build
 
@@ -45,12 +45,20 @@ e2e: vm-prepare
 
 test: vet unit e2e
 
-# The comparison with the kernel's initiator in the VM, written to docs/perf
-# (BENCH_FLAGS: e.g. -runtime 20s -profile 4k-randwrite-qd32); bench-go: the
-# Go benchmarks on this machine.
+# The comparison with the kernel's initiator in the VM, one boot per
+# E2E_KERNEL kernel (all: 6.12 and the newest), written to docs/perf with
+# the ratios of docs/perf/baseline beside them (BENCH_FLAGS: e.g.
+# -runtime 2s, -profile 4k-randwrite-qd32-j1, -baseline DIR, -render).
+# bench-baseline makes the results now the baseline of the next change.
+# bench-go: the Go benchmarks on this machine.
 bench:
-	e2e/vm/prepare-vm.sh lts
-	E2E_KERNEL=lts $(GO) run ./e2e/cmd/bench $(BENCH_FLAGS)
+	e2e/vm/prepare-vm.sh $(E2E_KERNEL)
+	$(GO) run ./e2e/cmd/bench $(BENCH_FLAGS)
+
+bench-baseline:
+	mkdir -p docs/perf/baseline
+	cp docs/perf/results-*.json docs/perf/baseline/
+	$(GO) run ./e2e/cmd/bench -render
 
 # The nvmeof host library against spdk_nvme_perf and `ublk-nvmeof serve`
 # against nvmf_tgt on this machine (CPUs 0 and 1), with SPDK v24.01 from

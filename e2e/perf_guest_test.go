@@ -51,9 +51,16 @@ func TestGuestPerfVersusKernel(t *testing.T) {
 	}()
 	kernelDev := kc.NamespaceDevice(1)
 
-	// E2E_PERF_PROFILE names a workload whose 1-job ublk run is profiled
-	// from inside the daemon (net/http/pprof on --pprof-addr).
+	// E2E_PERF_PROFILE names a row whose ublk run is repeated with the
+	// daemon profiled (net/http/pprof on --pprof-addr): "slowest" (the
+	// lowest ratio in this boot's table) or a row ID such as
+	// 4k-randread-qd1-j1. Unset: none (CI's short mode).
 	profile := os.Getenv("E2E_PERF_PROFILE")
+	if profile != "" && profile != perf.ProfileSlowest {
+		if _, _, err := perf.ParseRowID(profile); err != nil {
+			t.Fatalf("E2E_PERF_PROFILE: %v", err)
+		}
+	}
 	args := []string{"--log-level", "warn", "attach", "-a", "127.0.0.1", "-s", "4450", "-n", nqn, "-i", "2"}
 	if profile != "" {
 		args = append(args, "--pprof-addr", pprofAddr)
@@ -95,41 +102,12 @@ func TestGuestPerfVersusKernel(t *testing.T) {
 			rows = append(rows, row)
 		}
 	}
-	// The profiled workload runs once more on each device, outside the
-	// table (profiling slows the daemon down): the guest's CPU time by
-	// thread for both, and the daemon's CPU profile and execution trace.
-	for _, w := range perf.Workloads {
-		if w.Name != profile {
-			continue
-		}
-		for _, which := range []string{"kernel", "ublk"} {
-			dev := kernelDev
-			var prof *profiler
-			if which == "ublk" {
-				dev = ublkDev
-				prof = startProfiles(runtime)
-			}
-			before, sysBefore := threadTimes(), sysTimes()
-			res, err := runFio(dev, w, 1, runtime)
-			after, sysAfter := threadTimes(), sysTimes()
-			if prof != nil {
-				prof.report(t, w.Name)
-			}
-			if err != nil {
-				t.Fatalf("profiled %s on %s: %v\ndaemon log:\n%s", w.Name, dev, err, daemon.Logs())
-			}
-			how := "not profiled"
-			if prof != nil {
-				how = "profiled"
-			}
-			t.Logf("CPU time in the guest during %s on %s (%s, %.0f IOPS, %s; threads that exited, such as fio's, are not listed):\n%s\n  %s",
-				w.Name, which, dev, res.IOPS, how, cpuReport(before, after, 12), sysDelta(sysBefore, sysAfter))
-		}
-	}
-
 	rep := perf.Report{
 		Runtime: runtime.String(), Kernel: kernelRelease(), CPUs: cpus(),
 		KernelDevice: kernelDev, UblkDevice: ublkDev, Rows: rows,
+	}
+	if profile != "" {
+		rep.Profiled = profileRow(t, profile, rows, kernelDev, daemon, runtime)
 	}
 	t.Logf("\n%s", rep.Table())
 	js, err := json.Marshal(rep)
@@ -138,6 +116,49 @@ func TestGuestPerfVersusKernel(t *testing.T) {
 	}
 	// The host-side bench command finds the results by this prefix.
 	t.Logf("%s%s", perf.JSONPrefix, js)
+}
+
+// profileRow runs the row a profile spec names once more on each device,
+// outside the table (profiling slows the daemon down): it logs the guest's
+// CPU time by thread for both, and the daemon's CPU profile and execution
+// trace, and returns the row's ID.
+func profileRow(t *testing.T, spec string, rows []perf.Row, kernelDev string, daemon *attached, runtime time.Duration) string {
+	w, jobs, err := perf.ParseRowID(spec)
+	if spec == perf.ProfileSlowest {
+		slow, ok := perf.Slowest(rows)
+		if !ok {
+			t.Fatal("no row to profile")
+		}
+		w, jobs, err = slow.Workload, slow.Jobs, nil
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := perf.Row{Workload: w, Jobs: jobs}.ID()
+	for _, which := range []string{"kernel", "ublk"} {
+		dev := kernelDev
+		var prof *profiler
+		if which == "ublk" {
+			dev = daemon.Device
+			prof = startProfiles(runtime)
+		}
+		before, sysBefore := threadTimes(), sysTimes()
+		res, err := runFio(dev, w, jobs, runtime)
+		after, sysAfter := threadTimes(), sysTimes()
+		if prof != nil {
+			prof.report(t, id)
+		}
+		if err != nil {
+			t.Fatalf("profiled %s on %s: %v\ndaemon log:\n%s", id, dev, err, daemon.Logs())
+		}
+		how := "not profiled"
+		if prof != nil {
+			how = "profiled"
+		}
+		t.Logf("CPU time in the guest during %s on %s (%s, %.0f IOPS, %s; threads that exited, such as fio's, are not listed):\n%s\n  %s",
+			id, which, dev, res.IOPS, how, cpuReport(before, after, 12), sysDelta(sysBefore, sysAfter))
+	}
+	return id
 }
 
 // pprofAddr is where the daemon serves /debug/pprof when profiled.
