@@ -105,6 +105,13 @@ func (c *Control) addDev(ctx context.Context, o Options) (DeviceInfo, error) {
 	if ri.Flags&uapi.UBLK_F_USER_RECOVERY != 0 && c.features.Has(FeatureQuiesce) {
 		ri.Flags |= uapi.UBLK_F_QUIESCE
 	}
+	if o.ZeroCopy {
+		// Kernels before 6.5 report no features: they lack it too.
+		if !c.features.Has(FeatureAutoBufReg) {
+			return DeviceInfo{}, missing(FeatureAutoBufReg)
+		}
+		ri.Flags |= uapi.UBLK_F_AUTO_BUF_REG
+	}
 	if c.features != 0 {
 		if want := Features(ri.Flags); !c.features.Has(want) {
 			return DeviceInfo{}, missing(want &^ c.features)

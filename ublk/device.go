@@ -60,6 +60,11 @@ func (c *Control) Create(ctx context.Context, o Options, b Backend) (*Device, er
 	if b == nil {
 		return nil, errors.New("ublk: nil Backend")
 	}
+	if o.ZeroCopy {
+		if _, _, err := ringBackendOf(b, FeatureAutoBufReg); err != nil {
+			return nil, err
+		}
+	}
 	info, err := c.addDev(ctx, o)
 	if err != nil {
 		return nil, err
@@ -179,6 +184,10 @@ func (d *Device) startQueues(ctx context.Context, b Backend) error {
 		}
 	}
 	encode := d.ctrl.encode
+	rb, zeroCopy, err := ringBackendOf(b, d.info.Flags)
+	if err != nil {
+		return err
+	}
 	n := d.info.Queues
 	d.queues = make([]*queue, n)
 	d.errs = make([]error, n)
@@ -195,6 +204,7 @@ func (d *Device) startQueues(ctx context.Context, b Backend) error {
 	}
 	for i := range n {
 		q := newQueue(i, d.info.Depth, int(d.params.MaxIOBytes), d.cdev, encode, b, d.log)
+		q.ringBackend, q.zeroCopy = rb, zeroCopy
 		d.queues[i] = q
 		d.wg.Add(1)
 		go func() {

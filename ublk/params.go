@@ -89,6 +89,13 @@ type Options struct {
 	Depth int
 	Params
 	Recovery RecoveryMode
+	// ZeroCopy serves READ and WRITE without a copy of their data: the
+	// driver registers each request's pages in its queue ring's buffer
+	// table (UBLK_F_AUTO_BUF_REG, Linux 6.16) and the Backend, which must
+	// be a RingBackend, reads and writes them with fixed-buffer operations
+	// on that ring; Request.Buf is nil. Create fails, naming the feature
+	// and the release, on a kernel without it.
+	ZeroCopy bool
 }
 
 func isPow2(x uint32) bool { return x != 0 && x&(x-1) == 0 }

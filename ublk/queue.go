@@ -38,6 +38,8 @@ type queue struct {
 
 	reqs []Request // one per tag
 
+	ringState // RingBackend and zero copy (ringbackend.go)
+
 	// Owned by the loop goroutine (bufs: see teardown).
 	ring  *uring.Ring
 	descs []byte       // read-only mmap of the queue's ublksrv_io_desc array
@@ -106,8 +108,11 @@ func (q *queue) setup() error {
 	var err error
 	// One SQE per tag plus the eventfd read; the CQ (2x by default) then
 	// can never overflow.
-	if q.ring, err = newQueueRing(uint32(q.depth + 1)); err != nil {
+	if q.ring, err = newQueueRing(q.ringEntries()); err != nil {
 		return fmt.Errorf("queue %d: %w", q.id, err)
+	}
+	if err := q.setupRingBackend(); err != nil {
+		return err
 	}
 	off := int64(uapi.UBLKSRV_CMD_BUF_OFFSET + q.id*descStride())
 	if q.descs, err = unix.Mmap(q.cdev, off, descArraySize(q.depth), unix.PROT_READ, unix.MAP_SHARED|unix.MAP_POPULATE); err != nil {
@@ -115,8 +120,11 @@ func (q *queue) setup() error {
 	}
 	// Tag buffers: the kernel copies request data to and from these
 	// addresses, so they must never move: anonymous mmap, not Go heap.
-	if q.bufs, err = unix.Mmap(-1, 0, q.depth*q.maxIO, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE|unix.MAP_NORESERVE); err != nil {
-		return fmt.Errorf("queue %d: mmap %d-byte buffers: %w", q.id, q.depth*q.maxIO, err)
+	// Zero copy has none: the data stays in the request's pages.
+	if !q.zeroCopy {
+		if q.bufs, err = unix.Mmap(-1, 0, q.depth*q.maxIO, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE|unix.MAP_NORESERVE); err != nil {
+			return fmt.Errorf("queue %d: mmap %d-byte buffers: %w", q.id, q.depth*q.maxIO, err)
+		}
 	}
 	if q.wake, err = unix.Mmap(-1, 0, os.Getpagesize(), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE); err != nil {
 		return fmt.Errorf("queue %d: mmap: %w", q.id, err)
@@ -247,7 +255,11 @@ func (q *queue) prepIOCmd(op uint32, tag int, res int32) error {
 	cmd.QID = uint16(q.id)
 	cmd.Tag = uint16(tag)
 	cmd.Result = res
-	cmd.Addr = uint64(uintptr(unsafe.Pointer(&q.bufs[tag*q.maxIO])))
+	if q.zeroCopy {
+		sqe.Raw().Addr = autoBufReg(tag)
+	} else {
+		cmd.Addr = uint64(uintptr(unsafe.Pointer(&q.bufs[tag*q.maxIO])))
+	}
 	return nil
 }
 
@@ -321,6 +333,10 @@ func (q *queue) loop() error {
 				}
 				continue
 			}
+			if cqe.UserData&ringBackendData != 0 {
+				q.ringCompletion(cqe)
+				continue
+			}
 			tag := int(cqe.UserData)
 			switch {
 			case cqe.Res == uapi.UBLK_IO_RES_OK:
@@ -385,7 +401,7 @@ func (q *queue) dispatch(tags []int) {
 		r.Offset = int64(d.startSector << 9)
 		r.Length = int(d.nrSectors) << 9
 		r.Buf = nil
-		if err == nil && (d.op == OpRead || d.op == OpWrite) {
+		if err == nil && (d.op == OpRead || d.op == OpWrite) && !q.zeroCopy {
 			r.Buf = q.bufs[tag*q.maxIO : tag*q.maxIO+r.Length : tag*q.maxIO+r.Length]
 		}
 		r.owned.Store(true)

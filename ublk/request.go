@@ -65,7 +65,9 @@ type Request struct {
 	Length int      // bytes; also for FLUSH (0), DISCARD and WRITE_ZEROES
 	// Buf is the data buffer for READ (fill it) and WRITE (data to
 	// store), exactly Length bytes, nil for other ops. It lives in
-	// memory owned by the queue and stays valid until Complete.
+	// memory owned by the queue and stays valid until Complete. With
+	// zero copy (Options.ZeroCopy) it is nil: the data is reached only
+	// through the queue's ring (Request.Ring, RingBackend).
 	Buf []byte
 
 	q     *queue
