@@ -77,7 +77,7 @@ bench-go:
 spdk:
 	e2e/spdk/build.sh $(SPDK_SRC)
 
-SPDK_TEST_PACKAGES ?= ./e2e/spdk/ ./nvmeof/ ./lifecycle/ ./cmd/ublk-nvmeof/
+SPDK_TEST_PACKAGES ?= ./e2e/spdk/ ./nvmeof/ ./lifecycle/nvmeofconn/ ./cmd/ublk-nvmeof/
 spdk-test:
 	$(GO) test -race -count=1 -p 1 -timeout 20m -v -run 'SPDK' $(SPDK_TEST_PACKAGES)
 

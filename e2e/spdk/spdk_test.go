@@ -101,9 +101,12 @@ func TestSPDKTargetExport(t *testing.T) {
 	}
 	var subs []struct {
 		NQN             string `json:"nqn"`
-		ListenAddresses []struct{ Trsvcid string }
-		Namespaces      []struct{ NSID int }
-		AllowAnyHost    bool `json:"allow_any_host"`
+		ListenAddresses []struct {
+			Trsvcid string `json:"trsvcid"`
+		} `json:"listen_addresses"`
+		Namespaces []struct {
+			NSID int `json:"nsid"`
+		} `json:"namespaces"`
 	}
 	if err := json.Unmarshal([]byte(out), &subs); err != nil {
 		t.Fatalf("rpc.py nvmf_get_subsystems: %v: %s", err, out)

@@ -28,7 +28,7 @@ type TargetOptions struct {
 }
 
 // Target is one running nvmf_tgt: no hugepages (--no-huge), no PCI (-u),
-// its own RPC socket. StartTarget's cleanup stops it and waits for it.
+// no core lock, its own RPC socket. StartTarget's cleanup stops it and waits for it.
 type Target struct {
 	Build     *Build
 	RPCSocket string
@@ -69,8 +69,11 @@ func StartTarget(t testing.TB, b *Build, opts TargetOptions) *Target {
 		out:       &lockedBuffer{},
 		exited:    make(chan struct{}),
 	}
+	// --disable-cpumask-locks: other targets on this machine (other
+	// tests, benchmarks) may poll the same core; the lock in /var/tmp
+	// would refuse the second one.
 	tg.cmd = exec.Command(b.NvmfTgt, "--no-huge", "-s", fmt.Sprint(opts.MemoryMB), "-u",
-		"-m", opts.CoreMask, "-r", tg.RPCSocket)
+		"-m", opts.CoreMask, "-r", tg.RPCSocket, "--disable-cpumask-locks")
 	tg.cmd.Stdout, tg.cmd.Stderr = tg.out, tg.out
 	// Its own process group: the cleanup's signals reach nothing else.
 	tg.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
