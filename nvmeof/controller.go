@@ -639,13 +639,21 @@ func (c *Controller) ShutdownTimeout() time.Duration {
 // ShutdownController is the orderly shutdown notification: CC.SHN normal,
 // then wait for CSTS.SHST complete (nvme_disable_ctrl(ctrl, true)), for at
 // most ShutdownTimeout in all. The queues stay up; tear them down
-// afterwards.
+// afterwards. The controller may close the I/O queues from the
+// notification on (SPDK's nvmf_tgt does, Linux nvmet does not): that is
+// logged at Info and is no failure (ControllerConfig.OnFailure is not
+// called for it). Submit no I/O from here on.
 func (c *Controller) ShutdownController(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, c.ShutdownTimeout())
 	defer cancel()
 	cc, err := c.PropertyGet(ctx, nvme.NVME_REG_CC, false)
 	if err != nil {
 		return err
+	}
+	// Before the Property Set: nvmf_tgt may close them before its
+	// response arrives.
+	for _, q := range c.io {
+		q.closeExpected.Store(true)
 	}
 	cc = cc&^nvme.NVME_CC_SHN_MASK | nvme.NVME_CC_SHN_NORMAL
 	if err := c.PropertySet(ctx, nvme.NVME_REG_CC, false, cc); err != nil {

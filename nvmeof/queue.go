@@ -247,6 +247,11 @@ type Queue struct {
 	batch  []sendItem
 	// readerInDone is set while the reader runs a done callback.
 	readerInDone atomic.Bool
+	// closeExpected is set once the controller may close the queue on
+	// its own: an I/O queue after the shutdown notification (SPDK's
+	// nvmf_tgt disconnects them then). A failure is then no failure of
+	// the association: logged at Info, not reported to OnFailure.
+	closeExpected atomic.Bool
 }
 
 // DialQueue connects to addr ("host:port") and performs the ICReq/ICResp
@@ -618,7 +623,11 @@ func (q *Queue) fail(cause error) {
 	// Report before closing: the controller reacts to the closed socket
 	// by failing the other queues, and the first report should be the
 	// cause.
-	if cause != ErrQueueShutdown {
+	switch {
+	case cause == ErrQueueShutdown:
+	case q.closeExpected.Load():
+		q.log.Info("nvme-tcp queue closed after the shutdown notification", "err", cause)
+	default:
 		q.log.Warn("nvme-tcp queue failed", "err", cause)
 		if q.cfg.OnFailure != nil {
 			q.cfg.OnFailure(q, &QueueError{QID: q.cfg.QID, Err: cause})
