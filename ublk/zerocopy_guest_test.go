@@ -256,6 +256,7 @@ func TestGuestZeroCopy(t *testing.T) {
 func seqThroughput(t *testing.T, path string, size int64, jobs int, write bool, dur time.Duration) float64 {
 	const bs = 128 << 10
 	f := openBlock(t, path, os.O_RDWR|unix.O_DIRECT)
+	defer f.Close() // now: DEL_DEV waits for every opener
 	part := size / int64(jobs) / bs * bs
 	var total atomic.Int64
 	ctx, cancel := context.WithTimeout(context.Background(), dur)
