@@ -45,6 +45,9 @@ type Status struct {
 	// as hex.
 	UblkFeatures []string `json:"ublk_features"`
 	UblkFlags    []string `json:"ublk_flags"`
+	// UblkDataPath says whether the device's data moves with zero copy
+	// (UBLK_F_AUTO_BUF_REG) or is copied, and why (ublk.DataPath).
+	UblkDataPath string `json:"ublk_data_path"`
 	// UblkState is the driver's state of an ORPHANED device (List):
 	// QUIESCED (holding I/O for a recovery), FAIL_IO or DEAD.
 	UblkState string `json:"ublk_state,omitempty"`

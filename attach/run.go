@@ -343,7 +343,7 @@ func (r *run) createDevice(ctx context.Context) error {
 		return nil
 	}
 	r.dev = dev
-	r.status.setDevice(dev.ID(), dev.BlockDevice(), dev.Info().Flags)
+	r.status.setDevice(dev.ID(), dev.BlockDevice(), r.feats, dev.Info().Flags)
 	r.logs.setDevice(dev.BlockDevice())
 	if r.metrics != nil {
 		r.metrics.HeldFrom(r.lc.Held)
@@ -664,10 +664,11 @@ func (s *statusTracker) device() string {
 	return s.st.Device
 }
 
-func (s *statusTracker) setDevice(id int, path string, flags ublk.Features) {
+func (s *statusTracker) setDevice(id int, path string, offered, flags ublk.Features) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.st.DevID, s.st.Device, s.st.UblkFlags = id, path, flags.Names()
+	s.st.UblkDataPath = ublk.DataPath(offered, flags)
 }
 
 func (s *statusTracker) snapshot(lc *lifecycle.Controller, b *blockBackend) Status {

@@ -65,6 +65,19 @@ var featureTable = [...]featureInfo{
 	{"SHMEM_ZC", ""},
 }
 
+// DataPath says for status displays how a device's data moves, given the
+// features the kernel offers and the flags the device uses: "zero copy"
+// when it uses UBLK_F_AUTO_BUF_REG, otherwise "copy" and why.
+func DataPath(offered, inUse Features) string {
+	switch {
+	case inUse.Has(FeatureAutoBufReg):
+		return "zero copy (AUTO_BUF_REG)"
+	case offered.Has(FeatureAutoBufReg):
+		return "copy (the kernel offers AUTO_BUF_REG; this backend does not use it)"
+	}
+	return "copy (zero copy needs UBLK_F_AUTO_BUF_REG, Linux " + FeatureAutoBufReg.since() + ")"
+}
+
 // Has reports whether every flag of x is set in f.
 func (f Features) Has(x Features) bool { return f&x == x }
 

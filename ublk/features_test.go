@@ -38,6 +38,26 @@ func TestFeaturesNames(t *testing.T) {
 	}
 }
 
+// DataPath names zero copy only for a device that uses AUTO_BUF_REG, and
+// otherwise says why the data is copied: not used, or not offered (with
+// the release that has it).
+func TestDataPath(t *testing.T) {
+	const v612, v73 = Features(0x1fe), Features(0x1fffff)
+	cases := []struct {
+		offered, inUse Features
+		want           string
+	}{
+		{v612, FeatureUserRecovery, "copy (zero copy needs UBLK_F_AUTO_BUF_REG, Linux 6.16)"},
+		{v73, FeatureUserRecovery, "copy (the kernel offers AUTO_BUF_REG; this backend does not use it)"},
+		{v73, FeatureAutoBufReg | FeatureCmdIoctlEncode, "zero copy (AUTO_BUF_REG)"},
+	}
+	for _, c := range cases {
+		if got := DataPath(c.offered, c.inUse); got != c.want {
+			t.Errorf("DataPath(%v, %v) = %q, want %q", c.offered, c.inUse, got, c.want)
+		}
+	}
+}
+
 func TestFeaturesHas(t *testing.T) {
 	f := FeatureUserRecovery | FeatureCmdIoctlEncode
 	if !f.Has(FeatureUserRecovery) || !f.Has(FeatureUserRecovery|FeatureCmdIoctlEncode) {

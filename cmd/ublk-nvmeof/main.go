@@ -547,6 +547,7 @@ func statusCommand(stdout io.Writer) *cli.Command {
 				{"up since", s.Started.Format(time.RFC3339)},
 				{"ublk features", strings.Join(s.UblkFeatures, " ")},
 				{"ublk flags in use", strings.Join(s.UblkFlags, " ")},
+				{"ublk data path", s.UblkDataPath},
 			} {
 				fmt.Fprintf(tw, "%s:\t%s\n", row[0], row[1])
 			}

@@ -390,7 +390,13 @@ func checkUblkFeatures(t *testing.T, st attach.Status, text string) {
 			t.Errorf("status output lacks the line %q: %v:\n%s", label, names, text)
 		}
 	}
-	t.Logf("kernel ublk features: %v; in use: %v", feats, flags)
+	// attach's backend does not use zero copy (yet): status says the data
+	// is copied, and why.
+	if want := ublk.DataPath(feats, flags); st.UblkDataPath != want || !strings.HasPrefix(want, "copy (") ||
+		!regexp.MustCompile(`(?m)^ublk data path:\s+`+regexp.QuoteMeta(want)+`$`).MatchString(text) {
+		t.Errorf("status: ublk data path %q (JSON), want %q on a line of:\n%s", st.UblkDataPath, want, text)
+	}
+	t.Logf("kernel ublk features: %v; in use: %v; data path: %s", feats, flags, st.UblkDataPath)
 }
 
 // featureByName finds the flag of feats named name (Features.Names).
