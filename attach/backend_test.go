@@ -246,6 +246,26 @@ func TestBlockBackendRetriesPathError(t *testing.T) {
 	}
 }
 
+// A write answered with Invalid Namespace on the fast path (SPDK's
+// nvmf_tgt, from the namespace's removal until its change event arrives)
+// is held and retried on the next association, which finds the namespace
+// active again: no error reaches the block device, and the data is there.
+func TestBlockBackendRetriesInvalidNamespace(t *testing.T) {
+	r := newBackendRig(t)
+	remove := r.tg.InjectFault(target.Fault{QID: target.AnyQueue, Match: target.MatchOpcode(nvme.NVME_CMD_WRITE), Times: 1,
+		Status: nvme.NVME_SC_INVALID_NS | nvme.NVME_STATUS_DNR})
+	defer remove()
+	r.writeAll("invalid namespace", span(0, 8))
+	r.verify(span(0, 8))
+	var recovered bool
+	for _, tr := range r.lc.States().History() {
+		recovered = recovered || tr.To == lifecycle.StateResetting
+	}
+	if !recovered {
+		t.Fatal("Invalid Namespace did not start recovery")
+	}
+}
+
 // A write completed with a status without DNR on the fast path
 // (Namespace Not Ready, as a namespace briefly disabled) is retried through
 // lifecycle.Retry on the same association: it lands, and no recovery

@@ -131,9 +131,10 @@ func (b *blockBackend) Commit(i int) {
 // goroutine. It must not block.
 func (io *blockIO) done(err error) {
 	io.ref.Exit() // the last touch of the association was the queue's, before this call
-	if err != nil && (nvmeof.IsPathError(err) || lifecycle.RetryableStatus(err)) {
-		// Retried by lifecycle: on the next association, or on this
-		// one after the status's Command Retry Delay.
+	if err != nil && (nvmeofconn.IsPathError(err) || lifecycle.RetryableStatus(err)) {
+		// Retried by lifecycle: on the next association (a path error,
+		// or the namespace no longer active: nvmeofconn.IsPathError),
+		// or on this one after the status's Command Retry Delay.
 		io.b.slow(io, err)
 		return
 	}

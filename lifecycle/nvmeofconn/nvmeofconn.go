@@ -6,6 +6,7 @@ package nvmeofconn
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -15,6 +16,7 @@ import (
 	"github.com/ublk-nvmeof/ublk-nvmeof/keepalive"
 	"github.com/ublk-nvmeof/ublk-nvmeof/lifecycle"
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof"
+	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/nvme"
 )
 
 // Connector makes associations with one controller and namespace. It
@@ -159,7 +161,23 @@ func (c *Conn) Traffic() keepalive.Traffic {
 	return c.ctrl.Traffic()
 }
 
-func (c *Conn) IsPathError(err error) bool { return nvmeof.IsPathError(err) }
+// IsPathError implements lifecycle.Conn with IsPathError.
+func (c *Conn) IsPathError(err error) bool { return IsPathError(err) }
+
+// IsPathError reports whether an I/O of an association failed with err
+// because of the association or its namespace, not because of the I/O:
+// nvmeof.IsPathError, or Invalid Namespace (with or without DNR). Every
+// I/O of an association is for its one namespace, identified active at
+// Connect; Invalid Namespace says it is not active any more. SPDK's
+// nvmf_tgt answers so from the moment a namespace is removed
+// (nvmf_subsystem_remove_ns), before its Namespace Attribute Changed event
+// reaches the host (Linux nvmet answers a disabled namespace with a path
+// status instead). As for the removal that event reports (namespace.go),
+// the I/O is held and the association recovers, reconnecting until the
+// namespace is back; the retries stay bounded (Options.MaxRetries).
+func IsPathError(err error) bool {
+	return nvmeof.IsPathError(err) || errors.Is(err, nvme.NVME_SC_INVALID_NS)
+}
 
 // CRDT implements lifecycle.Conn: the controller's Command Retry Delay
 // Times, only when it accepted Advanced Command Retry (ACRE); without it a
