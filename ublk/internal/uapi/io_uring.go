@@ -57,10 +57,38 @@ const (
 
 // enum io_uring_op, the values this project uses (include/uapi/linux/io_uring.h).
 const (
-	IORING_OP_NOP       = 0
-	IORING_OP_READ      = 22 // 5.6
-	IORING_OP_WRITE     = 23
-	IORING_OP_URING_CMD = 46 // 5.19
+	IORING_OP_NOP          = 0
+	IORING_OP_SENDMSG      = 9  // 5.3
+	IORING_OP_RECVMSG      = 10 // 5.3
+	IORING_OP_ASYNC_CANCEL = 14 // 5.5
+	IORING_OP_READ         = 22 // 5.6
+	IORING_OP_WRITE        = 23
+	IORING_OP_SEND         = 26 // 5.6
+	IORING_OP_RECV         = 27 // 5.6
+	IORING_OP_URING_CMD    = 46 // 5.19
+)
+
+// io_uring_sqe.flags, the IOSQE_* bits (include/uapi/linux/io_uring.h).
+const (
+	IOSQE_FIXED_FILE       = 1 << 0
+	IOSQE_IO_DRAIN         = 1 << 1
+	IOSQE_IO_LINK          = 1 << 2
+	IOSQE_IO_HARDLINK      = 1 << 3
+	IOSQE_ASYNC            = 1 << 4
+	IOSQE_BUFFER_SELECT    = 1 << 5
+	IOSQE_CQE_SKIP_SUCCESS = 1 << 6
+)
+
+// io_uring_sqe.cancel_flags of IORING_OP_ASYNC_CANCEL
+// (include/uapi/linux/io_uring.h): without a flag the request whose
+// user_data is sqe->addr is cancelled; ALL cancels every match instead of
+// the first, FD matches on sqe->fd instead of user_data, ANY matches every
+// request (5.19).
+const (
+	IORING_ASYNC_CANCEL_ALL      = 1 << 0
+	IORING_ASYNC_CANCEL_FD       = 1 << 1
+	IORING_ASYNC_CANCEL_ANY      = 1 << 2
+	IORING_ASYNC_CANCEL_FD_FIXED = 1 << 3
 )
 
 // Sizes of one submission queue entry: 64 bytes, or 128 with
@@ -118,7 +146,8 @@ type IoUringParams struct {
 // IoUringSqe mirrors the 64-byte struct io_uring_sqe
 // (include/uapi/linux/io_uring.h) with the unions resolved to the members
 // this project uses: Off is also cmd_op (low 32 bits) for URING_CMD, OpFlags
-// is rw_flags / uring_cmd_flags, Addr3 and Pad2 are where cmd[] begins.
+// is rw_flags / uring_cmd_flags / msg_flags / cancel_flags, Addr3 and Pad2
+// are where cmd[] begins.
 type IoUringSqe struct {
 	Opcode      uint8
 	Flags       uint8

@@ -291,3 +291,74 @@ func PrepNop(s SQE, userData uint64) {
 	raw.Opcode = uapi.IORING_OP_NOP
 	raw.UserData = userData
 }
+
+// The socket operations below take buffers whose addresses the kernel
+// keeps until the completion: they must be mmap'd or pinned memory that
+// stays valid, and is not reused, until the CQE is reaped (or the request
+// is cancelled and its CQE reaped). io_uring waits for a socket to be
+// ready by itself (it arms an internal poll), whether or not the socket is
+// O_NONBLOCK, so a receive posted before data arrives completes when it
+// does.
+
+// PrepSend fills s as IORING_OP_SEND of buf on the socket fd, with the
+// send(2) flags msgFlags (e.g. MSG_NOSIGNAL). The result is the number of
+// bytes sent, which may be fewer than len(buf).
+func PrepSend(s SQE, fd int, buf []byte, msgFlags uint32, userData uint64) {
+	prepRW(s, uapi.IORING_OP_SEND, fd, buf, msgFlags, userData)
+}
+
+// PrepRecv fills s as IORING_OP_RECV into buf from the socket fd, with the
+// recv(2) flags msgFlags. The result is the number of bytes received, 0 at
+// end of stream.
+func PrepRecv(s SQE, fd int, buf []byte, msgFlags uint32, userData uint64) {
+	prepRW(s, uapi.IORING_OP_RECV, fd, buf, msgFlags, userData)
+}
+
+func prepRW(s SQE, op uint8, fd int, buf []byte, msgFlags uint32, userData uint64) {
+	raw := s.Raw()
+	raw.Opcode = op
+	raw.Fd = int32(fd)
+	raw.Addr = uint64(uintptr(unsafe.Pointer(unsafe.SliceData(buf))))
+	raw.Len = uint32(len(buf))
+	raw.OpFlags = msgFlags
+	raw.UserData = userData
+}
+
+// PrepSendmsg fills s as IORING_OP_SENDMSG of msg on the socket fd: one
+// gathered send of msg's iovecs. msg, its iovec array and the memory they
+// point to must stay valid until the completion is reaped.
+func PrepSendmsg(s SQE, fd int, msg *unix.Msghdr, msgFlags uint32, userData uint64) {
+	raw := s.Raw()
+	raw.Opcode = uapi.IORING_OP_SENDMSG
+	raw.Fd = int32(fd)
+	raw.Addr = uint64(uintptr(unsafe.Pointer(msg)))
+	raw.Len = 1
+	raw.OpFlags = msgFlags
+	raw.UserData = userData
+}
+
+// PrepCancelFd fills s as IORING_OP_ASYNC_CANCEL of every request in
+// flight on fd (IORING_ASYNC_CANCEL_FD|IORING_ASYNC_CANCEL_ALL, 5.19). Its
+// result is the number of requests cancelled (0 when there were none: the
+// kernel reports -ENOENT only without CANCEL_ALL); each cancelled request
+// still posts its own CQE, usually -ECANCELED, and one that was already
+// completing posts its real result.
+func PrepCancelFd(s SQE, fd int, userData uint64) {
+	raw := s.Raw()
+	raw.Opcode = uapi.IORING_OP_ASYNC_CANCEL
+	raw.Fd = int32(fd)
+	raw.OpFlags = uapi.IORING_ASYNC_CANCEL_FD | uapi.IORING_ASYNC_CANCEL_ALL
+	raw.UserData = userData
+}
+
+// PrepCancel fills s as IORING_OP_ASYNC_CANCEL of the request whose
+// user_data is target. Its result is 0 when it was cancelled, -ENOENT when
+// no such request was in flight, -EALREADY when it was already running and
+// may still complete.
+func PrepCancel(s SQE, target uint64, userData uint64) {
+	raw := s.Raw()
+	raw.Opcode = uapi.IORING_OP_ASYNC_CANCEL
+	raw.Fd = -1
+	raw.Addr = target
+	raw.UserData = userData
+}
