@@ -243,7 +243,7 @@ func TestSPDKHostLibrary(t *testing.T) {
 }
 
 // checkZeroesAndDeallocate writes ones, zeroes a range with Write Zeroes
-// and deallocates two more, one per command (the malloc bdev reads deallocated blocks as
+// (half of it with DEAC) and deallocates two more, one per command (the malloc bdev reads deallocated blocks as
 // zeroes), and checks exactly those blocks read as zeroes.
 func checkZeroesAndDeallocate(t *testing.T, c *nvmeof.Controller, ns *nvmeof.Namespace) {
 	t.Helper()
@@ -257,8 +257,12 @@ func checkZeroesAndDeallocate(t *testing.T, c *nvmeof.Controller, ns *nvmeof.Nam
 	if err := q.Write(ctx, ns, base, ones, true); err != nil {
 		t.Fatal(err)
 	}
-	if err := q.WriteZeroes(ctx, ns, base+8, 8, false); err != nil {
+	if err := q.WriteZeroes(ctx, ns, base+8, 4, false); err != nil {
 		t.Fatalf("write zeroes: %v", err)
+	}
+	// With DEAC: the blocks may be deallocated, and read as zeroes.
+	if err := q.WriteZeroes(ctx, ns, base+12, 4, true); err != nil {
+		t.Fatalf("write zeroes with deallocate: %v", err)
 	}
 	// nvmf_tgt reports DMRL 1 (one range per Dataset Management): the
 	// host sends one command per range and refuses two in one before
