@@ -26,6 +26,13 @@ type ExportConfig struct {
 	Transport map[string]any
 	// Discovery also adds the listener to the discovery subsystem.
 	Discovery bool
+	// Port is the listener's port; 0 reserves one (Port). A target
+	// started again in the same test reuses its predecessor's.
+	Port int
+	// UUID is the malloc bdev's UUID, which nvmf_tgt makes the
+	// namespace's UUID and NGUID; "" lets SPDK choose. A target started
+	// again with the same UUID serves the same namespace identity.
+	UUID string
 }
 
 // Export is what Target.Export made.
@@ -60,12 +67,17 @@ func (tg *Target) Export(t testing.TB, cfg ExportConfig) Export {
 		}
 		tg.MustCall(t, "nvmf_create_transport", transport)
 	}
-	e := Export{NQN: cfg.NQN, Bdev: fmt.Sprintf("Malloc%d", tg.exports), Port: Port(t)}
+	e := Export{NQN: cfg.NQN, Bdev: fmt.Sprintf("Malloc%d", tg.exports), Port: cfg.Port}
+	if e.Port == 0 {
+		e.Port = Port(t)
+	}
 	tg.exports++
 	e.Addr = net.JoinHostPort("127.0.0.1", strconv.Itoa(e.Port))
-	tg.MustCall(t, "bdev_malloc_create", map[string]any{
-		"name": e.Bdev, "num_blocks": cfg.SizeMB << 20 / cfg.BlockSize, "block_size": cfg.BlockSize,
-	})
+	bdev := map[string]any{"name": e.Bdev, "num_blocks": cfg.SizeMB << 20 / cfg.BlockSize, "block_size": cfg.BlockSize}
+	if cfg.UUID != "" {
+		bdev["uuid"] = cfg.UUID
+	}
+	tg.MustCall(t, "bdev_malloc_create", bdev)
 	tg.MustCall(t, "nvmf_create_subsystem", map[string]any{
 		"nqn": cfg.NQN, "serial_number": cfg.Serial, "allow_any_host": true, "max_namespaces": 8,
 	})

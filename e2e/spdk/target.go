@@ -141,6 +141,13 @@ func (tg *Target) Stop() error {
 	}
 }
 
+// Kill kills nvmf_tgt (SIGKILL: a crash; the kernel resets its
+// connections) and waits for it.
+func (tg *Target) Kill() {
+	_ = syscall.Kill(-tg.cmd.Process.Pid, syscall.SIGKILL)
+	<-tg.exited
+}
+
 // Exited is closed once nvmf_tgt has exited.
 func (tg *Target) Exited() <-chan struct{} { return tg.exited }
 

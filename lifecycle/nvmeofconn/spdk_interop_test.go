@@ -32,11 +32,15 @@ type spdkRig struct {
 	logs *lineLog
 }
 
+// spdkExport is the subsystem every lifecycle interop test serves: a fixed
+// bdev UUID gives a restarted target the same namespace identity.
+var spdkExport = spdk.ExportConfig{NQN: "nqn.2016-06.io.spdk:lifecycle-interop", UUID: "2f1c6a3e-93b4-4d5a-8e1f-6b7c0d9e4a21"}
+
 func startSPDKRig(t *testing.T) *spdkRig {
 	t.Helper()
 	b := spdk.Require(t)
 	tg := spdk.StartTarget(t, b, spdk.TargetOptions{})
-	e := tg.Export(t, spdk.ExportConfig{NQN: "nqn.2016-06.io.spdk:lifecycle-interop"})
+	e := tg.Export(t, spdkExport)
 	logs := &lineLog{}
 	logger := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	k := &countingConnector{Connector: nvmeofconn.Connector{
@@ -224,6 +228,37 @@ func TestSPDKNamespaceHotRemoved(t *testing.T) {
 	l.finish(t)
 	if got := r.c.Namespace(); got.SameIdentity(id) != nil {
 		t.Fatalf("namespace after re-adding %+v, before %+v", got, id)
+	}
+	t.Logf("%d operations, %d connects", l.ops.Load(), r.conn.attempts.Load())
+}
+
+// TestSPDKTargetRestartedUnderLoad: nvmf_tgt is killed (a crash: the
+// kernel resets every connection) while I/O runs, and another one is
+// started on the same port with the same subsystem and a namespace of the
+// same identity (its malloc bdev empty). The controller reconnects through
+// the refused attempts; no I/O fails (each worker reads back what it
+// wrote after the restart too).
+func TestSPDKTargetRestartedUnderLoad(t *testing.T) {
+	r := startSPDKRig(t)
+	id := r.c.Namespace()
+	l := startLoad(r.c, 4)
+	l.waitOps(t, 100)
+
+	r.tg.Kill()
+	waitEntered(t, r.c, lifecycle.StateConnecting, 1, r.sc)
+	attempts := r.conn.attempts.Load()
+	for r.conn.attempts.Load() < attempts+2 {
+		time.Sleep(50 * time.Millisecond)
+	}
+	again := spdk.StartTarget(t, r.tg.Build, spdk.TargetOptions{})
+	cfg := spdkExport
+	cfg.Port = r.e.Port
+	again.Export(t, cfg)
+	waitEntered(t, r.c, lifecycle.StateLive, 2, r.sc)
+	l.waitOps(t, 100)
+	l.finish(t)
+	if got := r.c.Namespace(); got.SameIdentity(id) != nil {
+		t.Fatalf("namespace after the restart %+v, before %+v", got, id)
 	}
 	t.Logf("%d operations, %d connects", l.ops.Load(), r.conn.attempts.Load())
 }
