@@ -3,6 +3,7 @@ package native
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -17,7 +18,7 @@ var testHost = nvmeof.HostIdentity{NQN: "nqn.2014-08.org.nvmexpress:uuid:0b5d3c1
 
 // connect starts the in-process target on a memory namespace of blocks
 // 4 KiB blocks and connects with queues I/O queues.
-func connect(t *testing.T, blocks int64, queues int) (*nvmeof.Controller, *nvmeof.Namespace) {
+func connect(t *testing.T, blocks int64, queues int, spin time.Duration) (*nvmeof.Controller, *nvmeof.Namespace) {
 	t.Helper()
 	tg := target.New(target.Config{})
 	t.Cleanup(func() { tg.Close() })
@@ -33,7 +34,11 @@ func connect(t *testing.T, blocks int64, queues int) (*nvmeof.Controller, *nvmeo
 		t.Fatal(err)
 	}
 	ctx := t.Context()
-	c, err := nvmeof.Connect(ctx, nvmeof.ControllerConfig{Addr: addr.String(), SubsysNQN: testNQN, Host: testHost, IOQueues: queues, QueueSize: 64})
+	cfg := nvmeof.ControllerConfig{Addr: addr.String(), SubsysNQN: testNQN, Host: testHost, IOQueues: queues, QueueSize: 64}
+	if spin > 0 {
+		cfg.Dial = SpinDialer(spin)
+	}
+	c, err := nvmeof.Connect(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -49,8 +54,14 @@ func connect(t *testing.T, blocks int64, queues int) (*nvmeof.Controller, *nvmeo
 // with the pattern, counts its I/Os and the CPU they took; the blocks read
 // back carry the pattern.
 func TestRunSequentialWriteReachesTheTarget(t *testing.T) {
+	for _, spin := range []time.Duration{0, 50 * time.Microsecond} {
+		t.Run(fmt.Sprintf("spin=%v", spin), func(t *testing.T) { testSequentialWrite(t, spin) })
+	}
+}
+
+func testSequentialWrite(t *testing.T, spin time.Duration) {
 	const blocks = 64
-	c, ns := connect(t, blocks, 2)
+	c, ns := connect(t, blocks, 2, spin)
 	w := Workload{Pattern: "write", IOSize: 8192, QueueDepth: 4, Queues: 2, Duration: 300 * time.Millisecond}
 	res, err := Run(t.Context(), c.IOQueues(), ns, w)
 	if err != nil {
@@ -86,7 +97,7 @@ func TestRunSequentialWriteReachesTheTarget(t *testing.T) {
 // Random reads at a depth run and stop; a row the namespace or queue
 // cannot hold is refused before anything is sent.
 func TestRunRandomReadAndLimits(t *testing.T) {
-	c, ns := connect(t, 256, 1)
+	c, ns := connect(t, 256, 1, 0)
 	res, err := Run(t.Context(), c.IOQueues(), ns, Workload{Pattern: "randread", IOSize: 4096, QueueDepth: 8, Queues: 1, Duration: 200 * time.Millisecond})
 	if err != nil || res.IOs == 0 || res.CPUPerIO() <= 0 {
 		t.Fatalf("%+v %v", res, err)
@@ -143,6 +154,21 @@ func TestParsePerfTotal(t *testing.T) {
 	}
 }
 
+func TestKeepBest(t *testing.T) {
+	var runs []float64
+	for _, tc := range []struct {
+		iops float64
+		best bool
+	}{{100, true}, {90, false}, {150, true}, {150, false}, {10, false}} {
+		if got := Keep(&runs, tc.iops); got != tc.best {
+			t.Errorf("Keep(%v) after %v: %v", tc.iops, runs[:len(runs)-1], got)
+		}
+	}
+	if spread(runs) != "10-150" || len(runs) != 5 || spread(nil) != "-" {
+		t.Fatalf("%v %q", runs, spread(runs))
+	}
+}
+
 func TestPerfArgs(t *testing.T) {
 	got := strings.Join(PerfArgs(Workload{Pattern: "randwrite", IOSize: 4096, QueueDepth: 32, Queues: 2, Duration: 1500 * time.Millisecond},
 		PerfTarget{Addr: "127.0.0.1", Port: 4540, NQN: "nqn.2016-06.io.spdk:bench"}, "0x2"), " ")
@@ -165,6 +191,7 @@ func TestReportMarkdown(t *testing.T) {
 	for i, w := range rows[:2] {
 		rep.Rows = append(rep.Rows, Row{Workload: w,
 			SPDK:     PerfTotal{IOPS: 40000, MiBps: 156.25, AvgLatUs: 25},
+			SPDKRuns: []float64{30000, 40000}, HostRuns: []float64{float64(10000 * (i + 1))},
 			Host:     Result{IOs: uint64(100000 * (i + 1)), Elapsed: 10 * time.Second, CPU: time.Duration(i+1) * 5 * time.Second, IOSize: 4096},
 			Serve:    PerfTotal{IOPS: 20000, MiBps: 78.125, AvgLatUs: 50},
 			ServeCPU: 4 * time.Second})
@@ -177,11 +204,16 @@ func TestReportMarkdown(t *testing.T) {
 	if r.HostRatio() != 0.25 || r.HostCPURatio() != 0.5 || r.ServeRatio() != 0.5 {
 		t.Fatalf("ratios %v %v %v", r.HostRatio(), r.HostCPURatio(), r.ServeRatio())
 	}
+	// Measured: 4 s of CPU over 400000 I/Os is 10 µs each.
+	r.SPDKCPU = 4 * time.Second
+	if r.SPDKCPUPerIO() != 10*time.Microsecond || r.HostCPURatio() != 0.2 {
+		t.Fatalf("measured SPDK CPU/IO %v, ratio %v", r.SPDKCPUPerIO(), r.HostCPURatio())
+	}
 	md := rep.Markdown()
 	for _, want := range []string{
-		"| 4k-randread-qd1-1q | 40000 | 156.2 | 25.0 | 10000 | 39.1 | 50.00 | 0.25x | 0.50x |",
-		"| 4k-randread-qd32-1q | 40000 | 156.2 | 25.0 | 20000 | 78.1 | 50.00 | 0.50x | 0.50x |",
-		"| 4k-randread-qd1-1q | 40000 | 156.2 | 20000 | 78.1 | 25.0 / 50.0 | 20.00 | 0.50x |",
+		"| 4k-randread-qd1-1q | 40000 | 156.2 | 25.0 | 25.00 | 30000-40000 | 10000 | 39.1 | 50.00 | 10000-10000 | 0.25x | 0.50x |",
+		"| 4k-randread-qd32-1q | 40000 | 156.2 | 25.0 | 25.00 | 30000-40000 | 20000 | 78.1 | 50.00 | 20000-20000 | 0.50x | 0.50x |",
+		"| 4k-randread-qd1-1q | 40000 | 156.2 | 20000 | 78.1 | - | 25.0 / 50.0 | 20.00 | 0.50x |",
 		"before: `0.50 0.40 0.30 1/90 100`, after: `1.10 0.60 0.35 2/95 200`",
 		"nvmf_tgt --no-huge -s 1024 -u -m 0x1",
 		"worst row: 4k-randwrite-qd32-1q",

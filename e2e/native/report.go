@@ -36,28 +36,67 @@ func (w Workload) Name() string {
 // Row is what one workload measured: the host side (the nvmeof library
 // and spdk_nvme_perf, each against nvmf_tgt) and the target side
 // (spdk_nvme_perf against `ublk-nvmeof serve`; its nvmf_tgt number is
-// SPDK's).
+// SPDK's). Each tool runs several times; the row keeps each one's best run
+// (the highest IOPS: on a shared machine, the run others disturbed least)
+// and the IOPS of every run.
 type Row struct {
 	Workload Workload
 	SPDK     PerfTotal // spdk_nvme_perf -> nvmf_tgt
-	Host     Result    // nvmeof library -> nvmf_tgt
-	Serve    PerfTotal // spdk_nvme_perf -> ublk-nvmeof serve
+	// SPDKCPU is spdk_nvme_perf's CPU time from its workers' launch to
+	// its exit (zero: not measured; then one polling core is assumed).
+	SPDKCPU time.Duration
+	Host    Result    // nvmeof library -> nvmf_tgt
+	Serve   PerfTotal // spdk_nvme_perf -> ublk-nvmeof serve
 	// ServeCPU is the CPU time serve used over its spdk_nvme_perf run
 	// (utime+stime from /proc), zero when not measured.
 	ServeCPU time.Duration
+
+	// The IOPS of every run, in order.
+	SPDKRuns, HostRuns, ServeRuns []float64
+}
+
+// Keep records one run in runs and reports whether it is the best so far.
+func Keep(runs *[]float64, iops float64) bool {
+	best := true
+	for _, r := range *runs {
+		if r >= iops {
+			best = false
+		}
+	}
+	*runs = append(*runs, iops)
+	return best
+}
+
+// spread is "min-max" of runs, or "-" without runs.
+func spread(runs []float64) string {
+	if len(runs) == 0 {
+		return "-"
+	}
+	lo, hi := runs[0], runs[0]
+	for _, r := range runs {
+		lo, hi = min(lo, r), max(hi, r)
+	}
+	return fmt.Sprintf("%.0f-%.0f", lo, hi)
 }
 
 // HostRatio is the library's IOPS over spdk_nvme_perf's, both on one
 // pinned core against the same nvmf_tgt.
 func (r Row) HostRatio() float64 { return ratio(r.Host.IOPS(), r.SPDK.IOPS) }
 
-// SPDKCPUPerIO is spdk_nvme_perf's CPU per I/O: it polls, so its one core
-// is busy for the whole run.
+// SPDKCPUPerIO is spdk_nvme_perf's CPU per I/O: its measured CPU over the
+// I/Os of its window, or, unmeasured, one core for the whole window (it
+// polls). Descheduled, a poller uses no CPU: measured is the fair number
+// on a shared machine.
 func (r Row) SPDKCPUPerIO() time.Duration {
-	if r.SPDK.IOPS <= 0 {
+	ios := r.SPDK.IOPS * r.Workload.Duration.Seconds()
+	switch {
+	case ios <= 0:
 		return 0
+	case r.SPDKCPU > 0:
+		return time.Duration(float64(r.SPDKCPU) / ios)
+	default:
+		return time.Duration(float64(time.Second) / r.SPDK.IOPS)
 	}
-	return time.Duration(float64(time.Second) / r.SPDK.IOPS)
 }
 
 // HostCPURatio is spdk_nvme_perf's CPU per I/O over the library's: above
@@ -69,6 +108,8 @@ func (r Row) HostCPURatio() float64 {
 
 // ServeRatio is spdk_nvme_perf's IOPS against serve over against nvmf_tgt.
 func (r Row) ServeRatio() float64 { return ratio(r.Serve.IOPS, r.SPDK.IOPS) }
+
+func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
 
 func ratio(a, b float64) float64 {
 	if b <= 0 || math.IsNaN(a) {
@@ -115,26 +156,26 @@ func (rep *Report) Markdown() string {
 	p("- host load (/proc/loadavg) before: `%s`, after: `%s`. The machine is shared with other jobs: a load above 0 means others ran on the same cores during the measurement, and the absolute numbers (not only the ratios) move with it.\n\n", rep.LoadBefore, rep.LoadAfter)
 
 	p("## Host side: the nvmeof library against spdk_nvme_perf, both against nvmf_tgt\n\n")
-	p("nvmf_tgt on CPU 0, each initiator alone on CPU 1 (the library with GOMAXPROCS=1). ratio = library IOPS / spdk_nvme_perf IOPS. CPU ratio = spdk_nvme_perf CPU per I/O (one polling core: 1 s / IOPS) / the library's CPU per I/O (getrusage over the window): above 1.0 the library spends less CPU per I/O.\n\n")
-	p("| row | spdk_nvme_perf IOPS | MiB/s | avg lat µs | library IOPS | MiB/s | library CPU/IO µs | ratio | CPU ratio |\n")
-	p("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	p("nvmf_tgt on CPU 0, each initiator alone on CPU 1 (the library with GOMAXPROCS=1); each tool's best run of those listed under runs. ratio = library IOPS / spdk_nvme_perf IOPS. CPU/IO: CPU time over the I/Os of the window (the library: getrusage over its window; spdk_nvme_perf: /proc from its workers' launch to its exit, which is about one core while it runs, as it polls). CPU ratio = spdk_nvme_perf CPU/IO / library CPU/IO: the per-core comparison, above 1.0 the library spends less CPU per I/O.\n\n")
+	p("| row | spdk_nvme_perf IOPS | MiB/s | avg lat µs | CPU/IO µs | runs | library IOPS | MiB/s | CPU/IO µs | runs | ratio | CPU ratio |\n")
+	p("|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|\n")
 	for _, r := range rep.Rows {
-		p("| %s | %.0f | %.1f | %.1f | %.0f | %.1f | %.2f | %.2fx | %.2fx |\n", r.Workload.Name(),
-			r.SPDK.IOPS, r.SPDK.MiBps, r.SPDK.AvgLatUs, r.Host.IOPS(), r.Host.MiBps(),
-			float64(r.Host.CPUPerIO())/float64(time.Microsecond), r.HostRatio(), r.HostCPURatio())
+		p("| %s | %.0f | %.1f | %.1f | %.2f | %s | %.0f | %.1f | %.2f | %s | %.2fx | %.2fx |\n", r.Workload.Name(),
+			r.SPDK.IOPS, r.SPDK.MiBps, r.SPDK.AvgLatUs, us(r.SPDKCPUPerIO()), spread(r.SPDKRuns),
+			r.Host.IOPS(), r.Host.MiBps(), us(r.Host.CPUPerIO()), spread(r.HostRuns), r.HostRatio(), r.HostCPURatio())
 	}
 	p("\n## Target side: spdk_nvme_perf against `ublk-nvmeof serve` and against nvmf_tgt\n\n")
 	p("Each target on CPU 0 (serve with GOMAXPROCS=1, memory backend; nvmf_tgt with a malloc bdev), spdk_nvme_perf on CPU 1. ratio = IOPS against serve / IOPS against nvmf_tgt. serve CPU/IO: serve's utime+stime over the run (/proc, 10 ms ticks) / I/Os; nvmf_tgt polls its core whatever the load.\n\n")
-	p("| row | nvmf_tgt IOPS | MiB/s | serve IOPS | MiB/s | avg lat µs (nvmf_tgt / serve) | serve CPU/IO µs | ratio |\n")
-	p("|---|---:|---:|---:|---:|---:|---:|---:|\n")
+	p("| row | nvmf_tgt IOPS | MiB/s | serve IOPS | MiB/s | serve runs | avg lat µs (nvmf_tgt / serve) | serve CPU/IO µs | ratio |\n")
+	p("|---|---:|---:|---:|---:|---|---:|---:|---:|\n")
 	for _, r := range rep.Rows {
 		cpu := "-"
 		if r.ServeCPU > 0 && r.Serve.IOPS > 0 {
 			ios := r.Serve.IOPS * r.Workload.Duration.Seconds()
 			cpu = fmt.Sprintf("%.2f", float64(r.ServeCPU)/float64(time.Microsecond)/ios)
 		}
-		p("| %s | %.0f | %.1f | %.0f | %.1f | %.1f / %.1f | %s | %.2fx |\n", r.Workload.Name(),
-			r.SPDK.IOPS, r.SPDK.MiBps, r.Serve.IOPS, r.Serve.MiBps, r.SPDK.AvgLatUs, r.Serve.AvgLatUs, cpu, r.ServeRatio())
+		p("| %s | %.0f | %.1f | %.0f | %.1f | %s | %.1f / %.1f | %s | %.2fx |\n", r.Workload.Name(),
+			r.SPDK.IOPS, r.SPDK.MiBps, r.Serve.IOPS, r.Serve.MiBps, spread(r.ServeRuns), r.SPDK.AvgLatUs, r.Serve.AvgLatUs, cpu, r.ServeRatio())
 	}
 	p("\n## Commands\n\n```sh\n%s\n```\n", strings.Join(rep.Commands, "\n"))
 	if rep.Profile != "" {

@@ -23,6 +23,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -49,11 +50,12 @@ const (
 
 func main() {
 	out := flag.String("out", "docs/perf", "directory native.md and native-profile/ are written to")
-	runtimeFlag := flag.Duration("t", 10*time.Second, "run time of each row and tool (whole seconds)")
+	runtimeFlag := flag.Duration("t", 5*time.Second, "run time of each run (whole seconds)")
+	reps := flag.Int("reps", 3, "runs of each row and tool; the best is kept (the machine is shared)")
 	only := flag.String("rows", "", "only the rows whose name contains this (e.g. 4k-randread); default all")
 	noProfile := flag.Bool("no-profile", false, "skip the CPU profile of the worst row")
 	flag.Parse()
-	err := run(*out, *runtimeFlag, *only, !*noProfile)
+	err := run(*out, *runtimeFlag, *reps, *only, !*noProfile)
 	switch {
 	case errors.Is(err, spdk.ErrNoBuild):
 		fmt.Fprintf(os.Stderr, "bench-native: %v\n", err)
@@ -64,9 +66,12 @@ func main() {
 	}
 }
 
-func run(out string, d time.Duration, only string, profile bool) error {
+func run(out string, d time.Duration, reps int, only string, profile bool) error {
 	if d < time.Second || d%time.Second != 0 {
 		return fmt.Errorf("-t %v: whole seconds, at least 1 (spdk_nvme_perf's -t)", d)
+	}
+	if reps < 1 || reps > 20 {
+		return fmt.Errorf("-reps %d: 1 to 20", reps)
 	}
 	spdk, err := findSPDK()
 	if err != nil {
@@ -82,7 +87,7 @@ func run(out string, d time.Duration, only string, profile bool) error {
 		return err
 	}
 	defer os.RemoveAll(work)
-	b := &bench{spdk: spdk, work: work, d: d}
+	b := &bench{spdk: spdk, work: work, d: d, reps: reps}
 	if err := b.buildGo(ctx); err != nil {
 		return err
 	}
@@ -114,7 +119,8 @@ func run(out string, d time.Duration, only string, profile bool) error {
 		}
 	}
 	rep.Notes = append(rep.Notes,
-		"Each row runs each tool once for the run time, alternating tools row by row; spdk_nvme_perf's start (DPDK init, connect) is outside its window, the library's connect outside its own.",
+		fmt.Sprintf("Each tool ran each row %d times for %v, round by round over all rows (so one row's runs are minutes apart), spdk_nvme_perf and the library in turn; the table keeps each tool's best run. spdk_nvme_perf's start (DPDK init, connect) is outside its window, the library's connect outside its own.", reps, d),
+		b.disturbedNote(),
 		"-q is the depth in all, spread round robin over -P queues (spdk_nvme_perf's nvme_submit_io); the library does the same from each completion.",
 		"nvmf_tgt and spdk_nvme_perf run without hugepages (--no-huge), as this machine has none configured.")
 	if err := os.MkdirAll(out, 0o755); err != nil {
@@ -133,6 +139,13 @@ type bench struct {
 	spdk spdkBuild
 	work string // temporary: binaries, logs, the RPC socket
 	d    time.Duration
+	reps int
+	// Runs started while another SPDK process (not this bench's) was
+	// running on the machine, and their names.
+	runs, disturbed int
+	foreign         map[string]bool
+	// Runs that failed and were tried again.
+	retries int
 	// The binaries built from this tree.
 	perfBin, serveBin string
 }
@@ -148,55 +161,141 @@ func (b *bench) buildGo(ctx context.Context) error {
 	return nil
 }
 
-// hostSide runs spdk_nvme_perf and the library against one nvmf_tgt,
-// row by row.
+// hostSide runs spdk_nvme_perf and the library against one nvmf_tgt:
+// reps rounds over all rows.
 func (b *bench) hostSide(ctx context.Context, rows []native.Row, rep *native.Report) error {
 	tgt, err := b.startNvmfTgt(ctx, rep)
 	if err != nil {
 		return err
 	}
 	defer tgt.stop()
-	for i := range rows {
-		w := rows[i].Workload
-		fmt.Fprintf(os.Stderr, "bench-native: %s: spdk_nvme_perf -> nvmf_tgt\n", w.Name())
-		if rows[i].SPDK, err = b.spdkPerf(ctx, w, tgtPort, rep, i == 0); err != nil {
+	for round := range b.reps {
+		for i := range rows {
+			r := &rows[i]
+			w := r.Workload
+			b.checkForeign(tgt.cmd.Process.Pid)
+			t, cpu, err := b.spdkPerf(ctx, w, tgtPort, rep, round == 0 && i == 0)
+			if err != nil {
+				return err
+			}
+			if native.Keep(&r.SPDKRuns, t.IOPS) {
+				r.SPDK, r.SPDKCPU = t, cpu
+			}
+			b.checkForeign(tgt.cmd.Process.Pid)
+			h, err := b.library(ctx, w, tgtPort, "", rep, round == 0 && i == 0)
+			if err != nil {
+				return err
+			}
+			if native.Keep(&r.HostRuns, h.IOPS()) {
+				r.Host = h
+			}
+			fmt.Fprintf(os.Stderr, "bench-native: round %d %s: library %.0f IOPS (%.2f µs CPU/IO), spdk_nvme_perf %.0f IOPS (%.2f µs CPU/IO)\n",
+				round+1, w.Name(), h.IOPS(), float64(h.CPUPerIO())/1e3, t.IOPS, float64(cpu)/1e3/(t.IOPS*w.Duration.Seconds()))
+		}
+		if err := tgt.err(); err != nil {
 			return err
 		}
-		fmt.Fprintf(os.Stderr, "bench-native: %s: nvmeof library -> nvmf_tgt\n", w.Name())
-		if rows[i].Host, err = b.library(ctx, w, tgtPort, "", rep, i == 0); err != nil {
-			return err
-		}
-		fmt.Fprintf(os.Stderr, "bench-native: %s: %.0f vs %.0f IOPS (%.2fx), library CPU/IO %v\n", w.Name(),
-			rows[i].Host.IOPS(), rows[i].SPDK.IOPS, rows[i].HostRatio(), rows[i].Host.CPUPerIO())
 	}
-	return tgt.err()
+	return nil
 }
 
-// targetSide runs spdk_nvme_perf against serve, row by row.
+// targetSide runs spdk_nvme_perf against serve: reps rounds over all rows.
 func (b *bench) targetSide(ctx context.Context, rows []native.Row, rep *native.Report) error {
 	srv, err := b.startServe(ctx, rep)
 	if err != nil {
 		return err
 	}
 	defer srv.stop()
-	for i := range rows {
-		w := rows[i].Workload
-		fmt.Fprintf(os.Stderr, "bench-native: %s: spdk_nvme_perf -> serve\n", w.Name())
-		before, err := processCPU(srv.cmd.Process.Pid)
-		if err != nil {
+	pid := srv.cmd.Process.Pid
+	for round := range b.reps {
+		for i := range rows {
+			r := &rows[i]
+			w := r.Workload
+			before, err := processCPU(pid)
+			if err != nil {
+				return err
+			}
+			b.checkForeign(pid)
+			t, _, err := b.spdkPerf(ctx, w, servePort, rep, false)
+			if err != nil {
+				return err
+			}
+			after, err := processCPU(pid)
+			if err != nil {
+				return err
+			}
+			if native.Keep(&r.ServeRuns, t.IOPS) {
+				r.Serve, r.ServeCPU = t, after-before
+			}
+			fmt.Fprintf(os.Stderr, "bench-native: round %d %s: spdk_nvme_perf -> serve %.0f IOPS\n", round+1, w.Name(), t.IOPS)
+		}
+		if err := srv.err(); err != nil {
 			return err
 		}
-		if rows[i].Serve, err = b.spdkPerf(ctx, w, servePort, rep, false); err != nil {
-			return err
-		}
-		after, err := processCPU(srv.cmd.Process.Pid)
-		if err != nil {
-			return err
-		}
-		rows[i].ServeCPU = after - before
-		fmt.Fprintf(os.Stderr, "bench-native: %s: serve %.0f vs nvmf_tgt %.0f IOPS (%.2fx)\n", w.Name(), rows[i].Serve.IOPS, rows[i].SPDK.IOPS, rows[i].ServeRatio())
 	}
-	return srv.err()
+	return nil
+}
+
+// quietWait is how long a run waits for another SPDK process to exit.
+const quietWait = 20 * time.Second
+
+// spdkComms are the process names of SPDK's applications.
+var spdkComms = map[string]bool{"nvmf_tgt": true, "spdk_tgt": true, "spdk_nvme_perf": true, "spdk_nvme_ident": true, "spdk_nvme_disco": true, "reactor_0": true, "reactor_1": true}
+
+// checkForeign counts a run, and a disturbed one if an SPDK process other
+// than own runs now: its reactor polls a core, as ours do, on a machine
+// with two.
+func (b *bench) checkForeign(own int) {
+	b.runs++
+	// Give another SPDK process up to quietWait to finish first.
+	seen := foreignSPDK(own)
+	for deadline := time.Now().Add(quietWait); len(seen) > 0 && time.Now().Before(deadline); seen = foreignSPDK(own) {
+		time.Sleep(time.Second)
+	}
+	if len(seen) == 0 {
+		return
+	}
+	b.disturbed++
+	if b.foreign == nil {
+		b.foreign = map[string]bool{}
+	}
+	for _, s := range seen {
+		b.foreign[s] = true
+	}
+}
+
+func (b *bench) disturbedNote() string {
+	if b.disturbed == 0 {
+		return fmt.Sprintf("No other SPDK process was running when any of the %d runs started (each waited up to %v for one to exit); %d failed runs were tried again.", b.runs, quietWait, b.retries)
+	}
+	var names []string
+	for n := range b.foreign {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	return fmt.Sprintf("%d of the %d runs started while another SPDK process, polling a core of this 2-CPU machine, was running (%s; each run waited up to %v for it to exit): those runs are disturbed beyond the load average. %d failed runs (a connect timing out) were tried again.",
+		b.disturbed, b.runs, strings.Join(names, ", "), quietWait, b.retries)
+}
+
+// foreignSPDK lists "name[pid]" of the SPDK processes running now, but
+// own.
+func foreignSPDK(own int) []string {
+	dirs, _ := os.ReadDir("/proc")
+	var seen []string
+	for _, d := range dirs {
+		pid, err := strconv.Atoi(d.Name())
+		if err != nil || pid == own {
+			continue
+		}
+		comm, err := os.ReadFile(filepath.Join("/proc", d.Name(), "comm"))
+		if err != nil {
+			continue
+		}
+		if name := strings.TrimSpace(string(comm)); spdkComms[name] {
+			seen = append(seen, fmt.Sprintf("%s[%d]", name, pid))
+		}
+	}
+	return seen
 }
 
 // profileWorst runs the library's worst row again with a CPU profile and
@@ -234,23 +333,70 @@ func (b *bench) profileWorst(ctx context.Context, rows []native.Row, rep *native
 	return nil
 }
 
-// spdkPerf runs spdk_nvme_perf on hostCPU against port.
-func (b *bench) spdkPerf(ctx context.Context, w native.Workload, port int, rep *native.Report, record bool) (native.PerfTotal, error) {
+// spdkPerf runs spdk_nvme_perf, up to three times when it fails: on this
+// loaded machine its Fabrics Connect can time out.
+func (b *bench) spdkPerf(ctx context.Context, w native.Workload, port int, rep *native.Report, record bool) (native.PerfTotal, time.Duration, error) {
+	var err error
+	for try := 1; try <= attempts; try++ {
+		var t native.PerfTotal
+		var cpu time.Duration
+		if t, cpu, err = b.spdkPerfOnce(ctx, w, port, rep, record && try == 1); err == nil || ctx.Err() != nil {
+			return t, cpu, err
+		}
+		b.retries++
+		fmt.Fprintf(os.Stderr, "bench-native: %s: spdk_nvme_perf failed (try %d of %d): %v\n", w.Name(), try, attempts, firstLine(err))
+	}
+	return native.PerfTotal{}, 0, err
+}
+
+// attempts is how often a run is tried before the bench gives up.
+const attempts = 3
+
+func firstLine(err error) string {
+	line, _, _ := strings.Cut(err.Error(), "\n")
+	return line
+}
+
+// spdkPerfOnce runs spdk_nvme_perf on hostCPU against port. cpu is its CPU
+// time from the line that says its workers launch to its exit.
+func (b *bench) spdkPerfOnce(ctx context.Context, w native.Workload, port int, rep *native.Report, record bool) (_ native.PerfTotal, cpu time.Duration, _ error) {
 	args := append(native.PerfArgs(w, native.PerfTarget{Addr: "127.0.0.1", Port: port, NQN: nqn}, fmt.Sprintf("%#x", 1<<hostCPU)),
 		"--no-huge", "-s", "512")
 	if record {
 		rep.Commands = append(rep.Commands, shellLine(b.spdk.perf, args))
 	}
-	cmd := exec.CommandContext(ctx, b.spdk.perf, args...)
-	out, err := cmd.CombinedOutput()
+	// Line-buffered, so the launch line arrives when it is printed (into a
+	// pipe, stdio would hold it until exit).
+	cmd := exec.CommandContext(ctx, "stdbuf", append([]string{"-oL", b.spdk.perf}, args...)...)
+	var out strings.Builder
+	cmd.Stderr = &out
+	stdout, err := cmd.StdoutPipe()
 	if err != nil {
-		return native.PerfTotal{}, fmt.Errorf("spdk_nvme_perf %s: %w\n%s", w.Name(), err, tail(out))
+		return native.PerfTotal{}, 0, err
 	}
-	t, err := native.ParsePerfTotal(string(out))
+	if err := cmd.Start(); err != nil {
+		return native.PerfTotal{}, 0, fmt.Errorf("spdk_nvme_perf: %w", err)
+	}
+	var launched time.Duration
+	sc := bufio.NewScanner(stdout)
+	for sc.Scan() {
+		line := sc.Text()
+		out.WriteString(line + "\n")
+		if strings.Contains(line, "Launching workers") {
+			launched, _ = processCPU(cmd.Process.Pid)
+		}
+	}
+	if err := cmd.Wait(); err != nil {
+		return native.PerfTotal{}, 0, fmt.Errorf("spdk_nvme_perf %s: %w\n%s", w.Name(), err, tail([]byte(out.String())))
+	}
+	t, err := native.ParsePerfTotal(out.String())
 	if err != nil {
-		return t, fmt.Errorf("%s: %w\n%s", w.Name(), err, tail(out))
+		return t, 0, fmt.Errorf("%s: %w\n%s", w.Name(), err, tail([]byte(out.String())))
 	}
-	return t, nil
+	if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok && launched > 0 {
+		cpu = time.Duration(ru.Utime.Nano()+ru.Stime.Nano()) - launched
+	}
+	return t, max(cpu, 0), nil
 }
 
 // libraryOutput is nvmeof-perf's JSON line.
@@ -260,9 +406,24 @@ type libraryOutput struct {
 	CPUNs     int64  `json:"cpu_ns"`
 }
 
-// library runs nvmeof-perf on hostCPU (taskset, GOMAXPROCS=1) against
-// port.
+// library runs nvmeof-perf, up to three times when it fails (a connect
+// timing out on this loaded machine).
 func (b *bench) library(ctx context.Context, w native.Workload, port int, profile string, rep *native.Report, record bool) (native.Result, error) {
+	var err error
+	for try := 1; try <= attempts; try++ {
+		var r native.Result
+		if r, err = b.libraryOnce(ctx, w, port, profile, rep, record && try == 1); err == nil || ctx.Err() != nil {
+			return r, err
+		}
+		b.retries++
+		fmt.Fprintf(os.Stderr, "bench-native: %s: nvmeof-perf failed (try %d of %d): %v\n", w.Name(), try, attempts, firstLine(err))
+	}
+	return native.Result{}, err
+}
+
+// libraryOnce runs nvmeof-perf on hostCPU (taskset, GOMAXPROCS=1) against
+// port.
+func (b *bench) libraryOnce(ctx context.Context, w native.Workload, port int, profile string, rep *native.Report, record bool) (native.Result, error) {
 	args := []string{"-c", strconv.Itoa(hostCPU), b.perfBin, "-addr", fmt.Sprintf("127.0.0.1:%d", port), "-nqn", nqn,
 		"-q", strconv.Itoa(w.QueueDepth), "-o", strconv.Itoa(w.IOSize), "-w", w.Pattern, "-t", w.Duration.String(), "-P", strconv.Itoa(w.Queues)}
 	if profile != "" {

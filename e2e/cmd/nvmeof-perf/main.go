@@ -40,8 +40,9 @@ func main() {
 	flag.IntVar(&w.Queues, "P", 1, "I/O queues (-P)")
 	cpus := flag.String("cpus", "", "pin the process to these CPUs (e.g. 1 or 1,3) and set GOMAXPROCS to their count")
 	profile := flag.String("cpuprofile", "", "write a CPU profile of the measured window to this file")
+	spin := flag.Duration("spin", 0, "poll each socket this long before a read sleeps (native.SpinDialer; 0: plain TCP, as the daemon)")
 	flag.Parse()
-	if err := run(*addr, *nqn, w, *cpus, *profile); err != nil {
+	if err := run(*addr, *nqn, w, *cpus, *profile, *spin); err != nil {
 		fmt.Fprintf(os.Stderr, "nvmeof-perf: %v\n", err)
 		os.Exit(1)
 	}
@@ -59,7 +60,7 @@ type output struct {
 	GOMAXPROC int     `json:"gomaxprocs"`
 }
 
-func run(addr, nqn string, w native.Workload, cpus, profile string) error {
+func run(addr, nqn string, w native.Workload, cpus, profile string, spin time.Duration) error {
 	if err := w.Validate(); err != nil {
 		return err
 	}
@@ -77,7 +78,7 @@ func run(addr, nqn string, w native.Workload, cpus, profile string) error {
 	if err != nil {
 		return err
 	}
-	c, err := connect(ctx, addr, nqn, host, w)
+	c, err := connect(ctx, addr, nqn, host, w, spin)
 	if err != nil {
 		return err
 	}
@@ -112,17 +113,21 @@ func run(addr, nqn string, w native.Workload, cpus, profile string) error {
 // keep-alive (the controller deletes a controller that sends none within
 // KATO; traffic-based where it says TBKAS), then the I/O queues, each deep
 // enough for the whole depth.
-func connect(ctx context.Context, addr, nqn string, host nvmeof.HostIdentity, w native.Workload) (*controller, error) {
-	c, err := nvmeof.ConnectAdmin(ctx, nvmeof.ControllerConfig{Addr: addr, SubsysNQN: nqn, Host: host,
-		IOQueues: w.Queues, QueueSize: max(nvmeof.DefaultQueueSize, w.QueueDepth+1)})
+func connect(ctx context.Context, addr, nqn string, host nvmeof.HostIdentity, w native.Workload, spin time.Duration) (*controller, error) {
+	cfg := nvmeof.ControllerConfig{Addr: addr, SubsysNQN: nqn, Host: host,
+		IOQueues: w.Queues, QueueSize: max(nvmeof.DefaultQueueSize, w.QueueDepth+1)}
+	if spin > 0 {
+		cfg.Dial = native.SpinDialer(spin)
+	}
+	c, err := nvmeof.ConnectAdmin(ctx, cfg)
 	if err != nil {
 		return nil, err
 	}
-	cfg := keepalive.Config{KATO: c.KATO()}
+	ka := keepalive.Config{KATO: c.KATO()}
 	if c.TBKAS() {
-		cfg.Traffic = c.Traffic()
+		ka.Traffic = c.Traffic()
 	}
-	cc := &controller{Controller: c, keeper: keepalive.Start(c, cfg)}
+	cc := &controller{Controller: c, keeper: keepalive.Start(c, ka)}
 	if err := c.ConnectIOQueues(ctx); err != nil {
 		cc.Close()
 		return nil, err
