@@ -89,8 +89,8 @@ func (l *lineLog) String() string {
 }
 
 // load writes and reads back blocks through the lifecycle controller from
-// several goroutines, each on its own block, until stopped; every error
-// and every mismatch is recorded.
+// several goroutines, each on its own block, until stopped; every error,
+// and with verify every mismatch, is recorded.
 type load struct {
 	ops    atomic.Int64
 	stop   chan struct{}
@@ -99,7 +99,7 @@ type load struct {
 	errors []error
 }
 
-func startLoad(c *lifecycle.Controller, workers int) *load {
+func startLoad(c *lifecycle.Controller, workers int, verify bool) *load {
 	l := &load{stop: make(chan struct{})}
 	for w := range workers {
 		l.wg.Add(1)
@@ -117,7 +117,7 @@ func startLoad(c *lifecycle.Controller, workers int) *load {
 					return
 				}
 				got, err := read(c, lba)
-				if err != nil || got != v<<8|uint64(w) {
+				if err != nil || verify && got != v<<8|uint64(w) {
 					l.fail(fmt.Errorf("worker %d: read back %#x, %v; wrote %#x", w, got, err, v<<8|uint64(w)))
 					return
 				}
@@ -175,7 +175,7 @@ func (l *load) finish(t *testing.T) {
 // resumes, and the data reads back.
 func TestSPDKListenerRemovedUnderLoad(t *testing.T) {
 	r := startSPDKRig(t)
-	l := startLoad(r.c, 4)
+	l := startLoad(r.c, 4, true)
 	l.waitOps(t, 100)
 
 	r.tg.RemoveListener(t, r.e.NQN, r.e.Port)
@@ -204,7 +204,7 @@ func TestSPDKListenerRemovedUnderLoad(t *testing.T) {
 func TestSPDKNamespaceHotRemoved(t *testing.T) {
 	r := startSPDKRig(t)
 	id := r.c.Namespace()
-	l := startLoad(r.c, 4)
+	l := startLoad(r.c, 4, true)
 	l.waitOps(t, 100)
 
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -236,12 +236,15 @@ func TestSPDKNamespaceHotRemoved(t *testing.T) {
 // kernel resets every connection) while I/O runs, and another one is
 // started on the same port with the same subsystem and a namespace of the
 // same identity (its malloc bdev empty). The controller reconnects through
-// the refused attempts; no I/O fails (each worker reads back what it
-// wrote after the restart too).
+// the refused attempts; no I/O fails, and after the restart each worker
+// reads back what it wrote.
 func TestSPDKTargetRestartedUnderLoad(t *testing.T) {
 	r := startSPDKRig(t)
 	id := r.c.Namespace()
-	l := startLoad(r.c, 4)
+	// Unverified across the crash: a write the killed target
+	// acknowledged is gone with its malloc bdev, and the read after it
+	// may go to the new target.
+	l := startLoad(r.c, 4, false)
 	l.waitOps(t, 100)
 
 	r.tg.Kill()
@@ -254,9 +257,13 @@ func TestSPDKTargetRestartedUnderLoad(t *testing.T) {
 	cfg := spdkExport
 	cfg.Port = r.e.Port
 	again.Export(t, cfg)
+	t.Cleanup(r.c.Delete) // before the new target stops
 	waitEntered(t, r.c, lifecycle.StateLive, 2, r.sc)
 	l.waitOps(t, 100)
 	l.finish(t)
+	after := startLoad(r.c, 4, true)
+	after.waitOps(t, 100)
+	after.finish(t)
 	if got := r.c.Namespace(); got.SameIdentity(id) != nil {
 		t.Fatalf("namespace after the restart %+v, before %+v", got, id)
 	}
