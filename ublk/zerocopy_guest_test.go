@@ -103,12 +103,29 @@ func (b *ringFileBackend) end(r *Request, err error) {
 	r.Complete(err)
 }
 
-// verifyRingDevice writes through d in request sizes from 512 bytes to
-// the largest, O_DIRECT from several goroutines and buffered, reads it all
-// back through d, and checks the backend's memfd holds the same bytes.
-func verifyRingDevice(t *testing.T, d *Device, b *ringFileBackend) {
+// ringTestBackend is a test RingBackend whose store can be read back.
+type ringTestBackend interface {
+	RingBackend
+	stored(off int64, n int) []byte // a copy of the store's bytes
+	failures() int64                // ring operations that failed
+}
+
+func (b *ringFileBackend) stored(off int64, n int) []byte {
+	got := make([]byte, n)
+	if _, err := unix.Pread(b.fd, got, off); err != nil {
+		panic(err)
+	}
+	return got
+}
+
+func (b *ringFileBackend) failures() int64 { return b.failed.Load() }
+
+// verifyRingDevice writes region bytes through d in each request size
+// from 512 bytes to the largest, O_DIRECT from several goroutines, and 4
+// MiB buffered; reads it all back through d; and checks the backend's
+// store holds the same bytes.
+func verifyRingDevice(t *testing.T, d *Device, b ringTestBackend, region int64) {
 	f := openBlock(t, d.BlockDevice(), os.O_RDWR|unix.O_DIRECT)
-	const region = 4 * mib
 	sizes := []int{512, 4096, 36 << 10, 128 << 10, int(d.Params().MaxIOBytes)}
 	var wg sync.WaitGroup
 	for i, size := range sizes {
@@ -153,18 +170,15 @@ func verifyRingDevice(t *testing.T, d *Device, b *ringFileBackend) {
 		t.Fatal(err)
 	}
 	checkPattern(t, "O_DIRECT read of a buffered write", rb, 9, boff)
-	// The backend's file holds what went through the device.
+	// The backend's store holds what went through the device.
 	for i, size := range sizes {
 		base := int64(i) * region
-		got := make([]byte, region/int64(size)*int64(size))
-		if _, err := unix.Pread(b.fd, got, base); err != nil {
-			t.Fatal(err)
-		}
+		got := b.stored(base, int(region/int64(size)*int64(size)))
 		for off := int64(0); off < int64(len(got)); off += int64(size) {
 			checkPattern(t, fmt.Sprintf("backend file, %d-byte writes", size), got[off:off+int64(size)], byte(i+1), base+off)
 		}
 	}
-	if n := b.failed.Load(); n != 0 {
+	if n := b.failures(); n != 0 {
 		t.Errorf("%d ring operations failed", n)
 	}
 }
@@ -189,7 +203,7 @@ func TestGuestRingBackendCopy(t *testing.T) {
 	if d.Info().Flags.Has(FeatureAutoBufReg) {
 		t.Fatalf("device flags %v: AUTO_BUF_REG without ZeroCopy", d.Info().Flags)
 	}
-	verifyRingDevice(t, d, b)
+	verifyRingDevice(t, d, b, 4*mib)
 	if b.copied.Load() == 0 || b.zeroCopied.Load() != 0 {
 		t.Errorf("%d requests with a copy buffer, %d zero-copy; want some, none", b.copied.Load(), b.zeroCopied.Load())
 	}
@@ -245,7 +259,7 @@ func TestGuestZeroCopy(t *testing.T) {
 	if !d.Info().Flags.Has(FeatureAutoBufReg) {
 		t.Fatalf("device flags %v lack AUTO_BUF_REG", d.Info().Flags)
 	}
-	verifyRingDevice(t, d, b)
+	verifyRingDevice(t, d, b, 4*mib)
 	if b.zeroCopied.Load() == 0 || b.copied.Load() != 0 {
 		t.Errorf("%d zero-copy requests, %d with a copy buffer; want some, none", b.zeroCopied.Load(), b.copied.Load())
 	}
@@ -289,39 +303,51 @@ func seqThroughput(t *testing.T, path string, size int64, jobs int, write bool, 
 }
 
 // TestGuestZeroCopyThroughput measures 128 KiB sequential O_DIRECT reads
-// and writes through the ring file backend with the copy path and with
-// zero copy, at 1 and 4 streams, and logs MB/s and the zero-copy/copy
-// ratio. It asserts no speed (the VM's numbers are indicative only), only
-// that the I/O succeeds.
+// and writes with the copy path and with zero copy, at 1 and 4 streams,
+// through the ring file backend (a memfd) and the ring socket backend
+// (loopback TCP, where the receiving side copies anyway), and logs MB/s
+// and the zero-copy/copy ratio. It asserts no speed (the VM's numbers are
+// indicative only), only that the I/O succeeds.
 func TestGuestZeroCopyThroughput(t *testing.T) {
 	guest.Require(t)
 	c := openControl(t)
 	requireZeroCopy(t, c)
 	mbps := map[string]float64{}
-	for _, zc := range []bool{false, true} {
-		o := ringOptions(zc)
-		b := newRingFileBackend(t, int64(o.Size), o.Queues, o.Depth)
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		d, err := c.Create(ctx, o, b)
-		cancel()
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, jobs := range []int{1, 4} {
-			for _, write := range []bool{true, false} {
-				key := fmt.Sprintf("%s QD%d", map[bool]string{true: "write", false: "read"}[write], jobs)
-				mbps[fmt.Sprintf("%s zc=%v", key, zc)] = seqThroughput(t, d.BlockDevice(), int64(o.Size), jobs, write, 2*time.Second)
+	for _, kind := range []string{"file", "tcp"} {
+		for _, zc := range []bool{false, true} {
+			o := ringOptions(zc)
+			var b ringTestBackend
+			if kind == "file" {
+				b = newRingFileBackend(t, int64(o.Size), o.Queues, o.Depth)
+			} else {
+				o.Depth = 16
+				b = newRingSocketBackend(t, int64(o.Size), o.Queues, o.Depth)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			d, err := c.Create(ctx, o, b)
+			cancel()
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, jobs := range []int{1, 4} {
+				for _, write := range []bool{true, false} {
+					key := fmt.Sprintf("%s %s QD%d", kind, map[bool]string{true: "write", false: "read"}[write], jobs)
+					mbps[fmt.Sprintf("%s zc=%v", key, zc)] = seqThroughput(t, d.BlockDevice(), int64(o.Size), jobs, write, 2*time.Second)
+				}
+			}
+			if err := d.Close(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			if n := b.failures(); n != 0 {
+				t.Errorf("%s, zero copy %v: %d ring operations failed", kind, zc, n)
 			}
 		}
-		if err := d.Close(context.Background()); err != nil {
-			t.Fatal(err)
-		}
-		if n := b.failed.Load(); n != 0 {
-			t.Errorf("zero copy %v: %d ring operations failed", zc, n)
-		}
 	}
-	for _, key := range []string{"write QD1", "read QD1", "write QD4", "read QD4"} {
-		cp, zc := mbps[key+" zc=false"], mbps[key+" zc=true"]
-		t.Logf("128 KiB sequential %s: copy %.0f MB/s, zero copy %.0f MB/s, zero copy/copy %.2f", key, cp, zc, zc/cp)
+	for _, kind := range []string{"file", "tcp"} {
+		for _, rw := range []string{"write QD1", "read QD1", "write QD4", "read QD4"} {
+			key := kind + " " + rw
+			cp, zc := mbps[key+" zc=false"], mbps[key+" zc=true"]
+			t.Logf("128 KiB sequential %s: copy %.0f MB/s, zero copy %.0f MB/s, zero copy/copy %.2f", key, cp, zc, zc/cp)
+		}
 	}
 }
