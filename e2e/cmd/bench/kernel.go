@@ -52,7 +52,8 @@ func benchKernel(ctx context.Context, k *vm.Kernel, o options, command string) e
 		if len(res.Tests) == 1 {
 			return fmt.Errorf("%s: %s", res.Tests[0].Name, res.Tests[0].Status)
 		}
-		return fmt.Errorf("the VM ran %d tests (done %v, timed out %v)", len(res.Tests), res.Done, res.TimedOut)
+		return fmt.Errorf("the VM ran %d tests (done %v, timed out %v, after %v; boot: %s)\nQEMU: %s\nconsole (last 40 lines):\n%s",
+			len(res.Tests), res.Done, res.TimedOut, res.Elapsed.Round(time.Second), strings.TrimSpace(res.Boot), strings.TrimSpace(res.QEMU), res.ConsoleTail(40))
 	}
 	rep, profiles, err := parseOutput(res.Tests[0].Output)
 	if err != nil {
