@@ -61,8 +61,12 @@ func Provenance(r Report) string {
 		return fmt.Sprintf("%s, fio %s per job, %d vCPUs (no host record: made before the bench recorded date, commit and load)",
 			r.Kernel, r.Runtime, r.CPUs)
 	}
-	return fmt.Sprintf("%s at %s, `%s`; %s, QEMU %s, %d vCPUs on %d host CPUs, fio %s per job; host load average (1/5/15 min) %s before, %s after, 1-min peak %.2f during (VM %s)",
+	line := fmt.Sprintf("%s at %s, `%s`; %s, QEMU %s, %d vCPUs on %d host CPUs, fio %s per job; host load average (1/5/15 min) %s before, %s after, 1-min peak %.2f during (VM %s)",
 		h.Date, h.Commit, h.Command, r.Kernel, h.Accel, r.CPUs, h.CPUs, r.Runtime, h.LoadBefore, h.LoadAfter, h.LoadPeak1, h.VMElapsed)
+	if h.BootsFailed > 0 {
+		line += fmt.Sprintf("; %d boot(s) before this one stopped before the test started", h.BootsFailed)
+	}
+	return line
 }
 
 // ratioTable puts every kernel's ratios side by side, each with its

@@ -120,6 +120,9 @@ type Host struct {
 	LoadAfter  string  `json:"load_after"`
 	LoadPeak1  float64 `json:"load_peak_1m"`
 	VMElapsed  string  `json:"vm_elapsed"`
+	// BootsFailed counts boots of this kernel that stopped before the
+	// test started (booted again; the table is from the boot that ran).
+	BootsFailed int `json:"boots_failed,omitempty"`
 }
 
 // Name is the kernel's major.minor: the host's, else read from the

@@ -150,6 +150,14 @@ func TestPage(t *testing.T) {
 			t.Errorf("page lacks %q", want)
 		}
 	}
+	if strings.Contains(md, "stopped before the test started") {
+		t.Error("failed boots reported where there were none")
+	}
+	lts.Host.BootsFailed = 2
+	if md := Page([]KernelPage{{Report: lts}}, "x"); !strings.Contains(md, "; 2 boot(s) before this one stopped before the test started") {
+		t.Errorf("failed boots not reported:\n%s", md)
+	}
+	lts.Host.BootsFailed = 0
 	if strings.Contains(md, "not measured alike") {
 		t.Error("equal runtimes flagged as different")
 	}
