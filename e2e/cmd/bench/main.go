@@ -64,6 +64,8 @@ func run(o options) error {
 	}
 	command := commandLine(os.Args[1:])
 	if o.render {
+		// Rendering boots nothing: the kernel selection plays no part.
+		_, command, _ = strings.Cut(command, " ")
 		return render(o.out, o.baseline, command)
 	}
 	kernels, err := vm.SelectKernels(kernelSelection())
