@@ -48,7 +48,8 @@ test: vet unit e2e
 # The comparison with the kernel's initiator in the VM, one boot per
 # E2E_KERNEL kernel (all: 6.12 and the newest), written to docs/perf with
 # the ratios of docs/perf/baseline beside them (BENCH_FLAGS: e.g.
-# -runtime 2s, -profile 4k-randwrite-qd32-j1, -baseline DIR, -render).
+# -runtime 2s, -profile 4k-randwrite-qd32-j1, -baseline DIR, -max-load 1.5,
+# -render).
 # bench-baseline makes the results now the baseline of the next change.
 # bench-go: the Go benchmarks on this machine.
 bench:

@@ -63,6 +63,9 @@ func Provenance(r Report) string {
 	}
 	line := fmt.Sprintf("%s at %s, `%s`; %s, QEMU %s, %d vCPUs on %d host CPUs, fio %s per job; host load average (1/5/15 min) %s before, %s after, 1-min peak %.2f during (VM %s)",
 		h.Date, h.Commit, h.Command, r.Kernel, h.Accel, r.CPUs, h.CPUs, r.Runtime, h.LoadBefore, h.LoadAfter, h.LoadPeak1, h.VMElapsed)
+	if h.LoadWait != "" {
+		line += "; " + h.LoadWait
+	}
 	if h.BootsFailed > 0 {
 		line += fmt.Sprintf("; %d boot(s) before this one stopped before the test started", h.BootsFailed)
 	}

@@ -116,6 +116,9 @@ type Host struct {
 	// Load averages (1, 5, 15 minutes, /proc/loadavg) of the host before
 	// the boot, after it, and the highest 1-minute one seen during it:
 	// under TCG, other processes on the host take CPU from the guest.
+	// LoadWait says how long the bench waited for the load to fall
+	// before booting (-max-load; "" when it did not wait).
+	LoadWait   string  `json:"load_wait,omitempty"`
 	LoadBefore string  `json:"load_before"`
 	LoadAfter  string  `json:"load_after"`
 	LoadPeak1  float64 `json:"load_peak_1m"`

@@ -158,6 +158,11 @@ func TestPage(t *testing.T) {
 		t.Errorf("failed boots not reported:\n%s", md)
 	}
 	lts.Host.BootsFailed = 0
+	lts.Host.LoadWait = "waited 2m0s for the 1-min load average to fall to 1.50 (it was 1.40)"
+	if md := Page([]KernelPage{{Report: lts}}, "x"); !strings.Contains(md, "(VM 6m0s); waited 2m0s for the 1-min load average") {
+		t.Errorf("load wait not reported:\n%s", md)
+	}
+	lts.Host.LoadWait = ""
 	if strings.Contains(md, "not measured alike") {
 		t.Error("equal runtimes flagged as different")
 	}

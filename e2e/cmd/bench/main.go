@@ -42,6 +42,8 @@ type options struct {
 	profile  string
 	baseline string
 	render   bool
+	maxLoad  float64       // wait for the host's 1-min load to fall to it (0: no wait)
+	loadWait time.Duration // for at most this long
 }
 
 func main() {
@@ -50,6 +52,8 @@ func main() {
 	flag.DurationVar(&o.runtime, "runtime", 10*time.Second, "fio runtime of each job (whole seconds)")
 	flag.StringVar(&o.profile, "profile", perf.ProfileSlowest, `row whose ublk-nvmeof run is repeated with the daemon profiled: "slowest" (lowest ratio of each kernel's table), a row ID such as 4k-randread-qd1-j1, or "" for none`)
 	flag.StringVar(&o.baseline, "baseline", "docs/perf/baseline", `directory of the baseline's results-<kernel>.json ("" for none)`)
+	flag.Float64Var(&o.maxLoad, "max-load", 0, "before each boot, wait until the host's 1-minute load average is at most this (0: do not wait); other processes distort the numbers under TCG")
+	flag.DurationVar(&o.loadWait, "max-load-wait", 15*time.Minute, "the longest -max-load waits before booting anyway (the report says so)")
 	flag.BoolVar(&o.render, "render", false, "boot nothing: rewrite results.md and the plots from -out's results-*.json and the baseline")
 	flag.Parse()
 	if err := run(o); err != nil {
@@ -99,6 +103,9 @@ func check(o options) error {
 		if _, _, err := perf.ParseRowID(o.profile); err != nil {
 			return fmt.Errorf("-profile: %v", err)
 		}
+	}
+	if o.maxLoad < 0 {
+		return fmt.Errorf("-max-load %v: want 0 (no wait) or more", o.maxLoad)
 	}
 	if o.runtime < time.Second || o.runtime%time.Second != 0 {
 		return fmt.Errorf("-runtime %v: want whole seconds, at least 1s", o.runtime)

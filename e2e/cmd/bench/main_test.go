@@ -183,3 +183,31 @@ func TestCommandLine(t *testing.T) {
 		t.Fatalf("default selection: %s", got)
 	}
 }
+
+func TestWaitForLoad(t *testing.T) {
+	ctx := t.Context()
+	// The load falls below the bound on the third reading.
+	readings := []float64{5, 3, 1.2}
+	n := 0
+	load := func() (float64, bool) {
+		v := readings[min(n, len(readings)-1)]
+		n++
+		return v, true
+	}
+	got := waitForLoad(ctx, 1.5, time.Minute, time.Millisecond, load)
+	if n != 3 || !strings.Contains(got, "to fall to 1.50 (it was 1.20)") {
+		t.Errorf("after %d readings: %s", n, got)
+	}
+	// It never falls: booted anyway after the limit, and says so.
+	high := func() (float64, bool) { return 4, true }
+	got = waitForLoad(ctx, 1.5, 20*time.Millisecond, time.Millisecond, high)
+	if !strings.Contains(got, "booted with the 1-min load average at 4.00 (above 1.50)") {
+		t.Errorf("limit: %s", got)
+	}
+	if got := waitForLoad(ctx, 1.5, time.Minute, time.Millisecond, func() (float64, bool) { return 0, false }); !strings.Contains(got, "not waited for") {
+		t.Errorf("unknown load: %s", got)
+	}
+	if err := check(options{runtime: time.Second, maxLoad: -1}); err == nil {
+		t.Error("-max-load -1 accepted")
+	}
+}
