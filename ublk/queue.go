@@ -41,12 +41,13 @@ type queue struct {
 	ringState // RingBackend and zero copy (ringbackend.go)
 
 	// Owned by the loop goroutine (bufs: see teardown).
-	ring  *uring.Ring
-	descs []byte       // read-only mmap of the queue's ublksrv_io_desc array
-	bufs  []byte       // depth*maxIO bytes of anonymous mmap: the tag buffers
-	wake  []byte       // 8-byte landing area of the eventfd read (mmap'd page)
-	efd   int          // eventfd: other goroutines' doorbell
-	spare []completion // drained completion list, reused as the next one
+	ring       *uring.Ring
+	descs      []byte       // read-only mmap of the queue's ublksrv_io_desc array
+	bufs       []byte       // depth*maxIO bytes of anonymous mmap: the tag buffers
+	wake       []byte       // 8-byte landing area of the eventfd read (mmap'd page)
+	efd        int          // eventfd: other goroutines' doorbell
+	spare      []completion // drained completion list, reused as the next one
+	spareCalls []func()     // drained posted functions, reused as the next list
 
 	// efdMu, taken after mu, is held shared while the eventfd is written
 	// without mu, and exclusively to close it.
@@ -54,7 +55,9 @@ type queue struct {
 
 	mu          sync.Mutex
 	done        []completion // completed by the Backend, not yet committed
-	dispatching bool         // loop is inside Backend.Serve calls; it drains done afterwards
+	calls       []func()     // posted to run on the loop's thread (QueueRing.Post)
+	dispatching bool         // loop is serving a batch; it drains done and calls afterwards
+	ended       bool         // loop done running posted functions: Post fails
 	closed      bool         // loop gone: drop completions, never touch efd
 	stop        bool         // forced stop requested
 	owned       int          // requests held by the Backend
@@ -193,10 +196,16 @@ func (q *queue) complete(tag int, res int32) {
 		return
 	}
 	q.done = append(q.done, completion{tag, res})
-	// One doorbell per batch: while done is non-empty the loop has
-	// already been (or is being) woken; while dispatching it drains done
-	// itself.
-	ring := len(q.done) == 1 && !q.dispatching
+	q.ringLocked()
+}
+
+// ringLocked wakes the loop for the work just queued (a completion or a
+// posted function) unless it is already woken; q.mu held, released on
+// return. One doorbell per batch: while done or calls held something
+// before, the loop has already been (or is being) woken; while dispatching
+// it drains both itself.
+func (q *queue) ringLocked() {
+	ring := len(q.done)+len(q.calls) == 1 && !q.dispatching
 	if ring {
 		// Rung after q.mu is let go, or the woken loop would at once
 		// sleep on q.mu until the write returns. efdMu keeps the
@@ -210,6 +219,18 @@ func (q *queue) complete(tag int, res int32) {
 		}
 		q.efdMu.RUnlock()
 	}
+}
+
+// post queues f to run on the loop's thread (QueueRing.Post).
+func (q *queue) post(f func()) error {
+	q.mu.Lock()
+	if q.ended || q.closed {
+		q.mu.Unlock()
+		return ErrQueueStopped
+	}
+	q.calls = append(q.calls, f)
+	q.ringLocked()
+	return nil
 }
 
 // doorbell writes the eventfd; q.mu or efdMu held and efd open.
@@ -291,6 +312,12 @@ func (q *queue) run(ready chan<- error, cpus *unix.CPUSet) (err error) {
 		ready <- err
 		return err
 	}
+	if rl := q.ringLifecycle(); rl != nil {
+		// Runs before teardown (deferred calls run last first): the
+		// backend's operations end while the ring is still open.
+		defer q.stopRing(rl)
+		rl.StartRing(&q.qr)
+	}
 	for tag := range q.depth {
 		if err := q.prepIOCmd(uapi.UBLK_U_IO_FETCH_REQ, tag, 0); err != nil {
 			ready <- err
@@ -319,6 +346,12 @@ func (q *queue) loop() error {
 			return fmt.Errorf("queue %d: %w", q.id, err)
 		}
 		fetched = fetched[:0]
+		// Completions from here until drain (a RingBackend's, Serve's,
+		// posted functions') are committed by this iteration: no
+		// doorbell for them.
+		q.mu.Lock()
+		q.dispatching = true
+		q.mu.Unlock()
 		for {
 			cqe, ok := q.ring.ReapCQE()
 			if !ok {
@@ -355,13 +388,7 @@ func (q *queue) loop() error {
 			}
 		}
 		q.dispatch(fetched)
-		// Swap the completion list with the spare one (drained by the
-		// previous iteration): no allocation per batch.
-		q.mu.Lock()
-		done := q.done
-		q.done, q.spare = q.spare[:0], nil
-		stop := q.stop
-		q.mu.Unlock()
+		done, stop := q.drain()
 		for _, c := range done {
 			if err := q.prepIOCmd(uapi.UBLK_U_IO_COMMIT_AND_FETCH_REQ, c.tag, c.res); err != nil {
 				return fmt.Errorf("queue %d: %w", q.id, err)
@@ -383,6 +410,38 @@ func (q *queue) loop() error {
 
 var errForced = errors.New("queue stopped without the driver")
 
+// drain runs the posted functions, then takes the completion list (the
+// spare one, drained by the previous iteration, takes its place: no
+// allocation per batch) and ends the batch: completions after it ring the
+// doorbell.
+func (q *queue) drain() (done []completion, stop bool) {
+	q.runPosted()
+	q.mu.Lock()
+	done = q.done
+	q.done, q.spare = q.spare[:0], nil
+	stop = q.stop
+	q.dispatching = false
+	q.mu.Unlock()
+	return done, stop
+}
+
+// runPosted runs the functions posted so far, and those they post.
+func (q *queue) runPosted() {
+	q.mu.Lock()
+	for len(q.calls) > 0 {
+		calls := q.calls
+		q.calls, q.spareCalls = q.spareCalls[:0], nil
+		q.mu.Unlock()
+		for i, f := range calls {
+			f()
+			calls[i] = nil
+		}
+		q.mu.Lock()
+		q.spareCalls = calls[:0]
+	}
+	q.mu.Unlock()
+}
+
 // dispatch hands fetched requests to the Backend. Completions that happen
 // inside Serve are collected without ringing the eventfd.
 func (q *queue) dispatch(tags []int) {
@@ -390,7 +449,6 @@ func (q *queue) dispatch(tags []int) {
 		return
 	}
 	q.mu.Lock()
-	q.dispatching = true
 	q.owned += len(tags)
 	q.mu.Unlock()
 	for _, tag := range tags {
@@ -415,7 +473,4 @@ func (q *queue) dispatch(tags []int) {
 	if c, ok := q.backend.(Committer); ok {
 		c.Commit(q.id)
 	}
-	q.mu.Lock()
-	q.dispatching = false
-	q.mu.Unlock()
 }

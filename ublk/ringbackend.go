@@ -104,10 +104,15 @@ func ringBackendOf(b Backend, flags Features) (RingBackend, bool, error) {
 // the eventfd read, and for a RingBackend one operation per tag beside
 // them (its CQ, twice that, then also holds a SEND_ZC's notification).
 func (q *queue) ringEntries() uint32 {
+	n := q.depth + 1
 	if q.ringBackend != nil {
-		return uint32(2*q.depth + 1)
+		n += q.depth
 	}
-	return uint32(q.depth + 1)
+	if rl := q.ringLifecycle(); rl != nil {
+		// Its own operations, bounded: the kernel caps the ring.
+		n += min(max(rl.RingEntries(), 0), 2*uapi.UBLK_MAX_QUEUE_DEPTH)
+	}
+	return uint32(n)
 }
 
 // setupRingBackend prepares the ring for zero copy: a sparse buffer table
@@ -134,15 +139,10 @@ func autoBufReg(tag int) uint64 {
 }
 
 // ringCompletion hands a RingBackend's completion over. Requests it
-// completes there are committed by this loop iteration: no doorbell.
+// completes there are committed by this loop iteration (the loop is
+// dispatching while it reaps): no doorbell.
 func (q *queue) ringCompletion(c uring.CQE) {
-	q.mu.Lock()
-	q.dispatching = true
-	q.mu.Unlock()
 	q.ringBackend.RingCompletion(&q.qr, RingCQE{UserData: c.UserData &^ ringBackendData, Res: c.Res, Flags: c.Flags})
-	q.mu.Lock()
-	q.dispatching = false
-	q.mu.Unlock()
 }
 
 func (qr *QueueRing) getSQE() (uring.SQE, error) {
