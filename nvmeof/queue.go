@@ -252,6 +252,18 @@ type Queue struct {
 	// nvmf_tgt disconnects them then). A failure is then no failure of
 	// the association: logged at Info, not reported to OnFailure.
 	closeExpected atomic.Bool
+
+	// Driven mode (driven.go): handing is set once Drive starts taking
+	// the queue off its reader and writer; driven once a Driver serves
+	// it. readerOut is closed when the reader goroutine has exited.
+	handing   atomic.Bool
+	driven    atomic.Pointer[drivenState]
+	br        *bufio.Reader
+	readerOut chan struct{}
+	// readerHanded: the reader stopped for Drive; set before readerOut
+	// is closed.
+	readerHanded bool
+	kicked       atomic.Bool // a pump is posted to the Driver
 }
 
 // DialQueue connects to addr ("host:port") and performs the ICReq/ICResp
@@ -295,6 +307,7 @@ func NewQueue(ctx context.Context, conn net.Conn, cfg QueueConfig) (*Queue, erro
 		gens:      make([]uint8, cfg.Size),
 		sendWake:  make(chan struct{}, 1),
 		writerOut: make(chan struct{}),
+		readerOut: make(chan struct{}),
 		timerOut:  make(chan struct{}),
 
 		timeoutShortened: make(chan struct{}, 1),
@@ -309,6 +322,7 @@ func NewQueue(ctx context.Context, conn net.Conn, cfg QueueConfig) (*Queue, erro
 		q.inCapsuleMax.Store(pdu.NVME_TCP_ADMIN_CCSZ - nvme.CommandSize)
 	}
 	br := bufio.NewReaderSize(conn, 64<<10)
+	q.br = br
 	rd := pdu.NewReader(br, pdu.ControllerToHost, uint32(cfg.MaxData))
 	if err := q.initConnection(ctx, rd); err != nil {
 		return nil, err
@@ -578,6 +592,10 @@ func (q *Queue) Do(ctx context.Context, req *Request) error {
 }
 
 func (q *Queue) wakeWriter() {
+	if q.driven.Load() != nil {
+		q.kick()
+		return
+	}
 	select {
 	case q.sendWake <- struct{}{}:
 	default:
@@ -635,8 +653,10 @@ func (q *Queue) fail(cause error) {
 	}
 	// Closing the connection makes the reader's and writer's blocked
 	// calls return. The descriptor itself is released by the runtime once
-	// they have.
+	// they have. A Driver's socket is shut down instead: its thread
+	// cancels what it has in flight and closes it (driven.go).
 	q.conn.Close()
+	q.shutdownDriven()
 	q.wakeWriter()
 }
 
@@ -701,7 +721,20 @@ func (q *Queue) respond(r *Request, err error) {
 
 func (q *Queue) reader(rd *pdu.Reader) {
 	err := q.readLoop(rd)
+	if err == errHandedOver {
+		// Its usage reference is Drive's now.
+		q.readerHanded = true
+		close(q.readerOut)
+		return
+	}
+	close(q.readerOut)
 	q.fail(err)
+	q.finishReader()
+}
+
+// finishReader is the end of the reader goroutine's work once the queue
+// failed (also Drive's, when a hand-over fails after the reader stopped).
+func (q *Queue) finishReader() {
 	// Nothing else completes commands once the writer is gone: wait for
 	// it, then complete everything still in flight.
 	<-q.writerOut
@@ -734,118 +767,150 @@ func (q *Queue) protocolError(format string, args ...any) error {
 func (q *Queue) readLoop(rd *pdu.Reader) error {
 	var h pdu.Header
 	for {
-		if err := rd.ReadHeader(&h); err != nil {
-			var pe *pdu.ProtocolError
-			if errors.As(err, &pe) {
-				q.sendTermReq(pe)
+		// Wait for the next PDU's first byte without consuming it: a
+		// hand-over to a Driver (Drive) stops the reader here, between
+		// PDUs, with nothing buffered.
+		if _, err := q.br.Peek(1); err != nil {
+			if q.handing.Load() && errors.Is(err, os.ErrDeadlineExceeded) && q.br.Buffered() == 0 {
+				return errHandedOver
 			}
 			if err == io.EOF {
 				err = io.ErrUnexpectedEOF
 			}
 			return err
 		}
-		switch h.Type {
-		case pdu.TypeCapsuleResp:
-			cid := h.Resp.CommandID()
-			q.mu.Lock()
-			r := q.lookupLocked(cid)
-			if r != nil && r.responded {
-				r = nil
+		if err := q.readHeader(rd, &h); err != nil {
+			return err
+		}
+		if err := q.handlePDU(rd, &h); err != nil {
+			return err
+		}
+	}
+}
+
+// readHeader reads the next PDU header; a protocol error in it is reported
+// to the controller (H2CTermReq) before the error is returned.
+func (q *Queue) readHeader(rd *pdu.Reader, h *pdu.Header) error {
+	if err := rd.ReadHeader(h); err != nil {
+		var pe *pdu.ProtocolError
+		if errors.As(err, &pe) {
+			q.sendTermReq(pe)
+		}
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+		return err
+	}
+	return nil
+}
+
+// handlePDU acts on one PDU from the controller whose header was read: it
+// reads the PDU's data, if any, and completes, or queues the data an R2T
+// asks for. It is the protocol engine of both transports: the reader
+// goroutine's and a Driver's (driven.go). A non-nil error fails the queue.
+func (q *Queue) handlePDU(rd *pdu.Reader, h *pdu.Header) error {
+	switch h.Type {
+	case pdu.TypeCapsuleResp:
+		cid := h.Resp.CommandID()
+		q.mu.Lock()
+		r := q.lookupLocked(cid)
+		if r != nil && r.responded {
+			r = nil
+		}
+		q.mu.Unlock()
+		if r == nil {
+			return q.protocolError("CapsuleResp for unknown command ID %#x", cid)
+		}
+		if !r.Write && r.received != len(r.Data) && h.Resp.Status().Code() == nvme.NVME_SC_SUCCESS {
+			return q.protocolError("command %#x succeeded after %d of %d data bytes", cid, r.received, len(r.Data))
+		}
+		r.Result = h.Resp.Result()
+		r.Status = h.Resp.Status()
+		if r.ddgstErr && r.Status.Code() == nvme.NVME_SC_SUCCESS {
+			r.Status = nvme.NVME_SC_DATA_XFER_ERROR
+		}
+		q.respond(r, r.Status.Err())
+
+	case pdu.TypeC2HData:
+		d := h.Data
+		q.mu.Lock()
+		r := q.lookupLocked(d.CommandID)
+		if r != nil && r.responded {
+			r = nil
+		}
+		q.mu.Unlock()
+		switch {
+		case r == nil:
+			return q.protocolError("C2HData for unknown command ID %#x", d.CommandID)
+		case r.Write:
+			return q.protocolError("C2HData for write command %#x", d.CommandID)
+		case int64(d.DataOffset) != int64(r.received) || int64(d.DataOffset)+int64(d.DataLength) > int64(len(r.Data)):
+			return &pdu.ProtocolError{FES: pdu.NVME_TCP_FES_DATA_OUT_OF_RANGE, Msg: fmt.Sprintf(
+				"C2HData for %#x at %d+%d, expected offset %d of %d", d.CommandID, d.DataOffset, d.DataLength, r.received, len(r.Data))}
+		}
+		// Only the reader touches r.Data of a read command, and r
+		// cannot complete while the reader is here.
+		if err := rd.ReadData(r.Data[d.DataOffset : d.DataOffset+d.DataLength]); err != nil {
+			if !errors.Is(err, pdu.ErrDataDigest) {
+				return err
 			}
-			q.mu.Unlock()
-			if r == nil {
-				return q.protocolError("CapsuleResp for unknown command ID %#x", cid)
+			// The PDU was read whole, so the stream is intact: fail
+			// this command alone with a retryable status
+			// (nvme_tcp_recv_ddgst: NVME_SC_DATA_XFER_ERROR, no DNR)
+			// and go on reading.
+			q.log.Warn("nvme-tcp data digest error", "cid", d.CommandID, "err", err)
+			r.ddgstErr = true
+		}
+		r.received += int(d.DataLength)
+		if h.Flags&pdu.NVME_TCP_F_DATA_SUCCESS != 0 {
+			if r.received != len(r.Data) {
+				return q.protocolError("C2HData SUCCESS for %#x after %d of %d bytes", d.CommandID, r.received, len(r.Data))
 			}
-			if !r.Write && r.received != len(r.Data) && h.Resp.Status().Code() == nvme.NVME_SC_SUCCESS {
-				return q.protocolError("command %#x succeeded after %d of %d data bytes", cid, r.received, len(r.Data))
-			}
-			r.Result = h.Resp.Result()
-			r.Status = h.Resp.Status()
-			if r.ddgstErr && r.Status.Code() == nvme.NVME_SC_SUCCESS {
+			r.Result, r.Status = 0, nvme.NVME_SC_SUCCESS
+			if r.ddgstErr {
 				r.Status = nvme.NVME_SC_DATA_XFER_ERROR
 			}
 			q.respond(r, r.Status.Err())
-
-		case pdu.TypeC2HData:
-			d := h.Data
-			q.mu.Lock()
-			r := q.lookupLocked(d.CommandID)
-			if r != nil && r.responded {
-				r = nil
-			}
-			q.mu.Unlock()
-			switch {
-			case r == nil:
-				return q.protocolError("C2HData for unknown command ID %#x", d.CommandID)
-			case r.Write:
-				return q.protocolError("C2HData for write command %#x", d.CommandID)
-			case int64(d.DataOffset) != int64(r.received) || int64(d.DataOffset)+int64(d.DataLength) > int64(len(r.Data)):
-				return &pdu.ProtocolError{FES: pdu.NVME_TCP_FES_DATA_OUT_OF_RANGE, Msg: fmt.Sprintf(
-					"C2HData for %#x at %d+%d, expected offset %d of %d", d.CommandID, d.DataOffset, d.DataLength, r.received, len(r.Data))}
-			}
-			// Only the reader touches r.Data of a read command, and r
-			// cannot complete while the reader is here.
-			if err := rd.ReadData(r.Data[d.DataOffset : d.DataOffset+d.DataLength]); err != nil {
-				if !errors.Is(err, pdu.ErrDataDigest) {
-					return err
-				}
-				// The PDU was read whole, so the stream is intact: fail
-				// this command alone with a retryable status
-				// (nvme_tcp_recv_ddgst: NVME_SC_DATA_XFER_ERROR, no DNR)
-				// and go on reading.
-				q.log.Warn("nvme-tcp data digest error", "cid", d.CommandID, "err", err)
-				r.ddgstErr = true
-			}
-			r.received += int(d.DataLength)
-			if h.Flags&pdu.NVME_TCP_F_DATA_SUCCESS != 0 {
-				if r.received != len(r.Data) {
-					return q.protocolError("C2HData SUCCESS for %#x after %d of %d bytes", d.CommandID, r.received, len(r.Data))
-				}
-				r.Result, r.Status = 0, nvme.NVME_SC_SUCCESS
-				if r.ddgstErr {
-					r.Status = nvme.NVME_SC_DATA_XFER_ERROR
-				}
-				q.respond(r, r.Status.Err())
-			}
-
-		case pdu.TypeR2T:
-			t := h.R2T
-			q.mu.Lock()
-			r := q.lookupLocked(t.CommandID)
-			var err error
-			switch {
-			case r == nil || r.responded:
-				err = q.protocolError("R2T for unknown command ID %#x", t.CommandID)
-			case !r.Write || r.inCapsule:
-				err = q.protocolError("R2T for command %#x that has no data to transfer", t.CommandID)
-			case r.r2tActive:
-				// ICReq said MAXR2T 0: one R2T outstanding per command
-				// until its data is sent (nvme_tcp_handle_r2t).
-				err = q.protocolError("R2T for %#x at %d+%d while the data of its previous R2T is still being sent (MAXR2T 0)", t.CommandID, t.Offset, t.Length)
-			case t.Length == 0 || t.Offset != r.r2tNext || int64(t.Offset)+int64(t.Length) > int64(len(r.Data)):
-				err = &pdu.ProtocolError{FES: pdu.NVME_TCP_FES_DATA_OUT_OF_RANGE, Msg: fmt.Sprintf(
-					"R2T for %#x at %d+%d, expected offset %d of %d", t.CommandID, t.Offset, t.Length, r.r2tNext, len(r.Data))}
-			default:
-				r.r2tNext += t.Length
-				r.r2tActive = true
-				r.sending++
-				q.sendq = append(q.sendq, sendItem{req: r, h2c: true, ttag: t.TTag, offset: t.Offset, length: t.Length})
-			}
-			q.mu.Unlock()
-			if err != nil {
-				return err
-			}
-			q.wakeWriter()
-
-		case pdu.TypeC2HTermReq:
-			// The controller closes the connection after this.
-			rd.DiscardData()
-			return &TermReqError{FES: h.Term.FES, FEI: h.Term.FEI}
-
-		default: // ICResp after the exchange
-			return q.protocolError("unexpected %v", h.Type)
 		}
+
+	case pdu.TypeR2T:
+		t := h.R2T
+		q.mu.Lock()
+		r := q.lookupLocked(t.CommandID)
+		var err error
+		switch {
+		case r == nil || r.responded:
+			err = q.protocolError("R2T for unknown command ID %#x", t.CommandID)
+		case !r.Write || r.inCapsule:
+			err = q.protocolError("R2T for command %#x that has no data to transfer", t.CommandID)
+		case r.r2tActive:
+			// ICReq said MAXR2T 0: one R2T outstanding per command
+			// until its data is sent (nvme_tcp_handle_r2t).
+			err = q.protocolError("R2T for %#x at %d+%d while the data of its previous R2T is still being sent (MAXR2T 0)", t.CommandID, t.Offset, t.Length)
+		case t.Length == 0 || t.Offset != r.r2tNext || int64(t.Offset)+int64(t.Length) > int64(len(r.Data)):
+			err = &pdu.ProtocolError{FES: pdu.NVME_TCP_FES_DATA_OUT_OF_RANGE, Msg: fmt.Sprintf(
+				"R2T for %#x at %d+%d, expected offset %d of %d", t.CommandID, t.Offset, t.Length, r.r2tNext, len(r.Data))}
+		default:
+			r.r2tNext += t.Length
+			r.r2tActive = true
+			r.sending++
+			q.sendq = append(q.sendq, sendItem{req: r, h2c: true, ttag: t.TTag, offset: t.Offset, length: t.Length})
+		}
+		q.mu.Unlock()
+		if err != nil {
+			return err
+		}
+		q.wakeWriter()
+
+	case pdu.TypeC2HTermReq:
+		// The controller closes the connection after this.
+		rd.DiscardData()
+		return &TermReqError{FES: h.Term.FES, FEI: h.Term.FEI}
+
+	default: // ICResp after the exchange
+		return q.protocolError("unexpected %v", h.Type)
 	}
+	return nil
 }
 
 // sendTermReq tells the controller why we are closing the connection. It
@@ -891,6 +956,11 @@ func (q *Queue) push() {
 	// keep-alive waits for that sender, before the sockets are shut
 	// (docs/design.md, rule 4). Admin commands are rare; the hand-off costs
 	// nothing that matters there.
+	if q.handing.Load() {
+		// A Driver sends (Drive): from its own thread.
+		q.kick()
+		return
+	}
 	if q.cfg.QID == 0 || q.readerInDone.Load() || !q.sendMu.TryLock() {
 		q.wakeWriter()
 		return
@@ -907,10 +977,17 @@ func (q *Queue) writer() {
 	defer close(q.writerOut)
 	for {
 		q.mu.Lock()
-		for len(q.sendq) == 0 && len(q.finishq) == 0 && q.state == queueLive {
+		for len(q.sendq) == 0 && len(q.finishq) == 0 && q.state == queueLive && !q.handing.Load() {
 			q.mu.Unlock()
 			<-q.sendWake
 			q.mu.Lock()
+		}
+		if q.handing.Load() && q.state == queueLive {
+			// Drive: a Driver sends from here on. Drive takes the
+			// queue only while no command is in flight, so finishq
+			// is empty.
+			q.mu.Unlock()
+			return
 		}
 		if q.state != queueLive {
 			// The reader completes whatever is left, finishq
@@ -939,7 +1016,8 @@ func (q *Queue) writer() {
 func (q *Queue) sendQueued(writer bool) error {
 	for {
 		q.mu.Lock()
-		if len(q.sendq) == 0 || q.state != queueLive {
+		if len(q.sendq) == 0 || q.state != queueLive || q.handing.Load() {
+			// Handing over (Drive): the Driver sends what is left.
 			q.mu.Unlock()
 			return q.bw.Flush()
 		}
@@ -962,23 +1040,33 @@ func (q *Queue) sendQueued(writer bool) error {
 				close(it.sent)
 				continue
 			}
-			q.mu.Lock()
-			it.req.sending--
-			finish := it.req.sending == 0 && it.req.responded
-			if finish && !writer {
-				q.finishq = append(q.finishq, it.req)
-				q.mu.Unlock()
-				q.wakeWriter()
-				continue
-			}
-			if finish {
-				q.releaseLocked(it.req)
-			}
-			q.mu.Unlock()
-			if finish {
-				q.complete(it.req, it.req.respErr, true)
-			}
+			q.itemSent(it, writer)
 		}
+	}
+}
+
+// itemSent drops an item's reference on its request once the item no
+// longer needs it (its bytes are written, or copied into a Driver's send
+// buffer). A request whose response arrived meanwhile is completed here
+// when onQueueGoroutine (the writer, or a Driver's thread); a submitter
+// sending inline hands it to the writer instead, because done callbacks
+// run on queue goroutines only, never inside Submit.
+func (q *Queue) itemSent(it sendItem, onQueueGoroutine bool) {
+	q.mu.Lock()
+	it.req.sending--
+	finish := it.req.sending == 0 && it.req.responded
+	if finish && !onQueueGoroutine {
+		q.finishq = append(q.finishq, it.req)
+		q.mu.Unlock()
+		q.wakeWriter()
+		return
+	}
+	if finish {
+		q.releaseLocked(it.req)
+	}
+	q.mu.Unlock()
+	if finish {
+		q.complete(it.req, it.req.respErr, true)
 	}
 }
 
@@ -998,7 +1086,7 @@ func (q *Queue) finishHandedOver() {
 
 // send writes one item. The request's fields it reads are not changed by
 // anyone else while the item is queued (sending > 0 keeps it alive).
-func (q *Queue) send(w *bufio.Writer, hdr []byte, it sendItem) ([]byte, error) {
+func (q *Queue) send(w io.Writer, hdr []byte, it sendItem) ([]byte, error) {
 	o := q.sendOpts
 	r := it.req
 	switch {
@@ -1044,7 +1132,7 @@ func (q *Queue) send(w *bufio.Writer, hdr []byte, it sendItem) ([]byte, error) {
 	}
 }
 
-func (q *Queue) writeData(w *bufio.Writer, hdr, data []byte, o pdu.Options) error {
+func (q *Queue) writeData(w io.Writer, hdr, data []byte, o pdu.Options) error {
 	if _, err := w.Write(hdr); err != nil {
 		return err
 	}

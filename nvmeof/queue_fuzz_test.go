@@ -7,8 +7,11 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"os"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/internal/pdu"
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/nvme"
@@ -40,17 +43,42 @@ func controllerStream(o pdu.Options) []byte {
 }
 
 // FuzzQueue feeds arbitrary controller bytes to a host queue with two
-// commands in flight. Whatever arrives, both commands complete exactly
-// once and Close returns: an error and a closed queue, never a panic or a
-// hang.
+// commands in flight, on its goroutines and driven (Drive, by a
+// PollDriver). Whatever arrives, both commands complete exactly once and
+// Close returns: an error and a closed queue, never a panic or a hang.
 func FuzzQueue(f *testing.F) {
 	f.Add(controllerStream(pdu.Options{}), false)
 	f.Add(controllerStream(pdu.Options{HeaderDigest: true, DataDigest: true}), true)
-	f.Fuzz(fuzzQueueOnce)
+	f.Fuzz(func(t *testing.T, b []byte, digests bool) {
+		fuzzQueueOnce(t, b, digests, false)
+		fuzzQueueOnce(t, b, digests, true)
+	})
 }
 
-func fuzzQueueOnce(t *testing.T, b []byte, digests bool) {
+// socketConns is a connected pair of Unix stream sockets as net.Conns: a
+// queue on them can be driven, unlike one on net.Pipe.
+func socketConns(t *testing.T) (net.Conn, net.Conn) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn := func(fd int) net.Conn {
+		f := os.NewFile(uintptr(fd), "socketpair")
+		defer f.Close()
+		c, err := net.FileConn(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	return conn(fds[0]), conn(fds[1])
+}
+
+func fuzzQueueOnce(t *testing.T, b []byte, digests, driven bool) {
 	hostSide, ctrlSide := net.Pipe()
+	if driven {
+		hostSide, ctrlSide = socketConns(t)
+	}
 	ctrlDone := make(chan struct{})
 	go func() {
 		defer close(ctrlDone)
@@ -61,11 +89,20 @@ func fuzzQueueOnce(t *testing.T, b []byte, digests bool) {
 		}
 		ic := pdu.Header{CommonHeader: pdu.CommonHeader{Type: pdu.TypeICResp}, ICResp: pdu.ICResp{Digest: icreq[11], MaxH2CData: 4096}}
 		drained := make(chan struct{})
+		first := make(chan struct{})
 		go func() {
+			// A driven queue takes over only while idle: the
+			// stream starts once its first command arrived.
+			var one [1]byte
+			io.ReadFull(ctrlSide, one[:])
+			close(first)
 			io.Copy(io.Discard, ctrlSide)
 			close(drained)
 		}()
 		ctrlSide.Write(pdu.Append(nil, &ic, nil, pdu.Options{}))
+		if driven {
+			<-first
+		}
 		ctrlSide.Write(b)
 		ctrlSide.Close()
 		<-drained
@@ -78,6 +115,14 @@ func fuzzQueueOnce(t *testing.T, b []byte, digests bool) {
 		hostSide.Close()
 		<-ctrlDone
 		return
+	}
+	if driven {
+		d := NewPollDriver(t)
+		d.Start(q.DriverCompletion)
+		defer d.Stop(q.StopDriving, q.DriverIdle)
+		if err := q.Drive(d, 0); err != nil {
+			t.Fatalf("Drive: %v", err)
+		}
 	}
 	done := make(chan error, 2)
 	read := &Request{Data: make([]byte, 1024)}
@@ -133,7 +178,7 @@ func TestQueueMutations(t *testing.T) {
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
-			fuzzQueueOnce(t, b, dg)
+			fuzzQueueOnce(t, b, dg, i%2 == 1)
 		}()
 		select {
 		case <-done:

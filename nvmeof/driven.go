@@ -1,0 +1,587 @@
+package nvmeof
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/internal/pdu"
+)
+
+// This file is the driven transport: an I/O queue whose socket is driven
+// by an event loop the queue does not own (a ublk queue's io_uring), with
+// no goroutine of its own on the data path. The protocol engine is the
+// reader's and the writer's (handlePDU, send, itemSent): the Driver only
+// moves bytes.
+//
+// One receive lands in a per-queue buffer; complete PDUs are parsed from
+// it, C2HData copied into the command's buffer. Capsules and H2CData are
+// serialized into a per-queue send buffer and sent by one send at a time,
+// resumed where a short send stopped. Both buffers are mmap'd: the kernel
+// reads and writes them after the call that queued the operation returned.
+//
+// Threads: every method with "on the Driver's thread" below runs only
+// there. Submit, Shutdown and the timer may run anywhere: they queue work
+// under q.mu and kick the Driver (Driver.Post). A failure shuts the socket
+// down (shutdown(2), not close), so that the pending receive ends; the
+// Driver's thread then cancels what it still has in flight, waits for
+// those completions, completes the commands left, closes the socket and
+// drops the usage reference the reader goroutine had: Wait returns only
+// once nothing on the ring refers to the socket or the buffers (the seed
+// rule on the ring, docs/design.md).
+
+// Driver is the event loop that drives a queue's socket (Queue.Drive):
+// ublk.QueueRing implements it. Send, Recv and CancelFd queue an
+// operation whose completion the Driver's owner passes to
+// Queue.DriverCompletion with the same userData; they and
+// DriverCompletion run on the Driver's thread. Post runs f there, from
+// any goroutine, and fails once the Driver has stopped.
+type Driver interface {
+	Send(fd int, buf []byte, userData uint64) error
+	Recv(fd int, buf []byte, userData uint64) error
+	CancelFd(fd int, userData uint64) error
+	Post(f func()) error
+}
+
+// DriverUserDataSpan is how many user_data values one driven queue uses:
+// base, given to Drive, and the ones after it.
+const DriverUserDataSpan = 4
+
+const (
+	opRecv = iota
+	opSend
+	opCancel
+)
+
+// errHandedOver ends the reader goroutine when Drive takes its place.
+var errHandedOver = errors.New("nvmeof: queue handed over to a driver")
+
+// ErrDriverStopped is the cause of a driven queue's failure when its
+// Driver stopped (StopDriving): the ublk queue that drove it went away.
+var ErrDriverStopped = errors.New("nvmeof: the queue's driver stopped")
+
+// pduSlack bounds what one PDU adds to its data: header (at most 72
+// bytes), header digest, padding to CPDA (at most 128 bytes) and data
+// digest.
+const pduSlack = 256
+
+// drivenState is a driven queue's transport state. Fields but fd are
+// touched on the Driver's thread only; fd is guarded by q.mu.
+type drivenState struct {
+	d    Driver
+	base uint64
+	fd   int
+
+	rbuf, sbuf     []byte // mmap'd receive and send buffers
+	rstart, rend   int    // unparsed received bytes: rbuf[rstart:rend]
+	sendOff, sendN int    // sbuf[sendOff:sendN] is being sent
+	recvBusy       bool
+	sendBusy       bool
+	ops            int // operations in flight on the Driver
+	started        bool
+	stopping       bool // cancelling: nothing new is queued on the Driver
+	released       bool // socket closed, buffers freed, usage dropped
+
+	pend   []sendItem // taken from sendq, not yet serialized (sbuf full)
+	batch  []sendItem
+	src    sliceReader
+	rd     *pdu.Reader
+	h      pdu.Header
+	hdr    []byte
+	sw     sbufWriter
+	pumpFn func()
+}
+
+// sliceReader reads one received PDU out of the receive buffer.
+type sliceReader struct{ b []byte }
+
+func (r *sliceReader) Read(p []byte) (int, error) {
+	if len(r.b) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(p, r.b)
+	r.b = r.b[n:]
+	return n, nil
+}
+
+// sbufWriter appends to the send buffer; serialize checks the room first.
+type sbufWriter struct {
+	b []byte
+	n int
+}
+
+func (w *sbufWriter) Write(p []byte) (int, error) {
+	if len(p) > len(w.b)-w.n {
+		return 0, errors.New("nvmeof: send buffer overflow")
+	}
+	w.n += copy(w.b[w.n:], p)
+	return len(p), nil
+}
+
+// Drive moves an I/O queue from its reader and writer goroutines onto d:
+// from then on its socket is read and written only by operations on d,
+// from d's thread. The queue must be live with no command in flight
+// (right after the association's Connect, before I/O is let in); the
+// connection must be a socket (net.TCPConn). base is the first of the
+// DriverUserDataSpan user_data values the queue's operations carry
+// (a multiple of DriverUserDataSpan). On error the queue is left as it
+// was (still on its goroutines) or failed; either way Wait and Close work
+// as usual.
+func (q *Queue) Drive(d Driver, base uint64) error {
+	if q.cfg.QID == 0 {
+		return errors.New("nvmeof: the admin queue stays on its goroutines")
+	}
+	if base%DriverUserDataSpan != 0 {
+		return fmt.Errorf("nvmeof: driver user_data base %#x not a multiple of %d", base, DriverUserDataSpan)
+	}
+	sc, ok := q.conn.(syscall.Conn)
+	if !ok {
+		return fmt.Errorf("nvmeof: queue %d: a %T cannot be driven", q.cfg.QID, q.conn)
+	}
+	q.mu.Lock()
+	switch {
+	case q.state != queueLive:
+		q.mu.Unlock()
+		return q.err
+	case q.handing.Load():
+		q.mu.Unlock()
+		return errors.New("nvmeof: queue already driven")
+	case len(q.free) != q.cfg.Size-1 || len(q.sendq) != 0:
+		q.mu.Unlock()
+		return fmt.Errorf("nvmeof: queue %d: commands in flight; a queue is driven only while idle", q.cfg.QID)
+	}
+	q.handing.Store(true) // Submit queues from here on; nothing sends
+	q.mu.Unlock()
+
+	// The writer, and any submitter sending inline, stop sending.
+	q.wakeWriterChan()
+	<-q.writerOut
+	q.sendMu.Lock()
+	q.sendMu.Unlock()
+	// The reader stops between two PDUs.
+	q.conn.SetReadDeadline(time.Unix(1, 0))
+	<-q.readerOut
+	if !q.readerHanded {
+		// The reader stopped on a failure: it fails and finishes the
+		// queue itself.
+		<-q.failed
+		return q.Err()
+	}
+	if err := q.Err(); err != nil {
+		q.finishHandOver()
+		return err
+	}
+	ds, err := q.newDriven(d, base, sc)
+	if err != nil {
+		q.fail(err)
+		q.finishHandOver()
+		return err
+	}
+	q.mu.Lock()
+	if q.state != queueLive {
+		q.mu.Unlock()
+		ds.free(q)
+		q.finishHandOver()
+		return q.Err()
+	}
+	q.driven.Store(ds)
+	q.mu.Unlock()
+	if err := d.Post(q.startDriven); err != nil {
+		q.fail(fmt.Errorf("%w: %v", ErrDriverStopped, err))
+		q.mu.Lock()
+		q.driven.Store(nil)
+		q.mu.Unlock()
+		ds.free(q)
+		q.finishHandOver()
+		return err
+	}
+	return nil
+}
+
+// finishHandOver does the reader's part after a hand-over failed once
+// the reader had stopped for it: Drive holds the reader's usage reference.
+func (q *Queue) finishHandOver() { q.finishReader() }
+
+// wakeWriterChan wakes the writer goroutine even in driven mode.
+func (q *Queue) wakeWriterChan() {
+	select {
+	case q.sendWake <- struct{}{}:
+	default:
+	}
+}
+
+// newDriven takes the socket out of the net.Conn (a duplicate descriptor;
+// the net.Conn is closed, so no netpoller touches it) and maps the
+// buffers.
+func (q *Queue) newDriven(d Driver, base uint64, sc syscall.Conn) (*drivenState, error) {
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	fd := -1
+	var dupErr error
+	if err := rc.Control(func(s uintptr) { fd, dupErr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		return nil, err
+	}
+	if dupErr != nil {
+		return nil, fmt.Errorf("nvmeof: queue %d: dup socket: %w", q.cfg.QID, dupErr)
+	}
+	q.conn.Close()
+	ds := &drivenState{d: d, base: base, fd: fd}
+	// One PDU of the largest data, whole, fits each buffer.
+	maxPDU := q.cfg.MaxData + pduSlack
+	sendSize := q.cfg.MaxData + (q.cfg.MaxData/pdu.NVME_TCP_MIN_MAXH2CDATA+2)*pduSlack
+	const prot, flags = unix.PROT_READ | unix.PROT_WRITE, unix.MAP_ANON | unix.MAP_PRIVATE | unix.MAP_NORESERVE
+	if ds.rbuf, err = unix.Mmap(-1, 0, maxPDU, prot, flags); err == nil {
+		ds.sbuf, err = unix.Mmap(-1, 0, sendSize, prot, flags)
+	}
+	if err != nil {
+		ds.free(q)
+		return nil, fmt.Errorf("nvmeof: queue %d: map driven buffers: %w", q.cfg.QID, err)
+	}
+	ds.rd = pdu.NewReader(&ds.src, pdu.ControllerToHost, uint32(q.cfg.MaxData))
+	ds.rd.Options = q.recvOpts
+	ds.sw.b = ds.sbuf
+	ds.pumpFn = q.pump
+	return ds, nil
+}
+
+// free closes the socket and unmaps the buffers.
+func (ds *drivenState) free(q *Queue) {
+	q.mu.Lock()
+	if ds.fd >= 0 {
+		unix.Close(ds.fd)
+		ds.fd = -1
+	}
+	q.mu.Unlock()
+	for _, m := range []*[]byte{&ds.rbuf, &ds.sbuf} {
+		if *m != nil {
+			unix.Munmap(*m)
+			*m = nil
+		}
+	}
+}
+
+// shutdownDriven shuts a driven queue's socket down so that its pending
+// operations end, and kicks the Driver to finish the queue. Called by
+// fail.
+func (q *Queue) shutdownDriven() {
+	ds := q.driven.Load()
+	if ds == nil {
+		return
+	}
+	q.mu.Lock()
+	if ds.fd >= 0 {
+		unix.Shutdown(ds.fd, unix.SHUT_RDWR)
+	}
+	q.mu.Unlock()
+	q.kick()
+}
+
+// kick has the Driver's thread look at the queue: send what Submit
+// queued, or finish a failed queue. At most one kick is pending.
+func (q *Queue) kick() {
+	ds := q.driven.Load()
+	if ds == nil || !q.kicked.CompareAndSwap(false, true) {
+		return
+	}
+	if err := ds.d.Post(ds.pumpFn); err != nil {
+		q.kicked.Store(false)
+	}
+}
+
+// startDriven arms the first receive and sends what is queued; on the
+// Driver's thread.
+func (q *Queue) startDriven() {
+	ds := q.driven.Load()
+	ds.started = true
+	q.pump()
+}
+
+// pump sends what is queued, keeps a receive armed, and finishes a failed
+// queue; on the Driver's thread.
+func (q *Queue) pump() {
+	q.kicked.Store(false)
+	ds := q.driven.Load()
+	if ds == nil || !ds.started || ds.released {
+		return
+	}
+	if q.Err() != nil {
+		q.stopDriven(ds)
+		return
+	}
+	if !ds.recvBusy {
+		if err := ds.d.Recv(ds.fd, ds.rbuf[ds.rend:], ds.base+opRecv); err != nil {
+			q.fail(err)
+			q.stopDriven(ds)
+			return
+		}
+		ds.recvBusy = true
+		ds.ops++
+	}
+	if !ds.sendBusy {
+		q.fillSend(ds)
+		if ds.sendN > 0 {
+			q.sendBuffered(ds)
+		}
+	}
+}
+
+// sendBuffered queues the send of sbuf[sendOff:sendN].
+func (q *Queue) sendBuffered(ds *drivenState) {
+	if err := ds.d.Send(ds.fd, ds.sbuf[ds.sendOff:ds.sendN], ds.base+opSend); err != nil {
+		q.fail(err)
+		q.stopDriven(ds)
+		return
+	}
+	ds.sendBusy = true
+	ds.ops++
+}
+
+// itemRoom is the most bytes it serializes to.
+func (q *Queue) itemRoom(it sendItem) int {
+	switch {
+	case it.req == nil:
+		return pduSlack
+	case !it.h2c:
+		if it.req.inCapsule {
+			return pduSlack + len(it.req.Data)
+		}
+		return pduSlack
+	default:
+		return int(it.length) + (int(it.length/q.maxH2CData)+1)*pduSlack
+	}
+}
+
+// fillSend serializes queued items into the (idle) send buffer while they
+// fit; on the Driver's thread. The capsule and data are copied, so each
+// item lets go of its request at once (itemSent).
+func (q *Queue) fillSend(ds *drivenState) {
+	q.mu.Lock()
+	ds.batch = append(ds.batch[:0], ds.pend...)
+	ds.batch = append(ds.batch, q.sendq...)
+	clear(q.sendq)
+	q.sendq = q.sendq[:0]
+	q.mu.Unlock()
+	clear(ds.pend)
+	ds.pend = ds.pend[:0]
+	ds.sendOff, ds.sw.n = 0, 0
+	for i, it := range ds.batch {
+		if ds.sw.n+q.itemRoom(it) > len(ds.sbuf) {
+			ds.pend = append(ds.pend, ds.batch[i:]...)
+			break
+		}
+		var err error
+		if ds.hdr, err = q.send(&ds.sw, ds.hdr[:0], it); err != nil {
+			// Cannot happen: itemRoom bounds what send writes.
+			q.fail(err)
+			break
+		}
+		if it.req != nil {
+			q.itemSent(it, true)
+		} else if it.sent != nil {
+			close(it.sent)
+		}
+	}
+	clear(ds.batch)
+	ds.sendN = ds.sw.n
+}
+
+// DriverCompletion is the completion of an operation the queue put on its
+// Driver, with the user_data it gave and the result; on the Driver's
+// thread.
+func (q *Queue) DriverCompletion(userData uint64, res int32) {
+	ds := q.driven.Load()
+	if ds == nil || ds.released {
+		return
+	}
+	ds.ops--
+	switch userData - ds.base {
+	case opRecv:
+		ds.recvBusy = false
+		q.received(ds, res)
+	case opSend:
+		ds.sendBusy = false
+		q.sent(ds, res)
+	}
+	if ds.stopping {
+		q.releaseDriven(ds)
+		return
+	}
+	q.pump()
+}
+
+// received handles a receive's result.
+func (q *Queue) received(ds *drivenState, res int32) {
+	if ds.stopping {
+		return
+	}
+	switch {
+	case res == 0:
+		q.fail(io.ErrUnexpectedEOF)
+		return
+	case res < 0:
+		q.fail(os.NewSyscallError("recv", unix.Errno(-res)))
+		return
+	case int(res) > len(ds.rbuf)-ds.rend:
+		q.fail(fmt.Errorf("nvmeof: receive of %d bytes into %d", res, len(ds.rbuf)-ds.rend))
+		return
+	}
+	ds.rend += int(res)
+	if err := q.parse(ds); err != nil {
+		q.driveFailed(ds, err)
+	}
+}
+
+// parse runs the protocol engine on every complete PDU received, and makes
+// room for the rest of a partial one.
+func (q *Queue) parse(ds *drivenState) error {
+	for {
+		avail := ds.rend - ds.rstart
+		if avail < pdu.CommonHeaderSize {
+			break
+		}
+		ch := pdu.ParseCommonHeader(ds.rbuf[ds.rstart:])
+		if _, err := ch.Check(pdu.ControllerToHost, q.recvOpts, uint32(q.cfg.MaxData)); err != nil {
+			return err
+		}
+		plen := int(ch.PLen)
+		if plen < pdu.CommonHeaderSize || plen > len(ds.rbuf) {
+			return q.protocolError("PDU length %d out of range", plen)
+		}
+		if avail < plen {
+			if ds.rstart+plen > len(ds.rbuf) {
+				// The rest will not fit behind it: move it to the
+				// front (each byte moves at most once).
+				copy(ds.rbuf, ds.rbuf[ds.rstart:ds.rend])
+				ds.rstart, ds.rend = 0, avail
+			}
+			return nil
+		}
+		ds.src.b = ds.rbuf[ds.rstart : ds.rstart+plen]
+		if err := ds.rd.ReadHeader(&ds.h); err != nil {
+			return err
+		}
+		if err := q.handlePDU(ds.rd, &ds.h); err != nil {
+			return err
+		}
+		if len(ds.src.b) != 0 {
+			return q.protocolError("%v PDU with %d bytes beyond its data", ds.h.Type, len(ds.src.b))
+		}
+		ds.rstart += plen
+	}
+	if ds.rstart == ds.rend {
+		ds.rstart, ds.rend = 0, 0
+	} else if len(ds.rbuf)-ds.rstart < pdu.CommonHeaderSize {
+		copy(ds.rbuf, ds.rbuf[ds.rstart:ds.rend])
+		ds.rend -= ds.rstart
+		ds.rstart = 0
+	}
+	return nil
+}
+
+// driveFailed fails the queue after a receive error. A protocol error is
+// told to the controller first (H2CTermReq) when the socket is free for
+// it, with one non-blocking write: best effort, as the reader's 50 ms.
+func (q *Queue) driveFailed(ds *drivenState, err error) {
+	var pe *pdu.ProtocolError
+	if errors.As(err, &pe) && !ds.sendBusy {
+		h := pdu.Header{CommonHeader: pdu.CommonHeader{Type: pdu.TypeH2CTermReq},
+			Term: pdu.TermReq{FES: pe.FES, FEI: pe.FEI}}
+		ds.hdr = pdu.Append(ds.hdr[:0], &h, nil, q.sendOpts)
+		q.mu.Lock()
+		if ds.fd >= 0 {
+			unix.SendmsgN(ds.fd, ds.hdr, nil, nil, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL)
+		}
+		q.mu.Unlock()
+	}
+	q.fail(err)
+}
+
+// sent handles a send's result: a short send is resumed where it stopped.
+func (q *Queue) sent(ds *drivenState, res int32) {
+	if ds.stopping {
+		return
+	}
+	if res < 0 {
+		q.fail(os.NewSyscallError("send", unix.Errno(-res)))
+		return
+	}
+	if int(res) > ds.sendN-ds.sendOff {
+		q.fail(fmt.Errorf("nvmeof: send of %d bytes reported %d", ds.sendN-ds.sendOff, res))
+		return
+	}
+	ds.sendOff += int(res)
+	if ds.sendOff < ds.sendN {
+		q.sendBuffered(ds)
+		return
+	}
+	ds.sendOff, ds.sendN = 0, 0
+}
+
+// stopDriven starts finishing a failed queue: cancel what is in flight on
+// the Driver; releaseDriven does the rest once it has all completed.
+func (q *Queue) stopDriven(ds *drivenState) {
+	if ds.stopping {
+		return
+	}
+	ds.stopping = true
+	if ds.ops > 0 {
+		if err := ds.d.CancelFd(ds.fd, ds.base+opCancel); err == nil {
+			ds.ops++
+		} else {
+			q.log.Error("nvme-tcp: cancel on the driver", "err", err)
+		}
+	}
+	q.releaseDriven(ds)
+}
+
+// releaseDriven ends a stopping driven queue once no operation is in
+// flight: the commands left are completed with the queue's error, the
+// socket is closed, the buffers unmapped, and the reader's usage
+// reference dropped.
+func (q *Queue) releaseDriven(ds *drivenState) {
+	if ds.released || ds.ops > 0 {
+		return
+	}
+	ds.released = true
+	ds.free(q)
+	q.mu.Lock()
+	var left []*Request
+	for i, r := range q.slots {
+		if r != nil {
+			left = append(left, r)
+			q.slots[i] = nil
+		}
+	}
+	qerr := q.err
+	q.mu.Unlock()
+	for _, r := range left {
+		q.complete(r, qerr, false)
+	}
+	q.put()
+}
+
+// StopDriving fails a driven queue because its Driver is stopping (the
+// ublk queue's ring is about to close), and starts cancelling; on the
+// Driver's thread. DriverIdle reports when the Driver may close.
+func (q *Queue) StopDriving() {
+	ds := q.driven.Load()
+	if ds == nil {
+		return
+	}
+	q.fail(ErrDriverStopped)
+	q.stopDriven(ds)
+}
+
+// DriverIdle reports whether a driven queue has nothing in flight on its
+// Driver any more (it was released); true for a queue never driven.
+func (q *Queue) DriverIdle() bool {
+	ds := q.driven.Load()
+	return ds == nil || ds.released
+}

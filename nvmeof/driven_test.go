@@ -1,0 +1,216 @@
+package nvmeof_test
+
+import (
+	"bytes"
+	"errors"
+	"math/rand/v2"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof"
+	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/target"
+)
+
+// drivenQueue connects a controller and puts its first I/O queue on a
+// poll driver; the cleanup stops the driver after the controller closed.
+func drivenQueue(t *testing.T, tt *testTarget, cfg nvmeof.ControllerConfig) (*nvmeof.Controller, *nvmeof.Namespace, *nvmeof.Queue, *nvmeof.PollDriver) {
+	t.Helper()
+	c := connect(t, tt, cfg)
+	ns, err := c.Namespace(testCtx(t), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q := c.IOQueues()[0].Queue
+	d := nvmeof.NewPollDriver(t)
+	d.Start(q.DriverCompletion)
+	t.Cleanup(func() { d.Stop(q.StopDriving, q.DriverIdle) })
+	if err := q.Drive(d, 8); err != nil {
+		t.Fatal(err)
+	}
+	return c, ns, q, d
+}
+
+// Reads and writes through a driven queue, from the driver's thread
+// (deferred, then pushed: the ublk fast path) and from other goroutines
+// (Do: the slow path), with in-capsule writes, writes answered by R2Ts,
+// reads of several C2HData PDUs, and digests.
+func TestDrivenReadWrite(t *testing.T) {
+	for _, dg := range []bool{false, true} {
+		tt := startTarget(t, target.Config{}, 9, 8<<20)
+		_, ns, q, d := drivenQueue(t, tt, nvmeof.ControllerConfig{HeaderDigest: dg, DataDigest: dg})
+		rng := rand.New(rand.NewPCG(3, 4))
+		for i, size := range []int{512, 4096, 16384, 128 << 10, 512 << 10} {
+			data := make([]byte, size)
+			for j := range data {
+				data[j] = byte(rng.Uint32())
+			}
+			lba := uint64(i * 2048)
+			var w nvmeof.Request
+			if err := ns.PrepareWrite(&w, lba, data, false); err != nil {
+				t.Fatal(err)
+			}
+			if i%2 == 0 {
+				if err := q.Do(testCtx(t), &w); err != nil {
+					t.Fatalf("digests %v: write of %d: %v", dg, size, err)
+				}
+			} else {
+				// On the driver's thread, as ublk's Serve and Commit.
+				done := make(chan error, 1)
+				w.Defer = true
+				if err := d.Post(func() {
+					if err := q.Submit(&w, func(err error) { done <- err }); err != nil {
+						done <- err
+						return
+					}
+					q.Push()
+				}); err != nil {
+					t.Fatal(err)
+				}
+				if err := <-done; err != nil {
+					t.Fatalf("digests %v: write of %d from the driver: %v", dg, size, err)
+				}
+			}
+			got := make([]byte, size)
+			var r nvmeof.Request
+			if err := ns.PrepareRead(&r, lba, got); err != nil {
+				t.Fatal(err)
+			}
+			if err := q.Do(testCtx(t), &r); err != nil {
+				t.Fatalf("digests %v: read of %d: %v", dg, size, err)
+			}
+			if !bytes.Equal(got, data) {
+				t.Fatalf("digests %v: %d bytes read back differ", dg, size)
+			}
+		}
+		if d.Calls.Load() == 0 {
+			t.Fatal("no completion went through the driver")
+		}
+	}
+}
+
+// Many commands at once, from several goroutines: the send buffer fills
+// and drains, completions interleave.
+func TestDrivenConcurrent(t *testing.T) {
+	tt := startTarget(t, target.Config{}, 9, 8<<20)
+	_, ns, q, _ := drivenQueue(t, tt, nvmeof.ControllerConfig{})
+	var wg sync.WaitGroup
+	errs := make(chan error, 64)
+	for g := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := bytes.Repeat([]byte{byte(g + 1)}, 64<<10)
+			for i := range 20 {
+				lba := uint64(g*2048 + i*64)
+				var w nvmeof.Request
+				ns.PrepareWrite(&w, lba, buf, false)
+				if err := q.Do(testCtx(t), &w); err != nil {
+					errs <- err
+					return
+				}
+				got := make([]byte, len(buf))
+				var r nvmeof.Request
+				ns.PrepareRead(&r, lba, got)
+				if err := q.Do(testCtx(t), &r); err != nil {
+					errs <- err
+					return
+				}
+				if !bytes.Equal(got, buf) {
+					errs <- errors.New("data differs")
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+}
+
+// Shutdown from another goroutine with commands in flight: they fail with
+// a path error, and Wait returns only once the driver has released the
+// socket (nothing left in flight on it).
+func TestDrivenShutdownReleases(t *testing.T) {
+	tt := startTarget(t, target.Config{}, 9, 8<<20)
+	_, ns, q, d := drivenQueue(t, tt, nvmeof.ControllerConfig{})
+	done := make(chan error, 16)
+	for i := range 16 {
+		var w nvmeof.Request
+		ns.PrepareWrite(&w, uint64(i*256), make([]byte, 128<<10), false)
+		if err := q.Submit(&w, func(err error) { done <- err }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	q.Shutdown()
+	for range 16 {
+		select {
+		case err := <-done:
+			if err != nil && !nvmeof.IsPathError(err) {
+				t.Fatalf("command ended with %v, want success or a path error", err)
+			}
+		case <-time.After(hangDeadline):
+			t.Fatal("command never completed")
+		}
+	}
+	select {
+	case <-q.Idle():
+	case <-time.After(hangDeadline):
+		t.Fatal("Wait does not return after Shutdown")
+	}
+	if !q.DriverIdle() {
+		t.Fatal("queue idle while the driver still has operations on it")
+	}
+	_ = d
+}
+
+// A driver that stops (the ublk queue going away) fails the queue with
+// ErrDriverStopped after reaping its operations.
+func TestDrivenDriverStops(t *testing.T) {
+	tt := startTarget(t, target.Config{}, 9, 8<<20)
+	c := connect(t, tt, nvmeof.ControllerConfig{})
+	q := c.IOQueues()[0].Queue
+	d := nvmeof.NewPollDriver(t)
+	d.Start(q.DriverCompletion)
+	if err := q.Drive(d, 0); err != nil {
+		t.Fatal(err)
+	}
+	d.Stop(q.StopDriving, q.DriverIdle)
+	select {
+	case <-q.Idle():
+	case <-time.After(hangDeadline):
+		t.Fatal("Wait does not return after the driver stopped")
+	}
+	if err := q.Err(); !errors.Is(err, nvmeof.ErrDriverStopped) {
+		t.Fatalf("queue error %v, want ErrDriverStopped", err)
+	}
+}
+
+// Drive refuses a queue with a command in flight, and the queue goes on
+// working on its goroutines.
+func TestDriveRefusesBusyQueue(t *testing.T) {
+	tt := startTarget(t, target.Config{}, 9, 8<<20)
+	c := connect(t, tt, nvmeof.ControllerConfig{})
+	ns, err := c.Namespace(testCtx(t), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q := c.IOQueues()[0].Queue
+	var w nvmeof.Request
+	ns.PrepareWrite(&w, 0, make([]byte, 4096), false)
+	w.Defer = true // queued, not sent: in flight for Drive
+	done := make(chan error, 1)
+	if err := q.Submit(&w, func(err error) { done <- err }); err != nil {
+		t.Fatal(err)
+	}
+	d := nvmeof.NewPollDriver(t)
+	if err := q.Drive(d, 0); err == nil {
+		t.Fatal("Drive took a queue with a command in flight")
+	}
+	q.Push()
+	if err := <-done; err != nil {
+		t.Fatalf("write after the refused Drive: %v", err)
+	}
+}

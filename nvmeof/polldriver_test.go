@@ -1,0 +1,186 @@
+package nvmeof
+
+import (
+	"errors"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// PollDriver is a Driver on one goroutine that performs the operations
+// with poll(2) and non-blocking system calls: an io_uring's behaviour
+// (operations complete in the loop, a receive waits for data, a cancel
+// ends every operation on a descriptor with -ECANCELED) without the ring,
+// so the driven transport is tested on any kernel. ublk's io_uring is
+// tested with it in attach and the VM.
+type PollDriver struct {
+	wake [2]int // pipe: Post's doorbell
+	done chan struct{}
+	// handle receives every completion; set before the loop starts.
+	handle func(userData uint64, res int32)
+
+	mu      sync.Mutex
+	posts   []func()
+	stopped bool
+
+	// Loop goroutine only.
+	ops   []pollOp
+	cqes  []pollCQE
+	tid   int
+	Calls atomic.Int64 // completions delivered
+}
+
+type pollOp struct {
+	recv bool
+	fd   int
+	buf  []byte
+	ud   uint64
+}
+
+type pollCQE struct {
+	ud  uint64
+	res int32
+}
+
+func NewPollDriver(t *testing.T) *PollDriver {
+	t.Helper()
+	d := &PollDriver{done: make(chan struct{})}
+	if err := unix.Pipe2(d.wake[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(d.wake[0]); unix.Close(d.wake[1]) })
+	return d
+}
+
+func (d *PollDriver) Send(fd int, buf []byte, ud uint64) error {
+	d.ops = append(d.ops, pollOp{fd: fd, buf: buf, ud: ud})
+	return nil
+}
+
+func (d *PollDriver) Recv(fd int, buf []byte, ud uint64) error {
+	d.ops = append(d.ops, pollOp{recv: true, fd: fd, buf: buf, ud: ud})
+	return nil
+}
+
+func (d *PollDriver) CancelFd(fd int, ud uint64) error {
+	n := 0
+	kept := d.ops[:0]
+	for _, op := range d.ops {
+		if op.fd == fd {
+			d.cqes = append(d.cqes, pollCQE{op.ud, -int32(unix.ECANCELED)})
+			n++
+			continue
+		}
+		kept = append(kept, op)
+	}
+	d.ops = kept
+	d.cqes = append(d.cqes, pollCQE{ud, int32(n)})
+	return nil
+}
+
+var errDriverStopped = errors.New("poll driver stopped")
+
+func (d *PollDriver) Post(f func()) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.stopped {
+		return errDriverStopped
+	}
+	d.posts = append(d.posts, f)
+	unix.Write(d.wake[1], []byte{1})
+	return nil
+}
+
+// Start runs the loop until Stop.
+func (d *PollDriver) Start(handle func(uint64, int32)) {
+	d.handle = handle
+	go d.loop()
+}
+
+// Stop ends the loop once stopFn (run on the loop) and every operation
+// are done, as ublk's queue does with StopRing and RingIdle.
+func (d *PollDriver) Stop(stopFn func(), idle func() bool) {
+	d.mu.Lock()
+	d.posts = append(d.posts, func() {
+		stopFn()
+		d.mu.Lock()
+		d.stopped = true
+		d.mu.Unlock()
+	})
+	unix.Write(d.wake[1], []byte{1})
+	d.mu.Unlock()
+	<-d.done
+	if !idle() {
+		panic("poll driver: stopped with the queue still busy")
+	}
+}
+
+func (d *PollDriver) loop() {
+	defer close(d.done)
+	d.tid = unix.Gettid()
+	for {
+		d.mu.Lock()
+		posts := d.posts
+		d.posts = nil
+		d.mu.Unlock()
+		for _, f := range posts {
+			f()
+		}
+		d.deliver()
+		d.mu.Lock()
+		stopped := d.stopped && len(d.posts) == 0
+		d.mu.Unlock()
+		if stopped && len(d.ops) == 0 {
+			return
+		}
+		fds := []unix.PollFd{{Fd: int32(d.wake[0]), Events: unix.POLLIN}}
+		for _, op := range d.ops {
+			ev := int16(unix.POLLOUT)
+			if op.recv {
+				ev = unix.POLLIN
+			}
+			fds = append(fds, unix.PollFd{Fd: int32(op.fd), Events: ev})
+		}
+		if _, err := unix.Poll(fds, 1000); err != nil && err != unix.EINTR {
+			panic(err)
+		}
+		var b [64]byte
+		unix.Read(d.wake[0], b[:])
+		kept := d.ops[:0]
+		for i, op := range d.ops {
+			if fds[i+1].Revents == 0 {
+				kept = append(kept, op)
+				continue
+			}
+			var n int
+			var err error
+			if op.recv {
+				n, err = unix.Read(op.fd, op.buf)
+			} else {
+				n, err = unix.SendmsgN(op.fd, op.buf, nil, nil, unix.MSG_NOSIGNAL|unix.MSG_DONTWAIT)
+			}
+			if err == unix.EAGAIN {
+				kept = append(kept, op)
+				continue
+			}
+			res := int32(n)
+			if err != nil {
+				res = -int32(err.(unix.Errno))
+			}
+			d.cqes = append(d.cqes, pollCQE{op.ud, res})
+		}
+		d.ops = kept
+		d.deliver()
+	}
+}
+
+func (d *PollDriver) deliver() {
+	for len(d.cqes) > 0 {
+		c := d.cqes[0]
+		d.cqes = d.cqes[1:]
+		d.Calls.Add(1)
+		d.handle(c.ud, c.res)
+	}
+}
