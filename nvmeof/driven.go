@@ -63,6 +63,8 @@ var errHandedOver = errors.New("nvmeof: queue handed over to a driver")
 
 // ErrDriverStopped is the cause of a driven queue's failure when its
 // Driver stopped (StopDriving): the ublk queue that drove it went away.
+// Like ErrQueueShutdown it is not reported to OnFailure: the device is
+// going, not the association.
 var ErrDriverStopped = errors.New("nvmeof: the queue's driver stopped")
 
 // pduSlack bounds what one PDU adds to its data: header (at most 72

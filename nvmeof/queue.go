@@ -643,6 +643,10 @@ func (q *Queue) fail(cause error) {
 	// cause.
 	switch {
 	case cause == ErrQueueShutdown:
+	case cause == ErrDriverStopped:
+		// The driving ublk queue went away: the device is stopping
+		// (or the daemon is), not the association.
+		q.log.Info("nvme-tcp queue stopped with its driver")
 	case q.closeExpected.Load():
 		q.log.Info("nvme-tcp queue closed after the shutdown notification", "err", cause)
 	default:
