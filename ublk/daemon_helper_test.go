@@ -31,6 +31,9 @@ const (
 	// envDelay: serve every request that long later, from another
 	// goroutine, so that requests are in flight in the backend.
 	envDelay = "UBLK_TEST_DELAY"
+	// envZeroCopy=1: create with ZeroCopy, and serve (also at recover)
+	// with the ring file backend on the backing file.
+	envZeroCopy = "UBLK_TEST_ZEROCOPY"
 )
 
 // delayedBackend completes each request after a delay, on its own
@@ -107,10 +110,14 @@ func TestHelperDaemon(t *testing.T) {
 		delayed = &delayedBackend{b: fileBackend{f}, delay: delay}
 		backend = delayed
 	}
+	zeroCopy := os.Getenv(envZeroCopy) == "1"
+	if zeroCopy {
+		backend = ringFileBackendFor(int(f.Fd()), 2, 64)
+	}
 	switch mode {
 	case "create":
 		rec, _ := strconv.Atoi(os.Getenv(envRecovery))
-		d, err = c.Create(ctx, Options{ID: AutoID, Queues: 2, Depth: 64, Recovery: RecoveryMode(rec),
+		d, err = c.Create(ctx, Options{ID: AutoID, Queues: 2, Depth: 64, Recovery: RecoveryMode(rec), ZeroCopy: zeroCopy,
 			Params: Params{Size: uint64(fi.Size()), VolatileCache: true}}, backend)
 	case "recover":
 		id, _ := strconv.Atoi(os.Getenv(envID))

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -156,8 +157,13 @@ func waitWriterStopped(t *testing.T, w *writer, what string) {
 // the writer sees no error and every acknowledged write reads back.
 func TestGuestRecoveryAfterSIGKILL(t *testing.T) {
 	guest.Require(t)
-	c := openControl(t)
-	a, file, bdev := startFileDaemon(t, RecoveryReissue)
+	recoverAfterSIGKILL(t, openControl(t))
+}
+
+// recoverAfterSIGKILL is TestGuestRecoveryAfterSIGKILL with the daemons
+// configured by env as well.
+func recoverAfterSIGKILL(t *testing.T, c *Control, env ...string) {
+	a, file, bdev := startFileDaemon(t, RecoveryReissue, env...)
 	// Four writers on disjoint blocks keep several requests in flight
 	// when the daemon dies: all of them must be reissued.
 	const nw, per = 4, 8 * mib / wblock / 4
@@ -177,7 +183,7 @@ func TestGuestRecoveryAfterSIGKILL(t *testing.T) {
 	}
 	t.Logf("device after the kill: %v", info.State)
 
-	b := startDaemon(t, envHelper+"=recover", envFile+"="+file, fmt.Sprintf("%s=%d", envID, a.id))
+	b := startDaemon(t, append([]string{envHelper + "=recover", envFile + "=" + file, fmt.Sprintf("%s=%d", envID, a.id)}, env...)...)
 	if b.id != a.id {
 		t.Fatalf("recovered device %d, want %d", b.id, a.id)
 	}
@@ -193,6 +199,9 @@ func TestGuestRecoveryAfterSIGKILL(t *testing.T) {
 	info, err = c.DeviceInfo(t.Context(), a.id)
 	if err != nil || info.State != StateLive || info.DaemonPID != b.cmd.Process.Pid {
 		t.Errorf("device after recovery: %+v, %v; want LIVE served by pid %d", info, err, b.cmd.Process.Pid)
+	}
+	if slices.Contains(env, envZeroCopy+"=1") && !info.Flags.Has(FeatureAutoBufReg) {
+		t.Errorf("zero-copy device after recovery: flags %v lack AUTO_BUF_REG", info.Flags)
 	}
 	for _, w := range ws {
 		w.verify(t, bdev)
