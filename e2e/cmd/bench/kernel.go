@@ -76,9 +76,9 @@ func benchKernel(ctx context.Context, k *vm.Kernel, o options, command string) e
 }
 
 // bootAttempts bounds the boots of one kernel: a guest kernel that dies
-// before the first test (the 6.12 kernel under TCG on a loaded host has
-// panicked at boot with "Oops: int3" in sched_clock_cpu, twice in a row) is
-// booted again; a test that ran is never retried.
+// before the first test is booted again (the 6.12 guest under TCG on the
+// loaded host stopped at boot twice in a row, once seen panicking after
+// "Oops: int3" in sched_clock_cpu); a test that ran is never retried.
 const bootAttempts = 3
 
 // runVM runs cfg, booting again when the guest stopped before any test
