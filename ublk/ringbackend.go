@@ -185,7 +185,9 @@ func (qr *QueueRing) ReadInto(req *Request, off, n int, fd int, fileOff int64, u
 
 // WriteFrom puts on the ring a write of n bytes of the request's data at
 // off to fd at fileOff: IORING_OP_WRITE_FIXED from the request's pages
-// with zero copy, else IORING_OP_WRITE from Buf.
+// with zero copy, else IORING_OP_WRITE from Buf. On a socket (fileOff 0)
+// it is a copying send from the pages, one completion: IORING_OP_SEND
+// takes no registered buffer (EINVAL), only SEND_ZC does (see SendZC).
 func (qr *QueueRing) WriteFrom(req *Request, off, n int, fd int, fileOff int64, userData uint64) error {
 	return qr.rw(req, off, n, fd, fileOff, userData, true)
 }

@@ -325,7 +325,8 @@ func seqThroughput(t *testing.T, path string, size int64, jobs int, write bool, 
 // TestGuestZeroCopyThroughput measures 128 KiB sequential O_DIRECT reads
 // and writes with the copy path and with zero copy, at 1 and 4 streams,
 // through the ring file backend (a memfd) and the ring socket backend
-// (loopback TCP, where the receiving side copies anyway), and logs MB/s
+// (loopback TCP, where the receiving side copies anyway; WRITE data sent
+// with SEND_ZC, or with WRITE_FIXED: tcp-writefixed), and logs MB/s
 // and the zero-copy/copy ratio. It asserts no speed (the VM's numbers are
 // indicative only), only that the I/O succeeds.
 func TestGuestZeroCopyThroughput(t *testing.T) {
@@ -333,7 +334,8 @@ func TestGuestZeroCopyThroughput(t *testing.T) {
 	c := openControl(t)
 	requireZeroCopy(t, c)
 	mbps := map[string]float64{}
-	for _, kind := range []string{"file", "tcp"} {
+	kinds := []string{"file", "tcp", "tcp-writefixed"}
+	for _, kind := range kinds {
 		for _, zc := range []bool{false, true} {
 			o := ringOptions(zc)
 			var b ringTestBackend
@@ -341,7 +343,9 @@ func TestGuestZeroCopyThroughput(t *testing.T) {
 				b = newRingFileBackend(t, int64(o.Size), o.Queues, o.Depth)
 			} else {
 				o.Depth = 16
-				b = newRingSocketBackend(t, int64(o.Size), o.Queues, o.Depth)
+				sb := newRingSocketBackend(t, int64(o.Size), o.Queues, o.Depth)
+				sb.sendCopy = kind == "tcp-writefixed"
+				b = sb
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 			d, err := c.Create(ctx, o, b)
@@ -363,7 +367,7 @@ func TestGuestZeroCopyThroughput(t *testing.T) {
 			}
 		}
 	}
-	for _, kind := range []string{"file", "tcp"} {
+	for _, kind := range kinds {
 		for _, rw := range []string{"write QD1", "read QD1", "write QD4", "read QD4"} {
 			key := kind + " " + rw
 			cp, zc := mbps[key+" zc=false"], mbps[key+" zc=true"]

@@ -26,6 +26,10 @@ type ringSocketBackend struct {
 	ctl   [][]chan sockCmd
 	st    [][]sockTagState // [queue][tag]; each row only on its queue's goroutine
 
+	// sendCopy sends WRITE data with WriteFrom (WRITE_FIXED on the
+	// socket: one copy into the socket, one completion) instead of SendZC.
+	sendCopy bool
+
 	wg     sync.WaitGroup // the peer goroutines
 	failed atomic.Int64
 }
@@ -155,7 +159,10 @@ func (b *ringSocketBackend) Serve(r *Request) {
 // into, its pages (or Buf) from byte s.moved on.
 func (b *ringSocketBackend) next(r *Request, s *sockTagState) error {
 	fd, n := b.fds[r.Queue][r.Tag], r.Length-s.moved
-	if r.Op == OpWrite {
+	switch {
+	case r.Op == OpWrite && b.sendCopy:
+		return r.Ring().WriteFrom(r, s.moved, n, fd, 0, uint64(r.Tag))
+	case r.Op == OpWrite:
 		return r.Ring().SendZC(r, s.moved, n, fd, unix.MSG_NOSIGNAL, uint64(r.Tag))
 	}
 	return r.Ring().ReadInto(r, s.moved, n, fd, 0, uint64(r.Tag))
@@ -215,19 +222,22 @@ func (b *ringSocketBackend) failures() int64 { return b.failed.Load() }
 // READ_FIXED on a TCP socket, in request sizes from 512 bytes to the
 // largest, O_DIRECT and buffered, intact through the device and at the
 // peer. copy: from and into Buf, on every kernel; zerocopy: from and into
-// the requests' registered pages (UBLK_F_AUTO_BUF_REG), skipped where the
-// kernel lacks it after checking Create refuses it.
+// the requests' registered pages (UBLK_F_AUTO_BUF_REG); zerocopy-writefixed:
+// the same with WRITE data sent by WRITE_FIXED on the socket. The zero-copy
+// ones skip where the kernel lacks it after checking Create refuses it.
 func TestGuestRingSocket(t *testing.T) {
 	guest.Require(t)
 	c := openControl(t)
-	for _, zc := range []bool{false, true} {
-		t.Run(map[bool]string{false: "copy", true: "zerocopy"}[zc], func(t *testing.T) {
+	for _, mode := range []string{"copy", "zerocopy", "zerocopy-writefixed"} {
+		t.Run(mode, func(t *testing.T) {
+			zc := mode != "copy"
 			if zc {
 				requireZeroCopy(t, c)
 			}
 			o := ringOptions(zc)
 			o.Depth = 16 // a connection per tag
 			b := newRingSocketBackend(t, int64(o.Size), o.Queues, o.Depth)
+			b.sendCopy = mode == "zerocopy-writefixed"
 			d := createDevice(t, c, o, b)
 			if d.Info().Flags.Has(FeatureAutoBufReg) != zc {
 				t.Fatalf("device flags %v with ZeroCopy %v", d.Info().Flags, zc)

@@ -194,4 +194,23 @@ func TestSendZCFixedRecvFixed(t *testing.T) {
 	if !bytes.Equal(dst[:n], src[:n]) {
 		t.Error("received data differs from what was sent")
 	}
+
+	// The copying send from a registered buffer is WRITE_FIXED on the
+	// socket: IORING_OP_SEND refuses IORING_RECVSEND_FIXED_BUF (EINVAL;
+	// only the _ZC sends take it).
+	clear(dst)
+	PrepWriteFixed(getSQE(t, r), client, 0, FixedAddr(src, 100), 4096, 0, 3)
+	if c := waitCQE(t, r); c.Res != 4096 {
+		t.Fatalf("WRITE_FIXED on a socket: %+v, want res 4096", c)
+	}
+	PrepReadFixed(getSQE(t, r), server, 1, FixedAddr(dst, 0), 4096, 0, 4)
+	if c := waitCQE(t, r); c.Res != 4096 || !bytes.Equal(dst[:4096], src[100:4196]) {
+		t.Errorf("READ_FIXED of a WRITE_FIXED send: %+v, data equal %v", c, bytes.Equal(dst[:4096], src[100:4196]))
+	}
+	s := getSQE(t, r)
+	PrepSendZCFixed(s, client, 0, FixedAddr(src, 0), 4096, unix.MSG_NOSIGNAL, 5)
+	s.Raw().Opcode = 26 // IORING_OP_SEND
+	if c := waitCQE(t, r); c.Res != -int32(unix.EINVAL) {
+		t.Logf("IORING_OP_SEND with IORING_RECVSEND_FIXED_BUF: res %d (this kernel takes it)", c.Res)
+	}
 }
