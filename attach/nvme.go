@@ -33,6 +33,9 @@ import (
 type blockBackend struct {
 	lc      *lifecycle.Controller
 	metrics *Metrics // nil: none
+	// rings binds the NVMe/TCP queues to the ublk queue rings that
+	// drive them (ring.go); empty (no rings) when not on a device.
+	rings *ringDrivers
 
 	// ios[queue][tag] is the state of the request a tag carries: a tag
 	// is reused only after its request was completed, so the fast path
@@ -51,7 +54,7 @@ type blockBackend struct {
 // newBlockBackend returns the backend for a device of queues queues of
 // depth tags each.
 func newBlockBackend(lc *lifecycle.Controller, metrics *Metrics, queues, depth int) *blockBackend {
-	return &blockBackend{lc: lc, metrics: metrics, ios: make([][]blockIO, queues), depth: depth}
+	return &blockBackend{lc: lc, metrics: metrics, ios: make([][]blockIO, queues), depth: depth, rings: newRingDrivers(nil)}
 }
 
 // blockIO is one request on its way through the fast path.

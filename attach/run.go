@@ -131,6 +131,7 @@ type run struct {
 	metrics   *Metrics // nil without --metrics-addr
 	status    *statusTracker
 	connector *nvmeofconn.Connector
+	rings     *ringDrivers // the NVMe/TCP queues the ublk queue rings drive
 	lc        *lifecycle.Controller
 
 	// hurried: rc.Hurry made the teardown immediate. The goroutine that
@@ -231,6 +232,7 @@ func (r *run) connect(ctx context.Context) error {
 		NSID: o.NSID, QueueSize: o.QueueSize, Started: time.Now(), DevID: -1,
 		UblkFeatures: r.feats.Names(),
 	}}
+	r.rings = newRingDrivers(r.log)
 	r.connector = &nvmeofconn.Connector{
 		Config: nvmeof.ControllerConfig{
 			Addr: o.Addr(), SubsysNQN: o.NQN, Host: r.host,
@@ -240,7 +242,8 @@ func (r *run) connect(ctx context.Context) error {
 			Auth:   o.authConfig(),
 			Logger: r.logs.nvme,
 		},
-		NSID: o.NSID,
+		NSID:              o.NSID,
+		IOQueuesConnected: r.rings.driveAssociation,
 		KeepAliveRTT: func(rtt time.Duration) {
 			r.status.keepAlive(rtt)
 			if r.metrics != nil {
@@ -326,7 +329,9 @@ func (r *run) createDevice(ctx context.Context) error {
 	// before the controller could lower it (a later association with
 	// smaller queues holds what does not fit in the slow path).
 	r.queues, r.depth = queues, min(r.connector.FirstQueueSize()-1, 4096)
+	r.rings.setQueues(queues)
 	r.backend = newBlockBackend(r.lc, r.metrics, queues, r.depth)
+	r.backend.rings = r.rings
 
 	dev, err := openDevice(ctx, r.ctl, r.o, ns, ublk.Options{
 		ID: devID(r.o), Queues: queues, Depth: r.depth,

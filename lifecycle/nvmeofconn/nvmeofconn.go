@@ -31,6 +31,11 @@ type Connector struct {
 	// KeepAliveRTT, if set, receives the round trip of every keep-alive
 	// that completed.
 	KeepAliveRTT func(time.Duration)
+	// IOQueuesConnected, if set, is called with each association once
+	// its I/O queues connected, before lifecycle lets I/O in: the queues
+	// are idle, so the daemon can hand them to the ublk queues' rings
+	// (nvmeof.Queue.Drive). An error fails the association.
+	IOQueuesConnected func(ctrl *nvmeof.Controller) error
 
 	mu             sync.Mutex
 	firstNS        *nvmeof.Namespace // of the first association
@@ -136,6 +141,11 @@ func (c *Conn) IOQueue(i int) *nvmeof.IOQueue {
 func (c *Conn) ConnectIOQueues(ctx context.Context) error {
 	if err := c.ctrl.ConnectIOQueues(ctx); err != nil {
 		return err
+	}
+	if f := c.k.IOQueuesConnected; f != nil {
+		if err := f(c.ctrl); err != nil {
+			return err
+		}
 	}
 	c.k.connected(c.ctrl, c.NS())
 	return nil
