@@ -20,10 +20,12 @@ import (
 //
 // The fast path runs on the ublk queue thread and does not block: while
 // the controller is LIVE, Serve takes a reference on the association
-// (lifecycle.TryEnter), starts the command (Queue.Submit) and returns; the
-// queue's reader completes the ublk request from the command's completion
-// handler. Nothing else is handed between goroutines, which is what a
-// request costs most.
+// (lifecycle.TryEnter), starts the command (Queue.Submit, deferred), and
+// Commit sends the batch; the NVMe/TCP queue is driven by the same ublk
+// queue's ring (ring.go), so the response is read and the ublk request
+// completed, from the command's completion handler, on that thread too.
+// Nothing is handed between goroutines, which is what a request costs
+// most.
 //
 // The slow path is a goroutine per request through lifecycle.Do, which
 // holds the request while the controller recovers: taken when the
@@ -130,8 +132,9 @@ func (b *blockBackend) Commit(i int) {
 	ref.Exit()
 }
 
-// done is the command's completion handler, on the NVMe queue's reader
-// goroutine. It must not block.
+// done is the command's completion handler, on the thread that drives the
+// NVMe queue (the ublk queue ring's, or the queue's reader goroutine). It
+// must not block.
 func (io *blockIO) done(err error) {
 	io.ref.Exit() // the last touch of the association was the queue's, before this call
 	if err != nil && (nvmeofconn.IsPathError(err) || lifecycle.RetryableStatus(err)) {
