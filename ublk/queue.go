@@ -413,10 +413,13 @@ var errForced = errors.New("queue stopped without the driver")
 // drain runs the posted functions, then takes the completion list (the
 // spare one, drained by the previous iteration, takes its place: no
 // allocation per batch) and ends the batch: completions after it ring the
-// doorbell.
+// doorbell. The last check that no function is queued and the end of the
+// batch are one critical section: a function posted between them would
+// have seen dispatching and rung no doorbell, and the loop would sleep
+// with it queued.
 func (q *queue) drain() (done []completion, stop bool) {
-	q.runPosted()
 	q.mu.Lock()
+	q.runPostedLocked()
 	done = q.done
 	q.done, q.spare = q.spare[:0], nil
 	stop = q.stop
@@ -428,6 +431,13 @@ func (q *queue) drain() (done []completion, stop bool) {
 // runPosted runs the functions posted so far, and those they post.
 func (q *queue) runPosted() {
 	q.mu.Lock()
+	q.runPostedLocked()
+	q.mu.Unlock()
+}
+
+// runPostedLocked runs posted functions until none is queued; q.mu held,
+// let go while they run, and held again on return with calls empty.
+func (q *queue) runPostedLocked() {
 	for len(q.calls) > 0 {
 		calls := q.calls
 		q.calls, q.spareCalls = q.spareCalls[:0], nil
@@ -439,7 +449,6 @@ func (q *queue) runPosted() {
 		q.mu.Lock()
 		q.spareCalls = calls[:0]
 	}
-	q.mu.Unlock()
 }
 
 // dispatch hands fetched requests to the Backend. Completions that happen

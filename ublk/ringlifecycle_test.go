@@ -262,3 +262,38 @@ func TestRingLifecycleStopReapsReceive(t *testing.T) {
 		b.mu.Unlock()
 	}
 }
+
+// Functions posted from several goroutines at once, each waiting for its
+// own to run, all run: once one was left queued without a doorbell, every
+// later post saw the list non-empty and rang none either, and the loop
+// slept in Submit(1) with all of them.
+func TestRingPostUnderContentionRuns(t *testing.T) {
+	_, fd := socketPair(t)
+	q, _, exited := ringQueue(t, newEchoBackend(t, fd))
+	defer func() { q.forceStop(); <-exited }()
+	deadline := time.Now().Add(3 * time.Second)
+	errs := make(chan error, 3)
+	for range 3 {
+		go func() {
+			for time.Now().Before(deadline) {
+				ran := make(chan struct{})
+				if err := q.qr.Post(func() { close(ran) }); err != nil {
+					errs <- err
+					return
+				}
+				select {
+				case <-ran:
+				case <-time.After(2 * time.Second):
+					errs <- errors.New("a posted function did not run within 2s: the loop sleeps with it queued and no doorbell rung")
+					return
+				}
+			}
+			errs <- nil
+		}()
+	}
+	for range 3 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+}
