@@ -191,6 +191,15 @@ func (q *Queue) Drive(d Driver, base uint64) error {
 		q.finishHandOver()
 		return q.Err()
 	}
+	if q.driverStopped {
+		// The Driver stopped meanwhile: nothing would release the
+		// queue once its last operations were reaped.
+		q.mu.Unlock()
+		q.fail(ErrDriverStopped)
+		ds.free(q)
+		q.finishHandOver()
+		return q.Err()
+	}
 	q.driven.Store(ds)
 	q.mu.Unlock()
 	if err := d.Post(q.startDriven); err != nil {
@@ -571,9 +580,16 @@ func (q *Queue) releaseDriven(ds *drivenState) {
 
 // StopDriving fails a driven queue because its Driver is stopping (the
 // ublk queue's ring is about to close), and starts cancelling; on the
-// Driver's thread. DriverIdle reports when the Driver may close.
+// Driver's thread. DriverIdle reports when the Driver may close. A queue
+// not given to the Driver yet (attach binds it to a ring, then calls
+// Drive) is marked instead: Drive fails it, and releases it, itself.
 func (q *Queue) StopDriving() {
+	q.mu.Lock()
 	ds := q.driven.Load()
+	if ds == nil {
+		q.driverStopped = true
+	}
+	q.mu.Unlock()
 	if ds == nil {
 		return
 	}

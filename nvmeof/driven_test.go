@@ -2,9 +2,12 @@ package nvmeof_test
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"math/rand/v2"
+	"net"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -221,5 +224,88 @@ func TestDriveRefusesBusyQueue(t *testing.T) {
 	q.Push()
 	if err := <-done; err != nil {
 		t.Fatalf("write after the refused Drive: %v", err)
+	}
+}
+
+// gatedConn is a TCP connection whose SyscallConn, which Drive calls once
+// the queue is being handed over and before a Driver serves it, waits for
+// the test: the moment a ring stopping races the hand-over.
+type gatedConn struct {
+	*net.TCPConn
+	reached, release chan struct{}
+}
+
+func (c *gatedConn) SyscallConn() (syscall.RawConn, error) {
+	close(c.reached)
+	<-c.release
+	return c.TCPConn.SyscallConn()
+}
+
+// A Driver that stops while Drive is handing the queue to it (attach
+// binds the queue to a ring, then calls Drive; the ring stops between)
+// fails the hand-over: Drive returns ErrDriverStopped and the queue is
+// released (Wait returns) with no operation of the Driver's. Before,
+// StopDriving found nothing to stop, Drive then gave the queue to the
+// stopped Driver and returned nil, and the queue was never released.
+func TestDriveRacingDriverStopFails(t *testing.T) {
+	tt := startTarget(t, target.Config{}, 9, 8<<20)
+	reached, release := make(chan struct{}), make(chan struct{})
+	c := connect(t, tt, nvmeof.ControllerConfig{Dial: func(ctx context.Context, addr string) (net.Conn, error) {
+		var d net.Dialer
+		conn, err := d.DialContext(ctx, "tcp", addr)
+		if err != nil {
+			return nil, err
+		}
+		return &gatedConn{TCPConn: conn.(*net.TCPConn), reached: reached, release: release}, nil
+	}})
+	q := c.IOQueues()[0].Queue
+	d := nvmeof.NewPollDriver(t)
+	d.Start(q.DriverCompletion)
+	t.Cleanup(func() { d.Stop(q.StopDriving, q.DriverIdle) })
+	driveErr := make(chan error, 1)
+	go func() { driveErr <- q.Drive(d, 0) }()
+	<-reached
+	// The ring stops (StopRing, on its thread): it stops the queue bound
+	// to it, which it does not drive yet. Its loop goes on reaping
+	// meanwhile, so posted functions still run.
+	idle := make(chan bool, 1)
+	if err := d.Post(func() { q.StopDriving(); idle <- q.DriverIdle() }); err != nil {
+		t.Fatal(err)
+	}
+	if !<-idle {
+		t.Fatal("DriverIdle false for a queue not driven yet")
+	}
+	close(release)
+	if err := <-driveErr; !errors.Is(err, nvmeof.ErrDriverStopped) {
+		t.Fatalf("Drive after its driver stopped = %v, want ErrDriverStopped", err)
+	}
+	select {
+	case <-q.Idle():
+	case <-time.After(hangDeadline):
+		t.Fatal("Wait does not return after the hand-over failed")
+	}
+}
+
+// The same when the Driver stops before Drive even starts (attach bound
+// the queue to the ring and is about to call Drive).
+func TestDriveAfterDriverStopFails(t *testing.T) {
+	tt := startTarget(t, target.Config{}, 9, 8<<20)
+	c := connect(t, tt, nvmeof.ControllerConfig{})
+	q := c.IOQueues()[0].Queue
+	d := nvmeof.NewPollDriver(t)
+	d.Start(q.DriverCompletion)
+	t.Cleanup(func() { d.Stop(q.StopDriving, q.DriverIdle) })
+	stopped := make(chan struct{})
+	if err := d.Post(func() { q.StopDriving(); close(stopped) }); err != nil {
+		t.Fatal(err)
+	}
+	<-stopped
+	if err := q.Drive(d, 0); !errors.Is(err, nvmeof.ErrDriverStopped) {
+		t.Fatalf("Drive after its driver stopped = %v, want ErrDriverStopped", err)
+	}
+	select {
+	case <-q.Idle():
+	case <-time.After(hangDeadline):
+		t.Fatal("Wait does not return after the hand-over failed")
 	}
 }

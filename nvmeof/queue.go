@@ -264,6 +264,11 @@ type Queue struct {
 	// is closed.
 	readerHanded bool
 	kicked       atomic.Bool // a pump is posted to the Driver
+
+	// driverStopped: StopDriving came before a Driver served the queue
+	// (while, or before, Drive handed it over); Drive then fails.
+	// Guarded by mu.
+	driverStopped bool
 }
 
 // DialQueue connects to addr ("host:port") and performs the ICReq/ICResp

@@ -70,6 +70,10 @@ type ringState struct {
 	ringBackend RingBackend // nil for other backends
 	zeroCopy    bool        // UBLK_F_AUTO_BUF_REG: tag i's pages are slot i of the ring's buffer table
 	qr          QueueRing
+	// ringStopping is set on the queue's goroutine before StopRing: the
+	// ring is about to close, and the only operation still put on it is
+	// CancelFd.
+	ringStopping bool
 }
 
 // Ring returns the ring of the request's queue, for a RingBackend's
@@ -145,7 +149,18 @@ func (q *queue) ringCompletion(c uring.CQE) {
 	q.ringBackend.RingCompletion(&q.qr, RingCQE{UserData: c.UserData &^ ringBackendData, Res: c.Res, Flags: c.Flags})
 }
 
+// getSQE is the SQE of an operation that starts I/O: refused once the
+// queue is stopping, for an operation started then would outlive the ring
+// (ErrQueueStopped).
 func (qr *QueueRing) getSQE() (uring.SQE, error) {
+	if qr.q.ringStopping {
+		return nil, ErrQueueStopped
+	}
+	return qr.anySQE()
+}
+
+// anySQE is an SQE whether or not the queue is stopping.
+func (qr *QueueRing) anySQE() (uring.SQE, error) {
 	s, err := qr.q.ring.GetSQE()
 	if errors.Is(err, uring.ErrSQFull) {
 		// Hand the kernel what is queued (it copies SQEs at

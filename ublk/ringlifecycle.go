@@ -44,7 +44,8 @@ type RingLifecycle interface {
 }
 
 // ErrQueueStopped is returned by QueueRing.Post once the queue's loop has
-// ended: nothing more runs on its goroutine.
+// ended: nothing more runs on its goroutine. The ring's operations but
+// CancelFd return it from StopRing on: the ring is closing.
 var ErrQueueStopped = errors.New("ublk: queue stopped")
 
 // ringStopTimeout bounds how long a stopping queue waits for a
@@ -95,8 +96,12 @@ func (qr *QueueRing) Recv(fd int, buf []byte, userData uint64) error {
 // on fd (Linux 5.19). Its own completion carries userData and the number
 // cancelled; each cancelled operation completes with -ECANCELED (or its
 // result, if it was already completing).
+// It is the one operation still accepted once the queue is stopping.
 func (qr *QueueRing) CancelFd(fd int, userData uint64) error {
-	s, err := qr.slot(userData)
+	if userData&ringBackendData != 0 {
+		return ErrUserData
+	}
+	s, err := qr.anySQE()
 	if err == nil {
 		uring.PrepCancelFd(s, fd, userData|ringBackendData)
 	}
@@ -123,6 +128,9 @@ func (qr *QueueRing) Post(f func()) error { return qr.q.post(f) }
 // Bounded by ringStopTimeout: a backend that never goes idle is reported,
 // and its operations end when the ring closes.
 func (q *queue) stopRing(rl RingLifecycle) {
+	// Before StopRing: what it, the completions and the posted functions
+	// would start from here on could outlive the ring.
+	q.ringStopping = true
 	rl.StopRing(&q.qr)
 	deadline := time.Now().Add(ringStopTimeout)
 	for !rl.RingIdle(&q.qr) {

@@ -297,3 +297,87 @@ func TestRingPostUnderContentionRuns(t *testing.T) {
 		}
 	}
 }
+
+// stopProbe is a RingLifecycle that, once told to stop, tries to start a
+// receive (as a network queue being handed to the ring at that moment
+// does: its first receive is armed by a function posted before the stop)
+// and records what the ring answered.
+type stopProbe struct {
+	fd  int
+	buf []byte
+
+	mu                   sync.Mutex
+	inFlight             int
+	stopRecv, postedRecv error
+	cancel               error
+	posted               bool
+}
+
+func (b *stopProbe) Serve(r *Request)     { r.Complete(unix.EOPNOTSUPP) }
+func (b *stopProbe) RingEntries() int     { return 4 }
+func (b *stopProbe) StartRing(*QueueRing) {}
+func (b *stopProbe) RingIdle(*QueueRing) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.inFlight == 0
+}
+func (b *stopProbe) RingCompletion(*QueueRing, RingCQE) {
+	b.mu.Lock()
+	b.inFlight--
+	b.mu.Unlock()
+}
+
+// tryRecv arms a receive; b.mu held.
+func (b *stopProbe) tryRecv(qr *QueueRing) error {
+	err := qr.Recv(b.fd, b.buf, 1)
+	if err == nil {
+		b.inFlight++
+	}
+	return err
+}
+
+func (b *stopProbe) StopRing(qr *QueueRing) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.stopRecv = b.tryRecv(qr)
+	if b.cancel = qr.CancelFd(b.fd, 2); b.cancel == nil {
+		b.inFlight++
+	}
+	if err := qr.Post(func() {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		b.posted = true
+		b.postedRecv = b.tryRecv(qr)
+	}); err != nil {
+		b.postedRecv = err
+	}
+}
+
+// Once the queue is stopping, the ring refuses operations that start I/O
+// (ErrQueueStopped), in StopRing and in functions posted before the loop
+// ended alike, while CancelFd is still accepted: a receive armed then
+// would be in flight when the ring closes, and its socket and buffer
+// never released.
+func TestRingRefusesNewOperationsOnceStopping(t *testing.T) {
+	_, fd := socketPair(t)
+	b := &stopProbe{fd: fd, buf: newEchoBackend(t, fd).buf}
+	q, _, exited := ringQueue(t, b)
+	q.forceStop()
+	if err := <-exited; !errors.Is(err, errForced) {
+		t.Fatalf("loop ended with %v, want the forced stop", err)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !errors.Is(b.stopRecv, ErrQueueStopped) {
+		t.Errorf("Recv in StopRing = %v, want ErrQueueStopped", b.stopRecv)
+	}
+	if !b.posted || !errors.Is(b.postedRecv, ErrQueueStopped) {
+		t.Errorf("Recv in a function posted by StopRing (ran %v) = %v, want ErrQueueStopped", b.posted, b.postedRecv)
+	}
+	if b.cancel != nil {
+		t.Errorf("CancelFd in StopRing = %v, want it accepted", b.cancel)
+	}
+	if b.inFlight != 0 {
+		t.Errorf("%d operations in flight when the ring closed", b.inFlight)
+	}
+}
