@@ -27,8 +27,12 @@ type Workload struct {
 	// IOSize is -o, bytes per I/O.
 	IOSize int
 	// QueueDepth is -q: I/Os outstanding in all, whatever the number of
-	// queues (spdk_nvme_perf keeps -q per namespace and spreads the
-	// submissions round robin over its -P queue pairs; so does Run).
+	// queues. spdk_nvme_perf keeps -q per namespace and sends each
+	// submission to the next of its -P queue pairs; Run keeps each slot
+	// on one queue (slot i on queue i mod Queues: QueueDepth/Queues on
+	// each, as spdk_nvme_perf has in aggregate, and as the daemon maps a
+	// ublk queue to one NVMe queue), and only a depth below Queues
+	// alternates, so that every queue carries I/O.
 	QueueDepth int
 	// Queues is -P, the I/O queues used.
 	Queues int
@@ -96,7 +100,8 @@ type slot struct {
 	req   nvmeof.Request
 	buf   []byte
 	rng   uint64 // xorshift64 state
-	turn  int    // which queue the next submission goes to (round robin)
+	turn  int    // which queue the next submission goes to
+	alt   bool   // turn advances after each submission (depth below queues)
 	ios   uint64 // completed within the window; read after the run
 	done  func(error)
 	index int
@@ -184,9 +189,8 @@ func (g *generator) makeSlots() []*slot {
 				s.buf[j] = WritePattern
 			}
 		}
-		// Queues in turn, as spdk_nvme_perf's submissions: slot i starts
-		// on queue i mod Queues.
 		s.turn = i % len(g.queues)
+		s.alt = g.w.QueueDepth < len(g.queues)
 		s.done = s.complete
 		slots[i] = s
 	}
@@ -230,8 +234,10 @@ func (g *generator) submit(s *slot) error {
 		return err
 	}
 	q := g.queues[s.turn]
-	if s.turn++; s.turn == len(g.queues) {
-		s.turn = 0
+	if s.alt {
+		if s.turn++; s.turn == len(g.queues) {
+			s.turn = 0
+		}
 	}
 	g.wg.Add(1)
 	if err := q.Submit(&s.req, s.done); err != nil {

@@ -92,6 +92,17 @@ func testSequentialWrite(t *testing.T, spin time.Duration) {
 			t.Fatalf("queue %d completed %d", q.QID(), q.Completions())
 		}
 	}
+	// One slot on two queues alternates: both carry its I/O.
+	before := [2]uint64{c.IOQueues()[0].Completions(), c.IOQueues()[1].Completions()}
+	w.QueueDepth, w.Duration = 1, 100*time.Millisecond
+	if _, err := Run(t.Context(), c.IOQueues(), ns, w); err != nil {
+		t.Fatal(err)
+	}
+	for i, q := range c.IOQueues() {
+		if q.Completions() < before[i]+10 {
+			t.Fatalf("depth 1 on 2 queues: queue %d completed %d more", q.QID(), q.Completions()-before[i])
+		}
+	}
 }
 
 // Random reads at a depth run and stop; a row the namespace or queue
