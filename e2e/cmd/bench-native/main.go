@@ -121,7 +121,7 @@ func run(out string, d time.Duration, reps int, only string, profile bool) error
 	rep.Notes = append(rep.Notes,
 		fmt.Sprintf("Each tool ran each row %d times for %v, round by round over all rows (so one row's runs are minutes apart), spdk_nvme_perf and the library in turn; the table keeps each tool's best run. spdk_nvme_perf's start (DPDK init, connect) is outside its window, the library's connect outside its own.", reps, d),
 		b.disturbedNote(),
-		"-q is the depth in all, spread round robin over -P queues (spdk_nvme_perf's nvme_submit_io); the library does the same from each completion.",
+		"-q is the depth in all: spdk_nvme_perf sends each submission to the next of its -P queue pairs (nvme_submit_io), the library keeps -q/-P slots on each queue (a depth below -P alternates), resubmitting from each completion.",
 		"nvmf_tgt and spdk_nvme_perf run without hugepages (--no-huge), as this machine has none configured.")
 	if err := os.MkdirAll(out, 0o755); err != nil {
 		return err
@@ -363,7 +363,7 @@ func (b *bench) spdkPerfOnce(ctx context.Context, w native.Workload, port int, r
 	args := append(native.PerfArgs(w, native.PerfTarget{Addr: "127.0.0.1", Port: port, NQN: nqn}, fmt.Sprintf("%#x", 1<<hostCPU)),
 		"--no-huge", "-s", "512")
 	if record {
-		rep.Commands = append(rep.Commands, shellLine(b.spdk.perf, args))
+		rep.Commands = append(rep.Commands, "stdbuf -oL "+shellLine(b.spdk.perf, args))
 	}
 	// Line-buffered, so the launch line arrives when it is printed (into a
 	// pipe, stdio would hold it until exit).
