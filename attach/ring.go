@@ -168,6 +168,23 @@ func (d *ringDrivers) stop(i int) {
 	}
 }
 
+// abandoned lets go of the NVMe queues ring i still drives: it closes
+// with their operations in flight. On the ring's goroutine.
+func (d *ringDrivers) abandoned(i int) {
+	d.mu.Lock()
+	var qs []*nvmeof.Queue
+	if i < len(d.bound) {
+		for _, b := range d.bound[i] {
+			qs = append(qs, b.q)
+		}
+	}
+	d.mu.Unlock()
+	for _, q := range qs {
+		q.DriverAbandoned()
+		d.unbind(i, q)
+	}
+}
+
 // idle reports whether ring i drives nothing any more.
 func (d *ringDrivers) idle(i int) bool {
 	d.mu.Lock()
@@ -196,5 +213,7 @@ func (b *blockBackend) RingCompletion(qr *ublk.QueueRing, c ublk.RingCQE) {
 func (b *blockBackend) StopRing(qr *ublk.QueueRing) { b.rings.stop(qr.Queue()) }
 
 func (b *blockBackend) RingIdle(qr *ublk.QueueRing) bool { return b.rings.idle(qr.Queue()) }
+
+func (b *blockBackend) RingAbandoned(qr *ublk.QueueRing) { b.rings.abandoned(qr.Queue()) }
 
 var _ ublk.RingLifecycle = (*blockBackend)(nil)

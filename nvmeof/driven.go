@@ -562,6 +562,12 @@ func (q *Queue) releaseDriven(ds *drivenState) {
 	}
 	ds.released = true
 	ds.free(q)
+	q.finishDriven()
+}
+
+// finishDriven completes the commands left with the queue's error and
+// drops the reader's usage reference: the end of a released queue.
+func (q *Queue) finishDriven() {
 	q.mu.Lock()
 	var left []*Request
 	for i, r := range q.slots {
@@ -595,6 +601,32 @@ func (q *Queue) StopDriving() {
 	}
 	q.fail(ErrDriverStopped)
 	q.stopDriven(ds)
+}
+
+// DriverAbandoned releases a driven queue whose Driver closes with its
+// operations still in flight (they did not complete in time after the
+// cancel, or the Driver failed): the queue fails with ErrDriverStopped,
+// its commands complete, its socket is closed (an operation in the
+// kernel holds its own reference) and the usage reference is dropped, so
+// Wait returns. The buffers, which those operations may still write, are
+// leaked, never unmapped. On the Driver's thread.
+func (q *Queue) DriverAbandoned() {
+	ds := q.driven.Load()
+	if ds == nil || ds.released {
+		return
+	}
+	q.fail(ErrDriverStopped)
+	q.log.Error("nvme-tcp queue released with operations in flight on its stopped driver; its buffers are leaked",
+		"operations", ds.ops, "bytes", len(ds.rbuf)+len(ds.sbuf))
+	ds.stopping, ds.released = true, true
+	q.mu.Lock()
+	if ds.fd >= 0 {
+		unix.Close(ds.fd)
+		ds.fd = -1
+	}
+	q.mu.Unlock()
+	ds.rbuf, ds.sbuf = nil, nil
+	q.finishDriven()
 }
 
 // DriverIdle reports whether a driven queue has nothing in flight on its

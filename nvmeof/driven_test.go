@@ -309,3 +309,50 @@ func TestDriveAfterDriverStopFails(t *testing.T) {
 		t.Fatal("Wait does not return after the hand-over failed")
 	}
 }
+
+// A Driver that closes with the queue's receive still in flight (a ring
+// whose cancelled operations did not complete in time) releases the
+// queue without reclaiming it (DriverAbandoned): the queue fails with
+// ErrDriverStopped and Wait returns, so that the daemon can exit.
+func TestDriverAbandonedReleases(t *testing.T) {
+	tt := startTarget(t, target.Config{}, 9, 8<<20)
+	c := connect(t, tt, nvmeof.ControllerConfig{})
+	q := c.IOQueues()[0].Queue
+	d := nvmeof.NewPollDriver(t)
+	d.Start(q.DriverCompletion)
+	t.Cleanup(func() { d.Stop(q.StopDriving, q.DriverIdle) })
+	if err := q.Drive(d, 0); err != nil {
+		t.Fatal(err)
+	}
+	abandoned := make(chan string, 1)
+	// Runs after Drive's startDriven (posted first), which armed the
+	// receive.
+	post := func() {
+		fds := d.Fds()
+		if len(fds) == 0 {
+			abandoned <- "no operation in flight to abandon"
+			return
+		}
+		d.Forget(fds[0]) // the ring closes with the receive in flight
+		q.DriverAbandoned()
+		if !q.DriverIdle() {
+			abandoned <- "DriverIdle false after DriverAbandoned"
+			return
+		}
+		abandoned <- ""
+	}
+	if err := d.Post(post); err != nil {
+		t.Fatal(err)
+	}
+	if msg := <-abandoned; msg != "" {
+		t.Fatal(msg)
+	}
+	select {
+	case <-q.Idle():
+	case <-time.After(hangDeadline):
+		t.Fatal("Wait does not return after DriverAbandoned")
+	}
+	if err := q.Err(); !errors.Is(err, nvmeof.ErrDriverStopped) {
+		t.Fatalf("queue error %v, want ErrDriverStopped", err)
+	}
+}

@@ -80,6 +80,27 @@ func (d *PollDriver) CancelFd(fd int, ud uint64) error {
 	return nil
 }
 
+// Forget drops the operations on fd without completing them, as a ring
+// closing with them in flight; on the loop.
+func (d *PollDriver) Forget(fd int) {
+	kept := d.ops[:0]
+	for _, op := range d.ops {
+		if op.fd != fd {
+			kept = append(kept, op)
+		}
+	}
+	d.ops = kept
+}
+
+// Fds is the descriptors with an operation in flight; on the loop.
+func (d *PollDriver) Fds() []int {
+	var fds []int
+	for _, op := range d.ops {
+		fds = append(fds, op.fd)
+	}
+	return fds
+}
+
 var errDriverStopped = errors.New("poll driver stopped")
 
 func (d *PollDriver) Post(f func()) error {

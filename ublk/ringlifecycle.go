@@ -41,6 +41,13 @@ type RingLifecycle interface {
 	StopRing(qr *QueueRing)
 	// RingIdle reports whether the backend has nothing in flight.
 	RingIdle(qr *QueueRing) bool
+	// RingAbandoned is called, instead of waiting any longer, when the
+	// ring closes while RingIdle is still false (not idle after
+	// ringStopTimeout, or the ring failed while stopping): the
+	// operations left may still run in the kernel. The backend lets go of
+	// everything but the memory they may touch, which it leaks (never
+	// unmaps), so that the daemon can exit.
+	RingAbandoned(qr *QueueRing)
 }
 
 // ErrQueueStopped is returned by QueueRing.Post once the queue's loop has
@@ -49,8 +56,8 @@ type RingLifecycle interface {
 var ErrQueueStopped = errors.New("ublk: queue stopped")
 
 // ringStopTimeout bounds how long a stopping queue waits for a
-// RingLifecycle's cancelled operations to complete.
-const ringStopTimeout = 10 * time.Second
+// RingLifecycle's cancelled operations to complete; a variable for tests.
+var ringStopTimeout = 10 * time.Second
 
 func (q *queue) ringLifecycle() RingLifecycle {
 	rl, _ := q.ringBackend.(RingLifecycle)
@@ -126,7 +133,7 @@ func (qr *QueueRing) Post(f func()) error { return qr.q.post(f) }
 // flight, and completions are reaped and handed to it until it reports
 // none left. Functions posted until then still run; Post fails afterwards.
 // Bounded by ringStopTimeout: a backend that never goes idle is reported,
-// and its operations end when the ring closes.
+// and abandons what is left (RingAbandoned).
 func (q *queue) stopRing(rl RingLifecycle) {
 	// Before StopRing: what it, the completions and the posted functions
 	// would start from here on could outlive the ring.
@@ -163,4 +170,7 @@ func (q *queue) stopRing(rl RingLifecycle) {
 	q.ended = true
 	q.mu.Unlock()
 	q.runPosted()
+	if !rl.RingIdle(&q.qr) {
+		rl.RingAbandoned(&q.qr)
+	}
 }

@@ -18,14 +18,15 @@ type echoBackend struct {
 	fd  int
 	buf []byte // mmap'd: the kernel writes into it
 
-	mu       sync.Mutex
-	tid      int    // thread RingCompletion runs on
-	got      []byte // bytes received
-	results  []int32
-	inFlight int
-	stopped  bool
-	late     bool // something armed after StopRing
-	armErr   error
+	mu        sync.Mutex
+	tid       int    // thread RingCompletion runs on
+	got       []byte // bytes received
+	results   []int32
+	inFlight  int
+	stopped   bool
+	late      bool // something armed after StopRing
+	abandoned bool // RingAbandoned called
+	armErr    error
 }
 
 const (
@@ -81,6 +82,12 @@ func (b *echoBackend) StopRing(r *QueueRing) {
 		return
 	}
 	b.inFlight++
+}
+
+func (b *echoBackend) RingAbandoned(*QueueRing) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.abandoned = true
 }
 
 func (b *echoBackend) RingIdle(r *QueueRing) bool {
@@ -321,6 +328,7 @@ func (b *stopProbe) RingIdle(*QueueRing) bool {
 	defer b.mu.Unlock()
 	return b.inFlight == 0
 }
+func (b *stopProbe) RingAbandoned(*QueueRing) {}
 func (b *stopProbe) RingCompletion(*QueueRing, RingCQE) {
 	b.mu.Lock()
 	b.inFlight--
@@ -379,5 +387,64 @@ func TestRingRefusesNewOperationsOnceStopping(t *testing.T) {
 	}
 	if b.inFlight != 0 {
 		t.Errorf("%d operations in flight when the ring closed", b.inFlight)
+	}
+}
+
+// stuckBackend's operations never complete after StopRing (a kernel that
+// does not end them): RingIdle stays false until RingAbandoned.
+type stuckBackend struct {
+	mu        sync.Mutex
+	abandoned int
+}
+
+func (b *stuckBackend) Serve(r *Request)                   { r.Complete(unix.EOPNOTSUPP) }
+func (b *stuckBackend) RingEntries() int                   { return 1 }
+func (b *stuckBackend) StartRing(*QueueRing)               {}
+func (b *stuckBackend) StopRing(*QueueRing)                {}
+func (b *stuckBackend) RingCompletion(*QueueRing, RingCQE) {}
+func (b *stuckBackend) RingIdle(*QueueRing) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.abandoned > 0
+}
+func (b *stuckBackend) RingAbandoned(*QueueRing) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.abandoned++
+}
+
+// A backend still busy when ringStopTimeout runs out is told to abandon
+// what it has in flight (RingAbandoned, once) before the ring closes:
+// it lets go of its references so the daemon can exit. Before, the ring
+// closed with them held and the driven queue's Wait never returned.
+func TestRingStopTimeoutAbandons(t *testing.T) {
+	defer func(d time.Duration) { ringStopTimeout = d }(ringStopTimeout)
+	ringStopTimeout = 100 * time.Millisecond
+	b := &stuckBackend{}
+	q, _, exited := ringQueue(t, b)
+	q.forceStop()
+	select {
+	case <-exited:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the queue did not stop")
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.abandoned != 1 {
+		t.Fatalf("RingAbandoned called %d times, want once", b.abandoned)
+	}
+}
+
+// An idle backend is not abandoned.
+func TestRingStopIdleNotAbandoned(t *testing.T) {
+	_, fd := socketPair(t)
+	b := newEchoBackend(t, fd)
+	q, _, exited := ringQueue(t, b)
+	q.forceStop()
+	<-exited
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.abandoned {
+		t.Fatal("RingAbandoned called for a backend that went idle")
 	}
 }
