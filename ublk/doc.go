@@ -39,7 +39,8 @@
 //
 // A RingBackend does its own I/O as operations on the queue's ring
 // (Request.Ring) and gets their completions on the queue's goroutine. With
-// Options.ZeroCopy (UBLK_F_AUTO_BUF_REG, 6.16) there are no tag buffers:
+// Options.ZeroCopy (UBLK_F_AUTO_BUF_REG, 6.16; the backend must be a
+// ZeroCopyBackend, also to recover such a device) there are no tag buffers:
 // the driver registers each request's pages in the ring's buffer table at
 // the tag's slot, the RingBackend's fixed-buffer operations move the data
 // to or from them directly, and every such operation must be reaped before

@@ -93,13 +93,32 @@ func (r *Request) ZeroCopy() bool { return r.q != nil && r.q.zeroCopy && r.Buf =
 
 func (r *Request) hasData() bool { return r.Op == OpRead || r.Op == OpWrite }
 
+// ZeroCopyBackend is a RingBackend that serves zero-copy requests
+// (Request.ZeroCopy: Buf is nil, and the data is moved by ReadInto,
+// WriteFrom or SendZC on the request's registered pages). Only such a
+// backend serves a device with AUTO_BUF_REG: one that reads Buf would
+// find it nil.
+type ZeroCopyBackend interface {
+	RingBackend
+	// ServesZeroCopy reports whether it does (a wrapper answers for
+	// what it wraps).
+	ServesZeroCopy() bool
+}
+
 // ringBackendOf checks b against a device's flags: a device with
-// AUTO_BUF_REG (created with ZeroCopy, or recovered) needs a RingBackend.
+// AUTO_BUF_REG (created with ZeroCopy, or recovered) needs a
+// ZeroCopyBackend.
 func ringBackendOf(b Backend, flags Features) (RingBackend, bool, error) {
 	rb, _ := b.(RingBackend)
 	zeroCopy := flags.Has(FeatureAutoBufReg)
-	if zeroCopy && rb == nil {
+	if !zeroCopy {
+		return rb, false, nil
+	}
+	if rb == nil {
 		return nil, false, fmt.Errorf("ublk: zero copy (UBLK_F_AUTO_BUF_REG) needs a RingBackend; %T is not one", b)
+	}
+	if zb, ok := b.(ZeroCopyBackend); !ok || !zb.ServesZeroCopy() {
+		return nil, false, fmt.Errorf("ublk: zero copy (UBLK_F_AUTO_BUF_REG) needs a backend that serves it (ZeroCopyBackend); %T copies through Buf", b)
 	}
 	return rb, zeroCopy, nil
 }

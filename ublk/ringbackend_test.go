@@ -13,6 +13,11 @@ type nopRingBackend struct{ NullBackend }
 
 func (nopRingBackend) RingCompletion(*QueueRing, RingCQE) {}
 
+// nopZeroCopyBackend declares that it serves zero copy.
+type nopZeroCopyBackend struct{ nopRingBackend }
+
+func (nopZeroCopyBackend) ServesZeroCopy() bool { return true }
+
 // ZeroCopy on a kernel without UBLK_F_AUTO_BUF_REG (6.12's features, or
 // none reported before 6.5) is refused before ADD_DEV, naming the feature
 // and the release that has it.
@@ -38,12 +43,27 @@ func TestZeroCopyNeedsRingBackend(t *testing.T) {
 	if _, _, err := ringBackendOf(NullBackend{}, FeatureAutoBufReg); err == nil {
 		t.Error("ringBackendOf accepted a plain Backend for an AUTO_BUF_REG device")
 	}
-	rb, zc, err := ringBackendOf(nopRingBackend{}, FeatureAutoBufReg)
+	rb, zc, err := ringBackendOf(nopZeroCopyBackend{}, FeatureAutoBufReg)
 	if err != nil || rb == nil || !zc {
-		t.Errorf("ringBackendOf(RingBackend, AUTO_BUF_REG) = %v, %v, %v", rb, zc, err)
+		t.Errorf("ringBackendOf(ZeroCopyBackend, AUTO_BUF_REG) = %v, %v, %v", rb, zc, err)
 	}
 	if rb, zc, err := ringBackendOf(nopRingBackend{}, 0); err != nil || rb == nil || zc {
 		t.Errorf("ringBackendOf(RingBackend, copy) = %v, %v, %v; want the backend, no zero copy", rb, zc, err)
+	}
+}
+
+// A RingBackend that copies through Buf (attach's, whose Serve reads
+// r.Buf) is refused for a device with AUTO_BUF_REG, whether it was
+// created with ZeroCopy or recovered: it does not declare that it serves
+// zero copy (ZeroCopyBackend).
+func TestZeroCopyNeedsZeroCopyBackend(t *testing.T) {
+	c := &Control{fd: -1, features: 0x1fffff}
+	_, err := c.Create(context.Background(), Options{Queues: 1, Depth: 1, ZeroCopy: true, Params: Params{Size: mib}}, nopRingBackend{})
+	if err == nil || !strings.Contains(err.Error(), "ZeroCopyBackend") {
+		t.Errorf("Create with ZeroCopy and a copying RingBackend = %v; want a refusal naming ZeroCopyBackend", err)
+	}
+	if _, _, err := ringBackendOf(nopRingBackend{}, FeatureAutoBufReg); err == nil || !strings.Contains(err.Error(), "ZeroCopyBackend") {
+		t.Errorf("ringBackendOf(copying RingBackend, AUTO_BUF_REG) = %v; want a refusal naming ZeroCopyBackend", err)
 	}
 }
 

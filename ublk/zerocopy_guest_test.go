@@ -83,6 +83,8 @@ func (b *ringFileBackend) submit(r *Request, off int) error {
 	return r.Ring().ReadInto(r, off, n, b.fd, r.Offset+int64(off), uint64(r.Tag))
 }
 
+func (b *ringFileBackend) ServesZeroCopy() bool { return true }
+
 func (b *ringFileBackend) RingCompletion(qr *QueueRing, c RingCQE) {
 	q, tag := qr.Queue(), int(c.UserData)
 	r := b.reqs[q][tag]

@@ -168,6 +168,8 @@ func (b *ringSocketBackend) next(r *Request, s *sockTagState) error {
 	return r.Ring().ReadInto(r, s.moved, n, fd, 0, uint64(r.Tag))
 }
 
+func (b *ringSocketBackend) ServesZeroCopy() bool { return true }
+
 func (b *ringSocketBackend) RingCompletion(qr *QueueRing, c RingCQE) {
 	s := &b.st[qr.Queue()][int(c.UserData)]
 	r := s.req
