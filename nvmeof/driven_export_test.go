@@ -1,0 +1,15 @@
+package nvmeof
+
+// DrivenOwnership reports whether q's driven socket is still open and its
+// receive and send buffers still mapped (owned), and whether the queue was
+// released. Call it on the Driver's thread: the buffers are that thread's.
+func DrivenOwnership(q *Queue) (owned, released bool) {
+	ds := q.driven.Load()
+	if ds == nil {
+		return false, false
+	}
+	q.mu.Lock()
+	fd := ds.fd
+	q.mu.Unlock()
+	return fd >= 0 && ds.rbuf != nil && ds.sbuf != nil, ds.released
+}
