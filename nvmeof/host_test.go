@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -18,7 +19,12 @@ import (
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/target"
 )
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+func TestMain(m *testing.M) {
+	if os.Getenv(allocTargetEnv) != "" {
+		os.Exit(serveAllocTarget())
+	}
+	goleak.VerifyTestMain(m)
+}
 
 const testNQN = "nqn.2026-11.io.ublk-nvmeof:test"
 

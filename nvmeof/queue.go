@@ -1152,8 +1152,10 @@ func (q *Queue) writeData(w io.Writer, hdr, data []byte, o pdu.Options) error {
 		return err
 	}
 	if o.DataDigest {
-		var d [4]byte
-		_, err := w.Write(pdu.AppendDataDigest(d[:0], data))
+		// hdr is written (a Writer keeps no slice it was given): its
+		// array holds the digest; an array of its own passed to the
+		// io.Writer would escape, an allocation per PDU.
+		_, err := w.Write(pdu.AppendDataDigest(hdr[:0], data))
 		return err
 	}
 	return nil

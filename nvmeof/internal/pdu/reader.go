@@ -107,11 +107,13 @@ func (r *Reader) ReadData(dst []byte) error {
 	if !r.dataDgst {
 		return nil
 	}
-	var d [NVME_TCP_DIGEST_LENGTH]byte
-	if _, err := io.ReadFull(r.r, d[:]); err != nil {
+	// The header is parsed: its buffer holds the digest (an array
+	// passed to the io.Reader would escape, an allocation per PDU).
+	d := r.buf[:NVME_TCP_DIGEST_LENGTH]
+	if _, err := io.ReadFull(r.r, d); err != nil {
 		return unexpected(err)
 	}
-	if want, got := binary.LittleEndian.Uint32(d[:]), Digest(dst); want != got {
+	if want, got := binary.LittleEndian.Uint32(d), Digest(dst); want != got {
 		return fmt.Errorf("%w: received %#08x, computed %#08x", ErrDataDigest, want, got)
 	}
 	return nil
