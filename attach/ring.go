@@ -22,9 +22,17 @@ type ringDrivers struct {
 	log *slog.Logger
 
 	mu    sync.Mutex
-	rings []*ublk.QueueRing // by ublk queue; nil until StartRing, again after StopRing
-	bound [][]ringBinding   // by ublk queue: the NVMe queues its ring drives
-	next  uint64            // next user_data base
+	rings []queueRing     // by ublk queue; nil until StartRing, again after StopRing
+	bound [][]ringBinding // by ublk queue: the NVMe queues its ring drives
+	next  uint64          // next user_data base
+}
+
+// queueRing is what ringDrivers needs of a ublk queue's ring
+// (*ublk.QueueRing): the Driver of the NVMe queues it drives, and its
+// index.
+type queueRing interface {
+	nvmeof.Driver
+	Queue() int
 }
 
 // ringBinding is one NVMe queue on a ring, with the user_data its
@@ -51,14 +59,14 @@ func newRingDrivers(log *slog.Logger) *ringDrivers {
 func (d *ringDrivers) setQueues(n int) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.rings = make([]*ublk.QueueRing, n)
+	d.rings = make([]queueRing, n)
 	d.bound = make([][]ringBinding, n)
 }
 
 // started records a ring and drives the current association's I/O queue
 // of the same index, if there is one; on the ring's goroutine, before it
 // serves requests (the queue is idle: nothing was sent on it yet).
-func (d *ringDrivers) started(qr *ublk.QueueRing, conn *nvmeofconn.Conn) {
+func (d *ringDrivers) started(qr queueRing, conn *nvmeofconn.Conn) {
 	d.mu.Lock()
 	if qr.Queue() >= len(d.rings) {
 		d.mu.Unlock()
@@ -101,12 +109,26 @@ func (d *ringDrivers) drive(i int, q *nvmeof.Queue) error {
 	d.next += nvmeof.DriverUserDataSpan
 	d.bound[i] = append(d.bound[i], b)
 	d.mu.Unlock()
-	if err := q.Drive(qr, b.base); err != nil {
+	if err := q.Drive(&boundDriver{queueRing: qr, d: d, i: i}, b.base); err != nil {
 		d.unbind(i, q)
 		return err
 	}
 	return nil
 }
+
+// boundDriver is ring i as the Driver of a queue bound to it (q). q may be released outside
+// DriverCompletion (failed before the ring ran its start, or its receive
+// could not be queued: released inside a posted function with nothing on
+// the ring): it is unbound then too, or it would stay bound until the ring
+// stops, scanned by every completion.
+type boundDriver struct {
+	queueRing
+	d *ringDrivers
+	i int
+}
+
+// DriverReleased is nvmeof.DriverReleaser's; on the ring's goroutine.
+func (b *boundDriver) DriverReleased(q *nvmeof.Queue) { b.d.unbind(b.i, q) }
 
 func (d *ringDrivers) unbind(i int, q *nvmeof.Queue) {
 	d.mu.Lock()

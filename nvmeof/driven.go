@@ -48,6 +48,15 @@ type Driver interface {
 	Post(f func()) error
 }
 
+// DriverReleaser is a Driver told when a queue it drives is released
+// (DriverIdle turns true), wherever that happens: in DriverCompletion, in
+// a function it ran for the queue (one that failed before its first
+// operation), in StopDriving or DriverAbandoned. On the Driver's thread.
+type DriverReleaser interface {
+	Driver
+	DriverReleased(q *Queue)
+}
+
 // DriverUserDataSpan is how many user_data values one driven queue uses:
 // base, given to Drive, and the ones after it.
 const DriverUserDataSpan = 4
@@ -562,12 +571,13 @@ func (q *Queue) releaseDriven(ds *drivenState) {
 	}
 	ds.released = true
 	ds.free(q)
-	q.finishDriven()
+	q.finishDriven(ds)
 }
 
-// finishDriven completes the commands left with the queue's error and
-// drops the reader's usage reference: the end of a released queue.
-func (q *Queue) finishDriven() {
+// finishDriven completes the commands left with the queue's error, tells
+// a DriverReleaser, and drops the reader's usage reference: the end of a
+// released queue.
+func (q *Queue) finishDriven(ds *drivenState) {
 	q.mu.Lock()
 	var left []*Request
 	for i, r := range q.slots {
@@ -580,6 +590,9 @@ func (q *Queue) finishDriven() {
 	q.mu.Unlock()
 	for _, r := range left {
 		q.complete(r, qerr, false)
+	}
+	if dr, ok := ds.d.(DriverReleaser); ok {
+		dr.DriverReleased(q)
 	}
 	q.put()
 }
@@ -626,7 +639,7 @@ func (q *Queue) DriverAbandoned() {
 	}
 	q.mu.Unlock()
 	ds.rbuf, ds.sbuf = nil, nil
-	q.finishDriven()
+	q.finishDriven(ds)
 }
 
 // DriverIdle reports whether a driven queue has nothing in flight on its
