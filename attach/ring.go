@@ -77,7 +77,7 @@ func (d *ringDrivers) started(qr queueRing, conn *nvmeofconn.Conn) {
 	if conn == nil {
 		return
 	}
-	if qs := conn.Controller().IOQueues(); qr.Queue() < len(qs) {
+	if qs := conn.Controller().IOQueues(); qr.Queue() < len(qs) && !d.shared(len(qs)) {
 		if err := d.drive(qr.Queue(), qs[qr.Queue()].Queue); err != nil {
 			// It stays on its goroutines, or failed: recovery.
 			d.log.Warn("nvme-tcp queue not driven by the ublk ring", "queue", qr.Queue(), "err", err)
@@ -89,12 +89,28 @@ func (d *ringDrivers) started(qr queueRing, conn *nvmeofconn.Conn) {
 // (nvmeofconn.Connector.IOQueuesConnected): queue i to ring i, while the
 // device's rings run.
 func (d *ringDrivers) driveAssociation(ctrl *nvmeof.Controller) error {
+	if d.shared(len(ctrl.IOQueues())) {
+		d.log.Info("nvme-tcp I/O queues stay on their goroutines: fewer than the ublk queues, which share them",
+			"nvme_queues", len(ctrl.IOQueues()))
+		return nil
+	}
 	for i, q := range ctrl.IOQueues() {
 		if err := d.drive(i, q.Queue); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// shared reports whether an association of n I/O queues has ublk queues
+// share one (nvmeofconn.Conn.IOQueue: round robin). Such an association
+// is not driven by the rings: a ring that stops fails the queue it drives
+// (ErrDriverStopped) under the other ublk queues' commands, which then
+// fail as on a broken path and reset the association.
+func (d *ringDrivers) shared(n int) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return n < len(d.rings)
 }
 
 // drive binds q to ring i, if it runs.

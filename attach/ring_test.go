@@ -86,22 +86,74 @@ func (r *fakeRing) loop() {
 	}
 }
 
+// connectRingTarget connects an association of ioQueues I/O queues to a
+// fresh in-process target.
+func connectRingTarget(t *testing.T, ioQueues int) *nvmeof.Controller {
+	t.Helper()
+	_, _, addr := startTarget(t, target.Config{}, "nqn.2026-11.io.ublk-nvmeof:ring", 1<<20)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := nvmeof.Connect(ctx, nvmeof.ControllerConfig{Addr: addr, SubsysNQN: "nqn.2026-11.io.ublk-nvmeof:ring", IOQueues: ioQueues,
+		Host: nvmeof.HostIdentity{NQN: "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000005"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// With fewer NVMe I/O queues than ublk queues (ublk queues 0 and 2 share
+// NVMe queue 0), no ring drives them: ring 0 stopping would fail NVMe
+// queue 0 with ErrDriverStopped under ring 2's commands, a path error that
+// resets the association (and, during a hand-over, races the next
+// daemon's reissue). They stay on their goroutines and serve I/O. With as
+// many queues as rings, each ring drives its own.
+func TestSharedQueuesNotDriven(t *testing.T) {
+	d := newRingDrivers(nil)
+	d.setQueues(3)
+	rings := []*fakeRing{startFakeRing(t, d, 0), startFakeRing(t, d, 1), startFakeRing(t, d, 2)}
+	for _, r := range rings {
+		d.started(r, nil)
+	}
+	c := connectRingTarget(t, 2)
+	if err := d.driveAssociation(c); err != nil {
+		t.Fatal(err)
+	}
+	for i := range rings {
+		if !d.idle(i) {
+			t.Errorf("ring %d drives an NVMe queue that ublk queues share", i)
+		}
+	}
+	ns, err := c.Namespace(context.Background(), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r nvmeof.Request
+	if err := ns.PrepareRead(&r, 0, make([]byte, 4096)); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.IOQueues()[0].Do(context.Background(), &r); err != nil {
+		t.Fatalf("read on the undriven queue: %v", err)
+	}
+
+	c3 := connectRingTarget(t, 3)
+	if err := d.driveAssociation(c3); err != nil {
+		t.Fatal(err)
+	}
+	for i := range rings {
+		if d.idle(i) {
+			t.Errorf("ring %d drives nothing with one NVMe queue per ublk queue", i)
+		}
+	}
+}
+
 // A driven queue released outside DriverCompletion (shut down before the
 // ring ran its start: released inside the posted start, with nothing in
 // flight on the ring) is unbound from its ring at once. Before, it stayed
 // bound until the ring stopped: RingIdle false, and scanned by every
 // completion on the ring.
 func TestReleasedQueueUnbound(t *testing.T) {
-	_, _, addr := startTarget(t, target.Config{}, "nqn.2026-11.io.ublk-nvmeof:ring", 1<<20)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, err := nvmeof.Connect(ctx, nvmeof.ControllerConfig{Addr: addr, SubsysNQN: "nqn.2026-11.io.ublk-nvmeof:ring", IOQueues: 1,
-		Host: nvmeof.HostIdentity{NQN: "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000005"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	q := c.IOQueues()[0].Queue
+	q := connectRingTarget(t, 1).IOQueues()[0].Queue
 	d := newRingDrivers(nil)
 	d.setQueues(1)
 	r := startFakeRing(t, d, 0)
