@@ -12,7 +12,12 @@ import (
 	"go.uber.org/goleak"
 )
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+func TestMain(m *testing.M) {
+	if os.Getenv(allocTargetEnv) != "" {
+		os.Exit(serveAllocTarget())
+	}
+	goleak.VerifyTestMain(m)
+}
 
 func TestControlStatusListDetach(t *testing.T) {
 	t.Setenv("UBLK_NVMEOF_RUN_DIR", t.TempDir())
