@@ -176,3 +176,58 @@ func TestEventfdWake(t *testing.T) {
 		<-done
 	}
 }
+
+// TestReadyFlagsTaskWork: on a DEFER_TASKRUN ring a completion waits as
+// task work until the ring is entered; with TASKRUN_FLAG, Ready sees it
+// coming (IORING_SQ_TASKRUN) without a system call, and the wait then
+// returns it.
+func TestReadyFlagsTaskWork(t *testing.T) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	const flags = 1<<8 | 1<<9 | 1<<12 | 1<<13 // COOP_TASKRUN, TASKRUN_FLAG, SINGLE_ISSUER, DEFER_TASKRUN
+	probe, err := New(2, WithFlags(flags))
+	if errors.Is(err, unix.EINVAL) {
+		t.Skipf("kernel without DEFER_TASKRUN (6.1): %v", err)
+	}
+	if err == nil {
+		probe.Close()
+	}
+	r := newRing(t, 4, WithFlags(flags))
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(p[0])
+	defer unix.Close(p[1])
+	var buf [8]byte
+	s, err := r.GetSQE()
+	if err != nil {
+		t.Fatal(err)
+	}
+	PrepRead(s, p[0], buf[:], 0, 7)
+	if _, err := r.Submit(0); err != nil {
+		t.Fatal(err)
+	}
+	if r.Ready() {
+		t.Fatal("Ready before the pipe had data")
+	}
+	if _, err := unix.Write(p[1], []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for !r.Ready() {
+		if time.Now().After(deadline) {
+			t.Fatal("Ready still false 5s after the pipe had data")
+		}
+	}
+	if _, err := r.Submit(1); err != nil {
+		t.Fatal(err)
+	}
+	c, ok := r.ReapCQE()
+	if !ok || c.UserData != 7 || c.Res != 1 {
+		t.Fatalf("CQE = %+v, %v; want user_data 7 res 1", c, ok)
+	}
+	if r.Ready() {
+		t.Fatal("Ready with the completion reaped and no task work")
+	}
+}
