@@ -356,3 +356,38 @@ func TestDriverAbandonedReleases(t *testing.T) {
 		t.Fatalf("queue error %v, want ErrDriverStopped", err)
 	}
 }
+
+// A Drive whose Driver has already stopped (its Post fails) fails the
+// queue with ErrDriverStopped, wrapped with the Driver's error: the
+// device is going, not the association, so it is no failure of the
+// controller's (OnFailure is not called).
+func TestDriveOntoStoppedDriverIsNoFailure(t *testing.T) {
+	tt := startTarget(t, target.Config{}, 9, 8<<20)
+	var mu sync.Mutex
+	var failures []error
+	c := connect(t, tt, nvmeof.ControllerConfig{OnFailure: func(err error) {
+		mu.Lock()
+		failures = append(failures, err)
+		mu.Unlock()
+	}})
+	q := c.IOQueues()[0].Queue
+	d := nvmeof.NewPollDriver(t)
+	d.Start(q.DriverCompletion)
+	d.Stop(func() {}, func() bool { return true })
+	if err := q.Drive(d, 0); err == nil {
+		t.Fatal("Drive onto a stopped driver succeeded")
+	}
+	select {
+	case <-q.Idle():
+	case <-time.After(hangDeadline):
+		t.Fatal("Wait does not return after the hand-over failed")
+	}
+	if err := q.Err(); !errors.Is(err, nvmeof.ErrDriverStopped) {
+		t.Fatalf("queue error %v, want ErrDriverStopped", err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(failures) != 0 {
+		t.Fatalf("OnFailure called with %v: a stopped driver is not the association's failure", failures)
+	}
+}

@@ -647,8 +647,8 @@ func (q *Queue) fail(cause error) {
 	// by failing the other queues, and the first report should be the
 	// cause.
 	switch {
-	case cause == ErrQueueShutdown:
-	case cause == ErrDriverStopped:
+	case errors.Is(cause, ErrQueueShutdown):
+	case errors.Is(cause, ErrDriverStopped):
 		// The driving ublk queue went away: the device is stopping
 		// (or the daemon is), not the association.
 		q.log.Info("nvme-tcp queue stopped with its driver")
