@@ -578,19 +578,7 @@ func (q *Queue) releaseDriven(ds *drivenState) {
 // a DriverReleaser, and drops the reader's usage reference: the end of a
 // released queue.
 func (q *Queue) finishDriven(ds *drivenState) {
-	q.mu.Lock()
-	var left []*Request
-	for i, r := range q.slots {
-		if r != nil {
-			left = append(left, r)
-			q.slots[i] = nil
-		}
-	}
-	qerr := q.err
-	q.mu.Unlock()
-	for _, r := range left {
-		q.complete(r, qerr, false)
-	}
+	q.completeLeft()
 	if dr, ok := ds.d.(DriverReleaser); ok {
 		dr.DriverReleased(q)
 	}

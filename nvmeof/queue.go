@@ -753,19 +753,7 @@ func (q *Queue) finishReader() {
 	// live).
 	q.sendMu.Lock()
 	q.sendMu.Unlock()
-	q.mu.Lock()
-	var left []*Request
-	for i, r := range q.slots {
-		if r != nil {
-			left = append(left, r)
-			q.slots[i] = nil
-		}
-	}
-	qerr := q.err
-	q.mu.Unlock()
-	for _, r := range left {
-		q.complete(r, qerr, false)
-	}
+	q.completeLeft()
 	q.put()
 }
 
@@ -1202,5 +1190,23 @@ func (q *Queue) timer() {
 				return
 			}
 		}
+	}
+}
+
+// completeLeft completes every command still in flight with the queue's
+// error: the last step of a failed queue, once nothing can answer them.
+func (q *Queue) completeLeft() {
+	q.mu.Lock()
+	var left []*Request
+	for i, r := range q.slots {
+		if r != nil {
+			left = append(left, r)
+			q.slots[i] = nil
+		}
+	}
+	qerr := q.err
+	q.mu.Unlock()
+	for _, r := range left {
+		q.complete(r, qerr, false)
 	}
 }
