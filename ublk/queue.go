@@ -1,8 +1,6 @@
 package ublk
 
 import (
-	"time"
-
 	"errors"
 	"fmt"
 	"log/slog"
@@ -95,19 +93,7 @@ func roundUp(x, to int) int { return (x + to - 1) / to * to }
 // that thread enters the kernel to wait anyway, instead of interrupting it
 // (COOP_TASKRUN 5.19, SINGLE_ISSUER 6.0, DEFER_TASKRUN 6.1). Measured in
 // the VM with the null backend: about twice the 4 KiB IOPS of a plain ring.
-// TASKRUN_FLAG (5.19) has the kernel flag queued task work in the SQ
-// ring's flags, which the loop's bounded poll (pollBeforeWait) watches.
-const queueRingFlags = uapi.IORING_SETUP_COOP_TASKRUN | uapi.IORING_SETUP_TASKRUN_FLAG | uapi.IORING_SETUP_SINGLE_ISSUER | uapi.IORING_SETUP_DEFER_TASKRUN
-
-// pollMaxOwned and pollFor bound the loop's poll before it sleeps: only
-// while the backend holds at most pollMaxOwned requests (at low queue
-// depth the answer is due soon, and sleeping costs a wake-up per I/O; at
-// high depth completions come in batches and polling takes CPU from the
-// rest), and for at most pollFor.
-const (
-	pollMaxOwned = 2
-	pollFor      = 50 * time.Microsecond
-)
+const queueRingFlags = uapi.IORING_SETUP_COOP_TASKRUN | uapi.IORING_SETUP_SINGLE_ISSUER | uapi.IORING_SETUP_DEFER_TASKRUN
 
 // newQueueRing creates a queue's ring on the calling (locked) thread, with
 // queueRingFlags where the kernel knows them.
@@ -355,11 +341,7 @@ func (q *queue) loop() error {
 	live := q.depth // tags whose fetch the driver has not aborted
 	var fetched []int
 	var tagErr error // first command the driver refused
-	owned := 0       // requests the backend held at the end of the last batch
 	for {
-		if err := q.pollBeforeWait(owned); err != nil {
-			return fmt.Errorf("queue %d: %w", q.id, err)
-		}
 		if _, err := q.ring.Submit(1); err != nil {
 			return fmt.Errorf("queue %d: %w", q.id, err)
 		}
@@ -406,8 +388,7 @@ func (q *queue) loop() error {
 			}
 		}
 		q.dispatch(fetched)
-		done, stop, held := q.drain()
-		owned = held
+		done, stop := q.drain()
 		for _, c := range done {
 			if err := q.prepIOCmd(uapi.UBLK_U_IO_COMMIT_AND_FETCH_REQ, c.tag, c.res); err != nil {
 				return fmt.Errorf("queue %d: %w", q.id, err)
@@ -436,36 +417,15 @@ var errForced = errors.New("queue stopped without the driver")
 // batch are one critical section: a function posted between them would
 // have seen dispatching and rung no doorbell, and the loop would sleep
 // with it queued.
-func (q *queue) drain() (done []completion, stop bool, owned int) {
+func (q *queue) drain() (done []completion, stop bool) {
 	q.mu.Lock()
 	q.runPostedLocked()
 	done = q.done
 	q.done, q.spare = q.spare[:0], nil
 	stop = q.stop
 	q.dispatching = false
-	owned = q.owned
 	q.mu.Unlock()
-	return done, stop, owned
-}
-
-// pollBeforeWait submits what is prepared and, while the backend holds a
-// few requests (1..pollMaxOwned, owned as drain counted it), polls the
-// ring's memory for up to pollFor before the loop sleeps in Submit(1):
-// a wait that blocks costs the wake-up of this thread and, for a Go
-// thread blocked in a system call, the hand-off of its P to another
-// thread and back. It stops as soon as a completion or task work is
-// flagged (Ring.Ready); the wait then returns at once.
-func (q *queue) pollBeforeWait(owned int) error {
-	if owned < 1 || owned > pollMaxOwned {
-		return nil
-	}
-	if _, err := q.ring.Submit(0); err != nil {
-		return err
-	}
-	deadline := time.Now().Add(pollFor)
-	for !q.ring.Ready() && time.Now().Before(deadline) {
-	}
-	return nil
+	return done, stop
 }
 
 // runPosted runs the functions posted so far, and those they post.

@@ -40,13 +40,6 @@ const (
 	IORING_FEAT_EXT_ARG       = 1 << 8
 )
 
-// io_sqring_offsets.flags bits (include/uapi/linux/io_uring.h).
-const (
-	IORING_SQ_NEED_WAKEUP = 1 << 0
-	IORING_SQ_CQ_OVERFLOW = 1 << 1
-	IORING_SQ_TASKRUN     = 1 << 2
-)
-
 // io_uring_enter flags (include/uapi/linux/io_uring.h).
 const (
 	IORING_ENTER_GETEVENTS = 1 << 0

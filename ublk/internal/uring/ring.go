@@ -42,7 +42,6 @@ type Ring struct {
 	// are read with atomic loads; ours are published with atomic stores
 	// (release), as liburing does.
 	sqHead, sqTail, sqMask, sqArray *uint32
-	sqFlags                         *uint32
 	cqHead, cqTail, cqMask          *uint32
 	sqEntries, cqEntries            uint32
 	cqes                            unsafe.Pointer
@@ -128,7 +127,6 @@ func New(entries uint32, opts ...Option) (r *Ring, err error) {
 	r.sqTail = u32(r.ringMem, p.SqOff.Tail)
 	r.sqMask = u32(r.ringMem, p.SqOff.RingMask)
 	r.sqArray = u32(r.ringMem, p.SqOff.Array)
-	r.sqFlags = u32(r.ringMem, p.SqOff.Flags)
 	r.cqHead = u32(cqMem, p.CqOff.Head)
 	r.cqTail = u32(cqMem, p.CqOff.Tail)
 	r.cqMask = u32(cqMem, p.CqOff.RingMask)
@@ -254,14 +252,6 @@ func (r *Ring) PeekCQE() (CQE, bool) {
 
 // SeenCQE marks the oldest completion consumed, freeing its slot.
 func (r *Ring) SeenCQE() { atomic.StoreUint32(r.cqHead, *r.cqHead+1) }
-
-// Ready reports, without a system call, whether the next Submit that
-// waits would return at once: a completion is posted, or (on a ring set
-// up with IORING_SETUP_TASKRUN_FLAG) the kernel flagged task work for this
-// ring with IORING_SQ_TASKRUN, which the wait runs into completions.
-func (r *Ring) Ready() bool {
-	return *r.cqHead != atomic.LoadUint32(r.cqTail) || atomic.LoadUint32(r.sqFlags)&uapi.IORING_SQ_TASKRUN != 0
-}
 
 // ReapCQE returns and consumes the oldest completion, if there is one.
 func (r *Ring) ReapCQE() (CQE, bool) {
