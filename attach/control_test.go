@@ -10,11 +10,13 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+
+	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/target/targetproc"
 )
 
 func TestMain(m *testing.M) {
-	if os.Getenv(allocTargetEnv) != "" {
-		os.Exit(serveAllocTarget())
+	if code, ok := targetproc.ServeIfChild(); ok {
+		os.Exit(code)
 	}
 	goleak.VerifyTestMain(m)
 }

@@ -1,79 +1,11 @@
 package nvmeof_test
 
 import (
-	"bufio"
-	"fmt"
-	"io"
-	"os"
-	"os/exec"
-	"strings"
 	"testing"
 
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof"
-	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/target"
+	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/target/targetproc"
 )
-
-// allocTargetEnv makes the test binary the target process of
-// TestDrivenAllocsPerIO (TestMain): testing.AllocsPerRun counts every
-// goroutine's allocations, and the target's are not the host's.
-const allocTargetEnv = "NVMEOF_TEST_ALLOC_TARGET"
-
-// serveAllocTarget is the in-process target in a process of its own: it
-// prints its address and serves until its stdin closes.
-func serveAllocTarget() int {
-	tg := target.New(target.Config{})
-	defer tg.Close()
-	sub, err := tg.AddSubsystem(testNQN)
-	if err == nil {
-		err = sub.AddNamespace(target.NamespaceConfig{NSID: 1, Backend: target.NewMemoryBackend(8 << 20), BlockShift: 9})
-	}
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	addr, err := tg.Listen("127.0.0.1:0")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	fmt.Printf("addr=%s\n", addr)
-	io.Copy(io.Discard, os.Stdin)
-	return 0
-}
-
-// targetProcess starts the target process and returns its address.
-func targetProcess(t *testing.T) *testTarget {
-	t.Helper()
-	cmd := exec.Command(os.Args[0])
-	cmd.Env = append(os.Environ(), allocTargetEnv+"=1")
-	cmd.Stderr = io.Discard
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		stdin.Close()
-		if err := cmd.Wait(); err != nil {
-			t.Errorf("target process: %v", err)
-		}
-	})
-	sc := bufio.NewScanner(stdout)
-	for sc.Scan() {
-		if addr, ok := strings.CutPrefix(sc.Text(), "addr="); ok {
-			go io.Copy(io.Discard, stdout) // until the process exits
-			return &testTarget{addr: addr}
-		}
-	}
-	t.Fatalf("the target process printed no address (%v)", sc.Err())
-	return nil
-}
 
 // The driven fast path allocates nothing per I/O in steady state (issue
 // #14): a 4 KiB read or write deferred and pushed on the Driver's thread,
@@ -81,7 +13,7 @@ func targetProcess(t *testing.T) *testTarget {
 // testing.AllocsPerRun counts every goroutine's allocations, the poll
 // driver's too; the target runs in a process of its own.
 func TestDrivenAllocsPerIO(t *testing.T) {
-	tt := targetProcess(t)
+	tt := &testTarget{addr: targetproc.Start(t, testNQN, 8<<20)}
 	for _, dg := range []bool{false, true} {
 		_, ns, q, d := drivenQueue(t, tt, nvmeof.ControllerConfig{HeaderDigest: dg, DataDigest: dg})
 		for _, write := range []bool{false, true} {

@@ -17,11 +17,12 @@ import (
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof"
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/nvme"
 	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/target"
+	"github.com/ublk-nvmeof/ublk-nvmeof/nvmeof/target/targetproc"
 )
 
 func TestMain(m *testing.M) {
-	if os.Getenv(allocTargetEnv) != "" {
-		os.Exit(serveAllocTarget())
+	if code, ok := targetproc.ServeIfChild(); ok {
+		os.Exit(code)
 	}
 	goleak.VerifyTestMain(m)
 }
