@@ -20,7 +20,10 @@ import (
 // moves bytes.
 //
 // One receive lands in a per-queue buffer; complete PDUs are parsed from
-// it, C2HData copied into the command's buffer. Capsules and H2CData are
+// it, C2HData copied into the command's buffer. The data of a large
+// C2HData PDU is received straight into the command's buffer instead
+// (place), once its header is in: only the header (and data digest) goes
+// through the per-queue buffer. Capsules and H2CData are
 // serialized into a per-queue send buffer and sent by one send at a time,
 // resumed where a short send stopped. Both buffers are mmap'd: the kernel
 // reads and writes them after the call that queued the operation returned.
@@ -76,6 +79,16 @@ var errHandedOver = errors.New("nvmeof: queue handed over to a driver")
 // going, not the association.
 var ErrDriverStopped = errors.New("nvmeof: the queue's driver stopped")
 
+// placedMin is the least C2HData data received straight into its
+// command's buffer: below it one copy out of the receive buffer costs
+// less than the receive more it takes.
+const placedMin = 16 << 10
+
+// placedPeek bounds the receive after a placed PDU: the next PDU is
+// likely another large one, whose data should land in place, so only its
+// header (and the small PDUs before it) is read into the receive buffer.
+const placedPeek = 512
+
 // pduSlack bounds what one PDU adds to its data: header (at most 72
 // bytes), header digest, padding to CPDA (at most 128 bytes) and data
 // digest.
@@ -92,11 +105,24 @@ type drivenState struct {
 	rstart, rend   int    // unparsed received bytes: rbuf[rstart:rend]
 	sendOff, sendN int    // sbuf[sendOff:sendN] is being sent
 	recvBusy       bool
+	recvPlaced     bool // the receive in flight lands in placed
 	sendBusy       bool
 	ops            int // operations in flight on the Driver
 	started        bool
 	stopping       bool // cancelling: nothing new is queued on the Driver
 	released       bool // socket closed, buffers freed, usage dropped
+
+	// The C2HData PDU at rbuf[rstart:] whose data is received into
+	// placed (its command's buffer, placedReq's) rather than rbuf:
+	// placedGot bytes of it so far. nil: none.
+	placed    []byte
+	placedGot int
+	placedReq *Request
+	lastLarge bool // the last PDU parsed was a placed C2HData
+	placedN   int  // PDUs placed (tests)
+	peek      *pdu.Reader
+	peekSrc   sliceReader
+	peekH     pdu.Header
 
 	pend   []sendItem // taken from sendq, not yet serialized (sbuf full)
 	batch  []sendItem
@@ -108,10 +134,15 @@ type drivenState struct {
 	pumpFn func()
 }
 
-// sliceReader reads one received PDU out of the receive buffer.
-type sliceReader struct{ b []byte }
+// sliceReader reads one received PDU out of the receive buffer. Its data,
+// when placed, is already where the Reader reads it to.
+type sliceReader struct{ b, placed []byte }
 
 func (r *sliceReader) Read(p []byte) (int, error) {
+	if len(r.placed) > 0 && len(p) == len(r.placed) && &p[0] == &r.placed[0] {
+		r.placed = nil
+		return len(p), nil
+	}
 	if len(r.b) == 0 {
 		return 0, io.EOF
 	}
@@ -266,6 +297,8 @@ func (q *Queue) newDriven(d Driver, base uint64, sc syscall.Conn) (*drivenState,
 	}
 	ds.rd = pdu.NewReader(&ds.src, pdu.ControllerToHost, uint32(q.cfg.MaxData))
 	ds.rd.Options = q.recvOpts
+	ds.peek = pdu.NewReader(&ds.peekSrc, pdu.ControllerToHost, uint32(q.cfg.MaxData))
+	ds.peek.Options = q.recvOpts
 	ds.sw.b = ds.sbuf
 	ds.pumpFn = q.pump
 	return ds, nil
@@ -336,12 +369,13 @@ func (q *Queue) pump() {
 		return
 	}
 	if !ds.recvBusy {
-		if err := ds.d.Recv(ds.fd, ds.rbuf[ds.rend:], ds.base+opRecv); err != nil {
+		buf, placed := ds.recvTarget()
+		if err := ds.d.Recv(ds.fd, buf, ds.base+opRecv); err != nil {
 			q.fail(err)
 			q.stopDriven(ds)
 			return
 		}
-		ds.recvBusy = true
+		ds.recvBusy, ds.recvPlaced = true, placed
 		ds.ops++
 	}
 	if !ds.sendBusy {
@@ -350,6 +384,20 @@ func (q *Queue) pump() {
 			q.sendBuffered(ds)
 		}
 	}
+}
+
+// recvTarget is where the next receive lands: the rest of a placed PDU's
+// data, or the receive buffer's free space (at most placedPeek bytes of
+// it after a placed PDU).
+func (ds *drivenState) recvTarget() (buf []byte, placed bool) {
+	if ds.placedGot < len(ds.placed) {
+		return ds.placed[ds.placedGot:], true
+	}
+	buf = ds.rbuf[ds.rend:]
+	if ds.lastLarge && len(buf) > placedPeek {
+		buf = buf[:placedPeek]
+	}
+	return buf, false
 }
 
 // sendBuffered queues the send of sbuf[sendOff:sendN].
@@ -448,11 +496,17 @@ func (q *Queue) received(ds *drivenState, res int32) {
 	case res < 0:
 		q.fail(os.NewSyscallError("recv", unix.Errno(-res)))
 		return
+	case ds.recvPlaced && int(res) > len(ds.placed)-ds.placedGot:
+		q.fail(fmt.Errorf("nvmeof: receive of %d bytes into %d", res, len(ds.placed)-ds.placedGot))
+		return
+	case ds.recvPlaced:
+		ds.placedGot += int(res)
 	case int(res) > len(ds.rbuf)-ds.rend:
 		q.fail(fmt.Errorf("nvmeof: receive of %d bytes into %d", res, len(ds.rbuf)-ds.rend))
 		return
+	default:
+		ds.rend += int(res)
 	}
-	ds.rend += int(res)
 	if err := q.parse(ds); err != nil {
 		q.driveFailed(ds, err)
 	}
@@ -474,8 +528,12 @@ func (q *Queue) parse(ds *drivenState) error {
 		if plen < pdu.CommonHeaderSize || plen > len(ds.rbuf) {
 			return q.protocolError("PDU length %d out of range", plen)
 		}
-		if avail < plen {
-			if ds.rstart+plen > len(ds.rbuf) {
+		if ds.placed == nil && avail < plen && q.place(ds, ch) {
+			avail = ds.rend - ds.rstart
+		}
+		need := plen - len(ds.placed) // what of it is in rbuf
+		if avail < need || ds.placedGot < len(ds.placed) {
+			if ds.rstart+need > len(ds.rbuf) {
 				// The rest will not fit behind it: move it to the
 				// front (each byte moves at most once).
 				copy(ds.rbuf, ds.rbuf[ds.rstart:ds.rend])
@@ -483,17 +541,19 @@ func (q *Queue) parse(ds *drivenState) error {
 			}
 			return nil
 		}
-		ds.src.b = ds.rbuf[ds.rstart : ds.rstart+plen]
+		ds.src.b, ds.src.placed = ds.rbuf[ds.rstart:ds.rstart+need], ds.placed
+		ds.lastLarge = ds.placed != nil
+		ds.placed, ds.placedGot, ds.placedReq = nil, 0, nil
 		if err := ds.rd.ReadHeader(&ds.h); err != nil {
 			return err
 		}
 		if err := q.handlePDU(ds.rd, &ds.h); err != nil {
 			return err
 		}
-		if len(ds.src.b) != 0 {
+		if len(ds.src.b) != 0 || ds.src.placed != nil {
 			return q.protocolError("%v PDU with %d bytes beyond its data", ds.h.Type, len(ds.src.b))
 		}
-		ds.rstart += plen
+		ds.rstart += need
 	}
 	if ds.rstart == ds.rend {
 		ds.rstart, ds.rend = 0, 0
@@ -503,6 +563,38 @@ func (q *Queue) parse(ds *drivenState) error {
 		ds.rstart = 0
 	}
 	return nil
+}
+
+// place starts receiving the data of the incomplete C2HData PDU at
+// rbuf[rstart:] straight into its command's buffer, if it is large and its
+// header is in: the data already received moves there, and what followed
+// it (part of a data digest) moves down behind the header. False leaves
+// the PDU to be received whole into rbuf: not a large C2HData, a header
+// not yet complete, or one the usual path is to refuse (its header digest,
+// or a command it does not match).
+func (q *Queue) place(ds *drivenState, ch pdu.CommonHeader) bool {
+	pdo := int(ch.PDO)
+	if ch.Type != pdu.TypeC2HData || pdo == 0 || ds.rend-ds.rstart < pdo {
+		return false
+	}
+	ds.peekSrc.b = ds.rbuf[ds.rstart : ds.rstart+pdo]
+	err := ds.peek.ReadHeader(&ds.peekH)
+	ds.peek.Reset()
+	if err != nil || ds.peekH.DataLen < placedMin {
+		return false
+	}
+	d := ds.peekH.Data
+	r, err := q.c2hTarget(d)
+	if err != nil {
+		return false
+	}
+	dst := r.Data[d.DataOffset : d.DataOffset+d.DataLength]
+	start := ds.rstart + pdo
+	n := copy(dst, ds.rbuf[start:ds.rend])
+	ds.rend = start + copy(ds.rbuf[start:], ds.rbuf[start+n:ds.rend])
+	ds.placed, ds.placedGot, ds.placedReq = dst, n, r
+	ds.placedN++
+	return true
 }
 
 // driveFailed fails the queue after a receive error. A protocol error is
@@ -624,6 +716,13 @@ func (q *Queue) DriverAbandoned() {
 	if ds.fd >= 0 {
 		unix.Close(ds.fd)
 		ds.fd = -1
+	}
+	if ds.recvBusy && ds.recvPlaced {
+		// Its receive may still write the command's buffer: the
+		// command is never completed, so its owner never reuses or
+		// frees that buffer.
+		q.forgetLocked(ds.placedReq)
+		q.log.Error("nvme-tcp command left uncompleted: a receive into its buffer is still in flight on the stopped driver", "cid", ds.placedReq.cid)
 	}
 	q.mu.Unlock()
 	ds.rbuf, ds.sbuf = nil, nil

@@ -13,3 +13,12 @@ func DrivenOwnership(q *Queue) (owned, released bool) {
 	q.mu.Unlock()
 	return fd >= 0 && ds.rbuf != nil && ds.sbuf != nil, ds.released
 }
+
+// DrivenPlaced is how many C2HData PDUs q's driven transport received
+// straight into their command's buffer.
+func DrivenPlaced(q *Queue) int {
+	if ds := q.driven.Load(); ds != nil {
+		return ds.placedN
+	}
+	return 0
+}

@@ -19,6 +19,13 @@ import (
 // poll driver; the cleanup stops the driver after the controller closed.
 func drivenQueue(t *testing.T, tt *testTarget, cfg nvmeof.ControllerConfig) (*nvmeof.Controller, *nvmeof.Namespace, *nvmeof.Queue, *nvmeof.PollDriver) {
 	t.Helper()
+	return drivenQueueRecvMax(t, tt, cfg, 0)
+}
+
+// drivenQueueRecvMax is drivenQueue with a driver whose receives read at
+// most recvMax bytes (0: no bound).
+func drivenQueueRecvMax(t *testing.T, tt *testTarget, cfg nvmeof.ControllerConfig, recvMax int) (*nvmeof.Controller, *nvmeof.Namespace, *nvmeof.Queue, *nvmeof.PollDriver) {
+	t.Helper()
 	c := connect(t, tt, cfg)
 	ns, err := c.Namespace(testCtx(t), 1)
 	if err != nil {
@@ -26,6 +33,7 @@ func drivenQueue(t *testing.T, tt *testTarget, cfg nvmeof.ControllerConfig) (*nv
 	}
 	q := c.IOQueues()[0].Queue
 	d := nvmeof.NewPollDriver(t)
+	d.RecvMax = recvMax
 	d.Start(q.DriverCompletion)
 	t.Cleanup(func() { d.Stop(q.StopDriving, q.DriverIdle) })
 	if err := q.Drive(d, 8); err != nil {
@@ -88,6 +96,53 @@ func TestDrivenReadWrite(t *testing.T) {
 		}
 		if d.Calls.Load() == 0 {
 			t.Fatal("no completion went through the driver")
+		}
+	}
+}
+
+// Large reads arriving in pieces (receives of a few bytes to a few pages):
+// the data of each large C2HData PDU is received straight into the
+// command's buffer once its header is in, with and without digests, with
+// PDUs of one command split (C2HChunk) or whole, and small reads between
+// them still go through the receive buffer.
+func TestDrivenPlacedReads(t *testing.T) {
+	for _, recvMax := range []int{0, 100, 4096, 60000} {
+		for _, dg := range []bool{false, true} {
+			for _, chunk := range []int{0, 20 << 10} {
+				tt := startTarget(t, target.Config{C2HChunk: chunk}, 9, 8<<20)
+				_, ns, q, _ := drivenQueueRecvMax(t, tt, nvmeof.ControllerConfig{HeaderDigest: dg, DataDigest: dg}, recvMax)
+				rng := rand.New(rand.NewPCG(uint64(recvMax), 5))
+				for i, size := range []int{4096, 512 << 10, 512, 128 << 10, 16 << 10, 300 << 10} {
+					data := make([]byte, size)
+					for j := range data {
+						data[j] = byte(rng.Uint32())
+					}
+					lba := uint64(i * 2048)
+					var w nvmeof.Request
+					if err := ns.PrepareWrite(&w, lba, data, false); err != nil {
+						t.Fatal(err)
+					}
+					if err := q.Do(testCtx(t), &w); err != nil {
+						t.Fatalf("write of %d: %v", size, err)
+					}
+					got := make([]byte, size)
+					var r nvmeof.Request
+					if err := ns.PrepareRead(&r, lba, got); err != nil {
+						t.Fatal(err)
+					}
+					if err := q.Do(testCtx(t), &r); err != nil {
+						t.Fatalf("recvMax %d digests %v chunk %d: read of %d: %v", recvMax, dg, chunk, size, err)
+					}
+					if !bytes.Equal(got, data) {
+						t.Fatalf("recvMax %d digests %v chunk %d: %d bytes read back differ", recvMax, dg, chunk, size)
+					}
+				}
+				if n := nvmeof.DrivenPlaced(q); recvMax != 0 && n == 0 {
+					t.Errorf("recvMax %d digests %v chunk %d: no C2HData PDU was received in place", recvMax, dg, chunk)
+				} else {
+					t.Logf("recvMax %d digests %v chunk %d: %d PDUs placed", recvMax, dg, chunk, n)
+				}
+			}
 		}
 	}
 }

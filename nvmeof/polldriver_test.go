@@ -35,6 +35,9 @@ type PollDriver struct {
 	drain [64]byte
 	tid   int
 	Calls atomic.Int64 // completions delivered
+	// RecvMax, when set before Start, bounds what one receive reads:
+	// PDUs then arrive in pieces.
+	RecvMax int
 }
 
 // doorbell is what Post writes to the wake pipe.
@@ -188,7 +191,11 @@ func (d *PollDriver) loop() {
 			var n int
 			var err error
 			if op.recv {
-				n, err = unix.Read(op.fd, op.buf)
+				buf := op.buf
+				if d.RecvMax > 0 && len(buf) > d.RecvMax {
+					buf = buf[:d.RecvMax]
+				}
+				n, err = unix.Read(op.fd, buf)
 			} else {
 				n, err = unix.SendmsgN(op.fd, op.buf, nil, nil, unix.MSG_NOSIGNAL|unix.MSG_DONTWAIT)
 			}

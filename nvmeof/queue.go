@@ -682,6 +682,14 @@ func (q *Queue) lookupLocked(cid uint16) *Request {
 	return r
 }
 
+// forgetLocked takes r out of its slot without completing it, for good:
+// a command whose buffer the kernel may still write (DriverAbandoned).
+func (q *Queue) forgetLocked(r *Request) {
+	if slot := int(r.cid & 0x0fff); slot < len(q.slots) && q.slots[slot] == r {
+		q.slots[slot] = nil
+	}
+}
+
 func (q *Queue) releaseLocked(r *Request) {
 	slot := r.cid & 0x0fff
 	q.slots[slot] = nil
@@ -830,20 +838,9 @@ func (q *Queue) handlePDU(rd *pdu.Reader, h *pdu.Header) error {
 
 	case pdu.TypeC2HData:
 		d := h.Data
-		q.mu.Lock()
-		r := q.lookupLocked(d.CommandID)
-		if r != nil && r.responded {
-			r = nil
-		}
-		q.mu.Unlock()
-		switch {
-		case r == nil:
-			return q.protocolError("C2HData for unknown command ID %#x", d.CommandID)
-		case r.Write:
-			return q.protocolError("C2HData for write command %#x", d.CommandID)
-		case int64(d.DataOffset) != int64(r.received) || int64(d.DataOffset)+int64(d.DataLength) > int64(len(r.Data)):
-			return &pdu.ProtocolError{FES: pdu.NVME_TCP_FES_DATA_OUT_OF_RANGE, Msg: fmt.Sprintf(
-				"C2HData for %#x at %d+%d, expected offset %d of %d", d.CommandID, d.DataOffset, d.DataLength, r.received, len(r.Data))}
+		r, err := q.c2hTarget(d)
+		if err != nil {
+			return err
 		}
 		// Only the reader touches r.Data of a read command, and r
 		// cannot complete while the reader is here.
@@ -1191,6 +1188,27 @@ func (q *Queue) timer() {
 			}
 		}
 	}
+}
+
+// c2hTarget returns the read command a C2HData PDU's data belongs to,
+// checked against what the command expects next.
+func (q *Queue) c2hTarget(d pdu.DataHeader) (*Request, error) {
+	q.mu.Lock()
+	r := q.lookupLocked(d.CommandID)
+	if r != nil && r.responded {
+		r = nil
+	}
+	q.mu.Unlock()
+	switch {
+	case r == nil:
+		return nil, q.protocolError("C2HData for unknown command ID %#x", d.CommandID)
+	case r.Write:
+		return nil, q.protocolError("C2HData for write command %#x", d.CommandID)
+	case int64(d.DataOffset) != int64(r.received) || int64(d.DataOffset)+int64(d.DataLength) > int64(len(r.Data)):
+		return nil, &pdu.ProtocolError{FES: pdu.NVME_TCP_FES_DATA_OUT_OF_RANGE, Msg: fmt.Sprintf(
+			"C2HData for %#x at %d+%d, expected offset %d of %d", d.CommandID, d.DataOffset, d.DataLength, r.received, len(r.Data))}
+	}
+	return r, nil
 }
 
 // completeLeft completes every command still in flight with the queue's

@@ -119,6 +119,11 @@ func (r *Reader) ReadData(dst []byte) error {
 	return nil
 }
 
+// Reset forgets the current PDU: the next call must be ReadHeader. For a
+// Reader used to look at headers only, whose data the caller takes out of
+// the stream some other way.
+func (r *Reader) Reset() { r.inData = false }
+
 // DiscardData skips the current PDU's data, still checking its digest.
 func (r *Reader) DiscardData() error {
 	if !r.inData {
