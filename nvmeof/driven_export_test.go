@@ -22,3 +22,10 @@ func DrivenPlaced(q *Queue) int {
 	}
 	return 0
 }
+
+// DrivenPlacing reports whether q's receive in flight lands in a
+// command's buffer. On the Driver's thread.
+func DrivenPlacing(q *Queue) bool {
+	ds := q.driven.Load()
+	return ds != nil && ds.recvBusy && ds.recvPlaced
+}

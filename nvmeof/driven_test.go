@@ -412,6 +412,65 @@ func TestDriverAbandonedReleases(t *testing.T) {
 	}
 }
 
+// A driver abandoned while a receive lands in a read command's buffer:
+// that command is never completed (its owner would reuse the buffer the
+// kernel may still write), the others are, and Wait returns.
+func TestDriverAbandonedMidPlacedRead(t *testing.T) {
+	tt := startTarget(t, target.Config{}, 9, 8<<20)
+	c := connect(t, tt, nvmeof.ControllerConfig{})
+	ns, err := c.Namespace(testCtx(t), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q := c.IOQueues()[0].Queue
+	d := nvmeof.NewPollDriver(t)
+	d.RecvMax = 100 // the read's data arrives in many receives
+	d.Start(q.DriverCompletion)
+	t.Cleanup(func() { d.Stop(q.StopDriving, q.DriverIdle) })
+	if err := q.Drive(d, 0); err != nil {
+		t.Fatal(err)
+	}
+	var r nvmeof.Request
+	if err := ns.PrepareRead(&r, 0, make([]byte, 512<<10)); err != nil {
+		t.Fatal(err)
+	}
+	readDone := make(chan error, 1)
+	if err := q.Submit(&r, func(err error) { readDone <- err }); err != nil {
+		t.Fatal(err)
+	}
+	abandoned := make(chan struct{})
+	var watch func()
+	watch = func() {
+		if !nvmeof.DrivenPlacing(q) {
+			if err := d.Post(watch); err != nil {
+				t.Error(err)
+			}
+			return
+		}
+		d.Forget(d.Fds()[0]) // the ring closes with the receive in flight
+		q.DriverAbandoned()
+		close(abandoned)
+	}
+	if err := d.Post(watch); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-abandoned:
+	case <-time.After(hangDeadline):
+		t.Fatal("no receive into the read's buffer")
+	}
+	select {
+	case <-q.Idle():
+	case <-time.After(hangDeadline):
+		t.Fatal("Wait does not return after DriverAbandoned")
+	}
+	select {
+	case err := <-readDone:
+		t.Fatalf("the read whose buffer a receive may still write completed: %v", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+}
+
 // A Drive whose Driver has already stopped (its Post fails) fails the
 // queue with ErrDriverStopped, wrapped with the Driver's error: the
 // device is going, not the association, so it is no failure of the

@@ -682,11 +682,14 @@ func (q *Queue) lookupLocked(cid uint16) *Request {
 	return r
 }
 
-// forgetLocked takes r out of its slot without completing it, for good:
-// a command whose buffer the kernel may still write (DriverAbandoned).
+// forgetLocked takes r out of its slot and drops its usage reference
+// without completing it, for good: a command whose buffer the kernel may
+// still write (DriverAbandoned), so its owner must never reuse or free
+// that buffer.
 func (q *Queue) forgetLocked(r *Request) {
 	if slot := int(r.cid & 0x0fff); slot < len(q.slots) && q.slots[slot] == r {
 		q.slots[slot] = nil
+		q.putLocked()
 	}
 }
 
