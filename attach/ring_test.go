@@ -41,6 +41,10 @@ func startFakeRing(t *testing.T, d *ringDrivers, i int) *fakeRing {
 func (r *fakeRing) Queue() int { return r.i }
 
 func (r *fakeRing) Send(fd int, buf []byte, ud uint64) error { r.ops = append(r.ops, ud); return nil }
+func (r *fakeRing) Sendmsg(fd int, msg *unix.Msghdr, ud uint64) error {
+	r.ops = append(r.ops, ud)
+	return nil
+}
 func (r *fakeRing) Recv(fd int, buf []byte, ud uint64) error { r.ops = append(r.ops, ud); return nil }
 
 func (r *fakeRing) CancelFd(fd int, ud uint64) error {

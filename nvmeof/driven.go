@@ -23,7 +23,12 @@ import (
 // it, C2HData copied into the command's buffer. The data of a large
 // C2HData PDU is received straight into the command's buffer instead
 // (place), once its header is in: only the header (and data digest) goes
-// through the per-queue buffer. Capsules and H2CData are
+// through the per-queue buffer.
+//
+// Capsules and PDU headers are serialized into a per-queue send buffer;
+// the data of a large H2CData PDU is sent from the command's buffer,
+// gathered with them by one sendmsg, and the command is let go of only
+// once that send is done. Capsules and H2CData are
 // serialized into a per-queue send buffer and sent by one send at a time,
 // resumed where a short send stopped. Both buffers are mmap'd: the kernel
 // reads and writes them after the call that queued the operation returned.
@@ -39,13 +44,16 @@ import (
 // rule on the ring, docs/design.md).
 
 // Driver is the event loop that drives a queue's socket (Queue.Drive):
-// ublk.QueueRing implements it. Send, Recv and CancelFd queue an
+// ublk.QueueRing implements it. Send, Sendmsg (msg and its iovecs are
+// read before the call returns; the bytes they point to until the
+// completion), Recv and CancelFd queue an
 // operation whose completion the Driver's owner passes to
 // Queue.DriverCompletion with the same userData; they and
 // DriverCompletion run on the Driver's thread. Post runs f there, from
 // any goroutine, and fails once the Driver has stopped.
 type Driver interface {
 	Send(fd int, buf []byte, userData uint64) error
+	Sendmsg(fd int, msg *unix.Msghdr, userData uint64) error
 	Recv(fd int, buf []byte, userData uint64) error
 	CancelFd(fd int, userData uint64) error
 	Post(f func()) error
@@ -103,7 +111,7 @@ type drivenState struct {
 
 	rbuf, sbuf     []byte // mmap'd receive and send buffers
 	rstart, rend   int    // unparsed received bytes: rbuf[rstart:rend]
-	sendOff, sendN int    // sbuf[sendOff:sendN] is being sent
+	sendOff, sendN int    // bytes sendOff to sendN of sbuf, or of the gathered segments, are being sent
 	recvBusy       bool
 	recvPlaced     bool // the receive in flight lands in placed
 	sendBusy       bool
@@ -123,6 +131,15 @@ type drivenState struct {
 	peek      *pdu.Reader
 	peekSrc   sliceReader
 	peekH     pdu.Header
+
+	// A gathered send: the segments of sbuf and of commands' data it
+	// sends, in order, and the items whose data it references (let go
+	// of once it is done).
+	gathered bool
+	gathers  int // gathered sends (tests)
+	held     []sendItem
+	iovs     []unix.Iovec
+	msg      unix.Msghdr
 
 	pend   []sendItem // taken from sendq, not yet serialized (sbuf full)
 	batch  []sendItem
@@ -152,17 +169,57 @@ func (r *sliceReader) Read(p []byte) (int, error) {
 }
 
 // sbufWriter appends to the send buffer; serialize checks the room first.
+// Data of gatherMin bytes or more is not copied: it becomes a segment of
+// its own, sent from where it is.
 type sbufWriter struct {
-	b []byte
-	n int
+	b        []byte
+	n        int
+	runStart int      // sbuf[runStart:n] is not in segs yet
+	segs     [][]byte // what to send, in order, once the run is flushed
+	external int      // segments that are not sbuf's
 }
 
+// gatherMin is the least data sent from a command's buffer rather than
+// copied into the send buffer: below it the copy costs less than the
+// longer system call.
+const gatherMin = 16 << 10
+
 func (w *sbufWriter) Write(p []byte) (int, error) {
+	if len(p) >= gatherMin {
+		w.flushRun()
+		w.segs = append(w.segs, p)
+		w.external++
+		return len(p), nil
+	}
 	if len(p) > len(w.b)-w.n {
 		return 0, errors.New("nvmeof: send buffer overflow")
 	}
 	w.n += copy(w.b[w.n:], p)
 	return len(p), nil
+}
+
+// flushRun ends the run of bytes copied into sbuf as a segment.
+func (w *sbufWriter) flushRun() {
+	if w.n > w.runStart {
+		w.segs = append(w.segs, w.b[w.runStart:w.n])
+		w.runStart = w.n
+	}
+}
+
+// reset empties the writer for the next batch.
+func (w *sbufWriter) reset() {
+	clear(w.segs)
+	w.segs = w.segs[:0]
+	w.n, w.runStart, w.external = 0, 0, 0
+}
+
+// size is the number of bytes written, copied or not.
+func (w *sbufWriter) size() int {
+	n := w.n - w.runStart
+	for _, s := range w.segs {
+		n += len(s)
+	}
+	return n
 }
 
 // Drive moves an I/O queue from its reader and writer goroutines onto d:
@@ -400,15 +457,41 @@ func (ds *drivenState) recvTarget() (buf []byte, placed bool) {
 	return buf, false
 }
 
-// sendBuffered queues the send of sbuf[sendOff:sendN].
+// sendBuffered queues the send of what is left: sbuf[sendOff:sendN], or
+// of the gathered segments from byte sendOff on.
 func (q *Queue) sendBuffered(ds *drivenState) {
-	if err := ds.d.Send(ds.fd, ds.sbuf[ds.sendOff:ds.sendN], ds.base+opSend); err != nil {
+	var err error
+	if ds.gathered {
+		err = ds.d.Sendmsg(ds.fd, ds.gatherMsg(), ds.base+opSend)
+	} else {
+		err = ds.d.Send(ds.fd, ds.sbuf[ds.sendOff:ds.sendN], ds.base+opSend)
+	}
+	if err != nil {
 		q.fail(err)
 		q.stopDriven(ds)
 		return
 	}
 	ds.sendBusy = true
 	ds.ops++
+}
+
+// gatherMsg is the msghdr of the gathered segments' bytes from sendOff on.
+func (ds *drivenState) gatherMsg() *unix.Msghdr {
+	ds.iovs = ds.iovs[:0]
+	skip := ds.sendOff
+	for _, seg := range ds.sw.segs {
+		if skip >= len(seg) {
+			skip -= len(seg)
+			continue
+		}
+		seg, skip = seg[skip:], 0
+		v := unix.Iovec{Base: &seg[0]}
+		v.SetLen(len(seg))
+		ds.iovs = append(ds.iovs, v)
+	}
+	ds.msg = unix.Msghdr{Iov: &ds.iovs[0]}
+	ds.msg.SetIovlen(len(ds.iovs))
+	return &ds.msg
 }
 
 // itemRoom is the most bytes it serializes to.
@@ -438,26 +521,36 @@ func (q *Queue) fillSend(ds *drivenState) {
 	q.mu.Unlock()
 	clear(ds.pend)
 	ds.pend = ds.pend[:0]
-	ds.sendOff, ds.sw.n = 0, 0
+	ds.sendOff = 0
+	ds.sw.reset()
 	for i, it := range ds.batch {
 		if ds.sw.n+q.itemRoom(it) > len(ds.sbuf) {
 			ds.pend = append(ds.pend, ds.batch[i:]...)
 			break
 		}
 		var err error
+		external := ds.sw.external
 		if ds.hdr, err = q.send(&ds.sw, ds.hdr[:0], it); err != nil {
 			// Cannot happen: itemRoom bounds what send writes.
 			q.fail(err)
 			break
 		}
-		if it.req != nil {
+		switch {
+		case it.req != nil && ds.sw.external > external:
+			ds.held = append(ds.held, it) // its data is sent from its buffer
+		case it.req != nil:
 			q.itemSent(it, true)
-		} else if it.sent != nil {
+		case it.sent != nil:
 			close(it.sent)
 		}
 	}
 	clear(ds.batch)
-	ds.sendN = ds.sw.n
+	ds.sw.flushRun()
+	ds.gathered = ds.sw.external > 0
+	if ds.gathered {
+		ds.gathers++
+	}
+	ds.sendN = ds.sw.size()
 }
 
 // DriverCompletion is the completion of an operation the queue put on its
@@ -634,6 +727,19 @@ func (q *Queue) sent(ds *drivenState, res int32) {
 		return
 	}
 	ds.sendOff, ds.sendN = 0, 0
+	q.releaseHeld(ds)
+}
+
+// releaseHeld lets go of the items whose data the finished send took
+// from their commands' buffers.
+func (q *Queue) releaseHeld(ds *drivenState) {
+	for _, it := range ds.held {
+		q.itemSent(it, true)
+	}
+	clear(ds.held)
+	ds.held = ds.held[:0]
+	ds.sw.reset()
+	ds.gathered = false
 }
 
 // stopDriven starts finishing a failed queue: cancel what is in flight on
@@ -716,6 +822,17 @@ func (q *Queue) DriverAbandoned() {
 	if ds.fd >= 0 {
 		unix.Close(ds.fd)
 		ds.fd = -1
+	}
+	if ds.sendBusy {
+		// Its send may still read the commands' buffers: those
+		// commands are never completed, so their owner never puts other
+		// data there for it to send.
+		for _, it := range ds.held {
+			q.forgetLocked(it.req)
+		}
+		if len(ds.held) > 0 {
+			q.log.Error("nvme-tcp commands left uncompleted: a send from their buffers is still in flight on the stopped driver", "commands", len(ds.held))
+		}
 	}
 	if ds.recvBusy && ds.recvPlaced {
 		// Its receive may still write the command's buffer: the

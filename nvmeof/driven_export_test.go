@@ -29,3 +29,19 @@ func DrivenPlacing(q *Queue) bool {
 	ds := q.driven.Load()
 	return ds != nil && ds.recvBusy && ds.recvPlaced
 }
+
+// DrivenGathers is how many of q's driven sends took data straight from
+// commands' buffers.
+func DrivenGathers(q *Queue) int {
+	if ds := q.driven.Load(); ds != nil {
+		return ds.gathers
+	}
+	return 0
+}
+
+// DrivenSendingHeld reports whether q's send in flight takes data from a
+// command's buffer. On the Driver's thread.
+func DrivenSendingHeld(q *Queue) bool {
+	ds := q.driven.Load()
+	return ds != nil && ds.sendBusy && len(ds.held) > 0
+}

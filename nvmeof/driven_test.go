@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"net"
 	"sync"
@@ -26,6 +27,13 @@ func drivenQueue(t *testing.T, tt *testTarget, cfg nvmeof.ControllerConfig) (*nv
 // most recvMax bytes (0: no bound).
 func drivenQueueRecvMax(t *testing.T, tt *testTarget, cfg nvmeof.ControllerConfig, recvMax int) (*nvmeof.Controller, *nvmeof.Namespace, *nvmeof.Queue, *nvmeof.PollDriver) {
 	t.Helper()
+	return drivenQueueMax(t, tt, cfg, recvMax, 0)
+}
+
+// drivenQueueMax is drivenQueue with a driver whose receives read at most
+// recvMax bytes and whose sends write at most sendMax (0: no bound).
+func drivenQueueMax(t *testing.T, tt *testTarget, cfg nvmeof.ControllerConfig, recvMax, sendMax int) (*nvmeof.Controller, *nvmeof.Namespace, *nvmeof.Queue, *nvmeof.PollDriver) {
+	t.Helper()
 	c := connect(t, tt, cfg)
 	ns, err := c.Namespace(testCtx(t), 1)
 	if err != nil {
@@ -33,7 +41,7 @@ func drivenQueueRecvMax(t *testing.T, tt *testTarget, cfg nvmeof.ControllerConfi
 	}
 	q := c.IOQueues()[0].Queue
 	d := nvmeof.NewPollDriver(t)
-	d.RecvMax = recvMax
+	d.RecvMax, d.SendMax = recvMax, sendMax
 	d.Start(q.DriverCompletion)
 	t.Cleanup(func() { d.Stop(q.StopDriving, q.DriverIdle) })
 	if err := q.Drive(d, 8); err != nil {
@@ -141,6 +149,66 @@ func TestDrivenPlacedReads(t *testing.T) {
 					t.Errorf("recvMax %d digests %v chunk %d: no C2HData PDU was received in place", recvMax, dg, chunk)
 				} else {
 					t.Logf("recvMax %d digests %v chunk %d: %d PDUs placed", recvMax, dg, chunk, n)
+				}
+			}
+		}
+	}
+}
+
+// Large writes answered by R2Ts, sent in pieces (sends of 100 B to 60 KB,
+// resumed where they stopped): the data of each large H2CData PDU is sent
+// from the command's buffer, gathered with the headers, with and without
+// digests, one PDU per R2T or several (MaxH2CData), and the read back is
+// what was written. Several writes in flight at once share sends.
+func TestDrivenGatheredWrites(t *testing.T) {
+	for _, sendMax := range []int{0, 100, 60000} {
+		for _, dg := range []bool{false, true} {
+			for _, maxH2C := range []uint32{0, 24 << 10} {
+				tt := startTarget(t, target.Config{MaxH2CData: maxH2C}, 9, 8<<20)
+				_, ns, q, _ := drivenQueueMax(t, tt, nvmeof.ControllerConfig{HeaderDigest: dg, DataDigest: dg}, 0, sendMax)
+				rng := rand.New(rand.NewPCG(uint64(sendMax), 6))
+				sizes := []int{4096, 512 << 10, 512, 128 << 10, 16 << 10, 300 << 10}
+				datas := make([][]byte, len(sizes))
+				var wg sync.WaitGroup
+				errs := make(chan error, len(sizes))
+				for i, size := range sizes {
+					datas[i] = make([]byte, size)
+					for j := range datas[i] {
+						datas[i][j] = byte(rng.Uint32())
+					}
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						var w nvmeof.Request
+						if err := ns.PrepareWrite(&w, uint64(i*2048), datas[i], false); err != nil {
+							errs <- err
+							return
+						}
+						if err := q.Do(testCtx(t), &w); err != nil {
+							errs <- fmt.Errorf("write of %d: %w", size, err)
+						}
+					}()
+				}
+				wg.Wait()
+				close(errs)
+				for err := range errs {
+					t.Fatalf("sendMax %d digests %v maxH2C %d: %v", sendMax, dg, maxH2C, err)
+				}
+				for i, size := range sizes {
+					got := make([]byte, size)
+					var r nvmeof.Request
+					if err := ns.PrepareRead(&r, uint64(i*2048), got); err != nil {
+						t.Fatal(err)
+					}
+					if err := q.Do(testCtx(t), &r); err != nil {
+						t.Fatalf("read of %d: %v", size, err)
+					}
+					if !bytes.Equal(got, datas[i]) {
+						t.Fatalf("sendMax %d digests %v maxH2C %d: %d bytes read back differ", sendMax, dg, maxH2C, size)
+					}
+				}
+				if n := nvmeof.DrivenGathers(q); n == 0 {
+					t.Errorf("sendMax %d digests %v maxH2C %d: no send took data from a command's buffer", sendMax, dg, maxH2C)
 				}
 			}
 		}
@@ -467,6 +535,65 @@ func TestDriverAbandonedMidPlacedRead(t *testing.T) {
 	select {
 	case err := <-readDone:
 		t.Fatalf("the read whose buffer a receive may still write completed: %v", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+}
+
+// A driver abandoned while a send takes a write command's data from its
+// buffer: that command is never completed (its owner would put other data
+// there for the send to take), and Wait returns.
+func TestDriverAbandonedMidGatheredWrite(t *testing.T) {
+	tt := startTarget(t, target.Config{}, 9, 8<<20)
+	c := connect(t, tt, nvmeof.ControllerConfig{})
+	ns, err := c.Namespace(testCtx(t), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q := c.IOQueues()[0].Queue
+	d := nvmeof.NewPollDriver(t)
+	d.SendMax = 100 // the write's data leaves in many sends
+	d.Start(q.DriverCompletion)
+	t.Cleanup(func() { d.Stop(q.StopDriving, q.DriverIdle) })
+	if err := q.Drive(d, 0); err != nil {
+		t.Fatal(err)
+	}
+	var w nvmeof.Request
+	if err := ns.PrepareWrite(&w, 0, make([]byte, 512<<10), false); err != nil {
+		t.Fatal(err)
+	}
+	writeDone := make(chan error, 1)
+	if err := q.Submit(&w, func(err error) { writeDone <- err }); err != nil {
+		t.Fatal(err)
+	}
+	abandoned := make(chan struct{})
+	var watch func()
+	watch = func() {
+		if !nvmeof.DrivenSendingHeld(q) {
+			if err := d.Post(watch); err != nil {
+				t.Error(err)
+			}
+			return
+		}
+		d.Forget(d.Fds()[0]) // the ring closes with the send in flight
+		q.DriverAbandoned()
+		close(abandoned)
+	}
+	if err := d.Post(watch); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-abandoned:
+	case <-time.After(hangDeadline):
+		t.Fatal("no send from the write's buffer")
+	}
+	select {
+	case <-q.Idle():
+	case <-time.After(hangDeadline):
+		t.Fatal("Wait does not return after DriverAbandoned")
+	}
+	select {
+	case err := <-writeDone:
+		t.Fatalf("the write whose buffer a send may still read completed: %v", err)
 	case <-time.After(50 * time.Millisecond):
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -36,8 +37,10 @@ type PollDriver struct {
 	tid   int
 	Calls atomic.Int64 // completions delivered
 	// RecvMax, when set before Start, bounds what one receive reads:
-	// PDUs then arrive in pieces.
-	RecvMax int
+	// PDUs then arrive in pieces. SendMax bounds what one send writes:
+	// sends are then resumed.
+	RecvMax, SendMax int
+	iovs             []unix.Iovec
 }
 
 // doorbell is what Post writes to the wake pipe.
@@ -47,6 +50,7 @@ type pollOp struct {
 	recv bool
 	fd   int
 	buf  []byte
+	msg  *unix.Msghdr // a sendmsg's
 	ud   uint64
 }
 
@@ -68,6 +72,35 @@ func NewPollDriver(t *testing.T) *PollDriver {
 func (d *PollDriver) Send(fd int, buf []byte, ud uint64) error {
 	d.ops = append(d.ops, pollOp{fd: fd, buf: buf, ud: ud})
 	return nil
+}
+
+func (d *PollDriver) Sendmsg(fd int, msg *unix.Msghdr, ud uint64) error {
+	d.ops = append(d.ops, pollOp{fd: fd, msg: msg, ud: ud})
+	return nil
+}
+
+// sendmsg is a non-blocking sendmsg(2) of msg, of at most SendMax bytes.
+func (d *PollDriver) sendmsg(fd int, msg *unix.Msghdr) (int, error) {
+	m := *msg
+	if d.SendMax > 0 {
+		d.iovs = append(d.iovs[:0], unsafe.Slice(msg.Iov, msg.Iovlen)...)
+		left := d.SendMax
+		for i := range d.iovs {
+			if l := int(d.iovs[i].Len); l >= left {
+				d.iovs[i].SetLen(left)
+				d.iovs = d.iovs[:i+1]
+				break
+			}
+			left -= int(d.iovs[i].Len)
+		}
+		m.Iov = &d.iovs[0]
+		m.SetIovlen(len(d.iovs))
+	}
+	n, _, errno := unix.Syscall(unix.SYS_SENDMSG, uintptr(fd), uintptr(unsafe.Pointer(&m)), unix.MSG_NOSIGNAL|unix.MSG_DONTWAIT)
+	if errno != 0 {
+		return 0, errno
+	}
+	return int(n), nil
 }
 
 func (d *PollDriver) Recv(fd int, buf []byte, ud uint64) error {
@@ -196,8 +229,14 @@ func (d *PollDriver) loop() {
 					buf = buf[:d.RecvMax]
 				}
 				n, err = unix.Read(op.fd, buf)
+			} else if op.msg != nil {
+				n, err = d.sendmsg(op.fd, op.msg)
 			} else {
-				n, err = unix.SendmsgN(op.fd, op.buf, nil, nil, unix.MSG_NOSIGNAL|unix.MSG_DONTWAIT)
+				buf := op.buf
+				if d.SendMax > 0 && len(buf) > d.SendMax {
+					buf = buf[:d.SendMax]
+				}
+				n, err = unix.SendmsgN(op.fd, buf, nil, nil, unix.MSG_NOSIGNAL|unix.MSG_DONTWAIT)
 			}
 			if err == unix.EAGAIN {
 				kept = append(kept, op)
