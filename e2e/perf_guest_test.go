@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/guest"
 	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/perf"
+	"github.com/ublk-nvmeof/ublk-nvmeof/ublk"
 )
 
 // TestGuestPerfVersusKernel measures fio on /dev/ublkbN (ublk-nvmeof) and on
@@ -68,6 +70,7 @@ func TestGuestPerfVersusKernel(t *testing.T) {
 	daemon := startAttached(t, args...)
 	defer daemon.stop(t)
 	ublkDev := daemon.Device
+	floorDev := floorDevice(t)
 	// Fill the RAM disk once, so reads of both devices read data.
 	if out, err := exec.Command("fio", "--name=fill", "--filename="+kernelDev, "--direct=1", "--rw=write", "--bs=1M",
 		"--size=48M", "--ioengine=psync").CombinedOutput(); err != nil {
@@ -84,18 +87,18 @@ func TestGuestPerfVersusKernel(t *testing.T) {
 			if len(rows)%2 == 1 {
 				order = []string{"ublk", "kernel"}
 			}
-			for _, which := range order {
-				dev := kernelDev
-				if which == "ublk" {
-					dev = ublkDev
-				}
+			for _, which := range append(order, "floor") {
+				dev := map[string]string{"kernel": kernelDev, "ublk": ublkDev, "floor": floorDev}[which]
 				res, err := runFio(dev, w, jobs, runtime)
 				if err != nil {
 					t.Fatalf("%s on %s: %v\ndaemon log:\n%s", w.Name, dev, err, daemon.Logs())
 				}
-				if which == "ublk" {
+				switch which {
+				case "ublk":
 					row.Ublk = res
-				} else {
+				case "floor":
+					row.Floor = &res
+				default:
 					row.Kernel = res
 				}
 			}
@@ -104,7 +107,7 @@ func TestGuestPerfVersusKernel(t *testing.T) {
 	}
 	rep := perf.Report{
 		Runtime: runtime.String(), Kernel: kernelRelease(), CPUs: cpus(),
-		KernelDevice: kernelDev, UblkDevice: ublkDev, Rows: rows,
+		KernelDevice: kernelDev, UblkDevice: ublkDev, FloorDevice: floorDev, Rows: rows,
 	}
 	if profile != "" {
 		rep.Profiled = profileRow(t, profile, rows, kernelDev, daemon, runtime)
@@ -116,6 +119,28 @@ func TestGuestPerfVersusKernel(t *testing.T) {
 	}
 	// The host-side bench command finds the results by this prefix.
 	t.Logf("%s%s", perf.JSONPrefix, js)
+}
+
+// floorDevice creates the table's floor device, removed when the test
+// ends: a ublk device served in this process by ublk.NullBackend (every
+// request completes at once), with two queues as the daemon has. fio
+// on it measures the ublk round trip alone.
+func floorDevice(t *testing.T) string {
+	c, err := ublk.OpenControl()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	d, err := c.Create(context.Background(), ublk.Options{ID: ublk.AutoID, Queues: 2, Depth: 128, Params: ublk.Params{Size: 64 << 20}}, ublk.NullBackend{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := d.Close(context.Background()); err != nil {
+			t.Error(err)
+		}
+	})
+	return d.BlockDevice()
 }
 
 // profileRow runs the row a profile spec names once more on each device,

@@ -136,6 +136,9 @@ func kernelSection(k KernelPage) string {
 	fmt.Fprintf(&b, "%s.\n\n", Provenance(r))
 	fmt.Fprintf(&b, "Both devices are connected to the same Linux nvmet-tcp target on /dev/ram0 over loopback in the guest: %s is ublk-nvmeof, %s the kernel's initiator (libaio, O_DIRECT, clock_gettime).\n\n",
 		r.UblkDevice, r.KernelDevice)
+	if r.FloorDevice != "" {
+		fmt.Fprintf(&b, "The floor columns are %s, a ublk device of the same size whose requests this project's ublk package completes at once (ublk.NullBackend, in the test process): the ublk round trip alone, without NVMe/TCP. Floor ratio is its IOPS over the kernel initiator's, the most any design that goes through ublk could reach on this row here.\n\n", r.FloorDevice)
+	}
 	b.WriteString(r.Table())
 	if k.SVG != "" {
 		fmt.Fprintf(&b, "\n![ratios on %s](%s)\n", r.Name(), k.SVG)

@@ -39,12 +39,27 @@ type Result struct {
 	P99LatUs  float64 `json:"p99_lat_us"`
 }
 
-// Row is one workload on both devices.
+// Row is one workload on both devices, and on the floor device when the
+// run measured it.
 type Row struct {
 	Workload Workload `json:"workload"`
 	Jobs     int      `json:"jobs"`
 	Kernel   Result   `json:"kernel"`
 	Ublk     Result   `json:"ublk"`
+	// Floor is a ublk device served by this project's ublk package with
+	// a backend that does nothing (ublk.NullBackend): the ublk round trip
+	// alone, no NVMe/TCP. Its ratio to the kernel initiator bounds what
+	// any design that goes through ublk can reach on this machine.
+	Floor *Result `json:"floor,omitempty"`
+}
+
+// FloorRatio is the floor device's IOPS over the kernel's, and whether
+// the row has one.
+func (r Row) FloorRatio() (float64, bool) {
+	if r.Floor == nil || r.Kernel.IOPS == 0 {
+		return 0, false
+	}
+	return r.Floor.IOPS / r.Kernel.IOPS, true
 }
 
 // Ratio is ublk-nvmeof's IOPS over the kernel's: above 1, ublk-nvmeof is
@@ -94,6 +109,7 @@ type Report struct {
 	CPUs         int    `json:"cpus"`
 	KernelDevice string `json:"kernel_device"`
 	UblkDevice   string `json:"ublk_device"`
+	FloorDevice  string `json:"floor_device,omitempty"` // Row.Floor's; "" when not measured
 	Rows         []Row  `json:"rows"`
 	// Profiled is the ID of the row run once more, outside the table,
 	// with the daemon profiled ("" if none).
@@ -237,12 +253,16 @@ func ParseFio(out []byte) (Result, error) {
 // Table formats the report as a Markdown table.
 func (r Report) Table() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "| workload | jobs | kernel IOPS | ublk-nvmeof IOPS | ratio | kernel MiB/s | ublk-nvmeof MiB/s | kernel p99 µs | ublk-nvmeof p99 µs |\n")
-	fmt.Fprintf(&b, "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	fmt.Fprintf(&b, "| workload | jobs | kernel IOPS | ublk-nvmeof IOPS | ratio | kernel MiB/s | ublk-nvmeof MiB/s | kernel p99 µs | ublk-nvmeof p99 µs | floor IOPS | floor ratio |\n")
+	fmt.Fprintf(&b, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, row := range r.Rows {
-		fmt.Fprintf(&b, "| %s | %d | %.0f | %.0f | %.2f | %.1f | %.1f | %.0f | %.0f |\n",
+		floorIOPS, floorRatio := "—", "—"
+		if fr, ok := row.FloorRatio(); ok {
+			floorIOPS, floorRatio = fmt.Sprintf("%.0f", row.Floor.IOPS), fmt.Sprintf("%.2f", fr)
+		}
+		fmt.Fprintf(&b, "| %s | %d | %.0f | %.0f | %.2f | %.1f | %.1f | %.0f | %.0f | %s | %s |\n",
 			row.Workload.Name, row.Jobs, row.Kernel.IOPS, row.Ublk.IOPS, row.Ratio(),
-			row.Kernel.MiBps, row.Ublk.MiBps, row.Kernel.P99LatUs, row.Ublk.P99LatUs)
+			row.Kernel.MiBps, row.Ublk.MiBps, row.Kernel.P99LatUs, row.Ublk.P99LatUs, floorIOPS, floorRatio)
 	}
 	return b.String()
 }

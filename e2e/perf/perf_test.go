@@ -45,13 +45,20 @@ func TestParseFio(t *testing.T) {
 func TestReportTableAndSVG(t *testing.T) {
 	rep := Report{Runtime: "2s", Kernel: "6.12", CPUs: 2, Rows: []Row{
 		{Workload: Workloads[0], Jobs: 1, Kernel: Result{IOPS: 1000}, Ublk: Result{IOPS: 1250}},
-		{Workload: Workloads[1], Jobs: 2, Kernel: Result{IOPS: 1000}, Ublk: Result{IOPS: 500}},
+		{Workload: Workloads[1], Jobs: 2, Kernel: Result{IOPS: 1000}, Ublk: Result{IOPS: 500}, Floor: &Result{IOPS: 1500}},
 	}}
 	if rep.Rows[0].Ratio() != 1.25 || rep.Rows[1].Ratio() != 0.5 {
 		t.Fatal("ratio")
 	}
 	tab := rep.Table()
-	if !strings.Contains(tab, "| 4k-randread-qd1 | 1 | 1000 | 1250 | 1.25 |") || !strings.Contains(tab, "| 0.50 |") {
+	if fr, ok := rep.Rows[1].FloorRatio(); !ok || fr != 1.5 {
+		t.Fatal("floor ratio")
+	}
+	if _, ok := rep.Rows[0].FloorRatio(); ok {
+		t.Fatal("floor ratio of a row without a floor run")
+	}
+	if !strings.Contains(tab, "| 4k-randread-qd1 | 1 | 1000 | 1250 | 1.25 |") || !strings.Contains(tab, "| 0.50 |") ||
+		!strings.Contains(tab, "| — | — |") || !strings.Contains(tab, "| 1500 | 1.50 |") {
 		t.Errorf("table:\n%s", tab)
 	}
 	svg := rep.SVG(nil)
