@@ -480,121 +480,72 @@ func TestDriverAbandonedReleases(t *testing.T) {
 	}
 }
 
-// A driver abandoned while a receive lands in a read command's buffer:
-// that command is never completed (its owner would reuse the buffer the
-// kernel may still write), the others are, and Wait returns.
-func TestDriverAbandonedMidPlacedRead(t *testing.T) {
-	tt := startTarget(t, target.Config{}, 9, 8<<20)
-	c := connect(t, tt, nvmeof.ControllerConfig{})
-	ns, err := c.Namespace(testCtx(t), 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	q := c.IOQueues()[0].Queue
-	d := nvmeof.NewPollDriver(t)
-	d.RecvMax = 100 // the read's data arrives in many receives
-	d.Start(q.DriverCompletion)
-	t.Cleanup(func() { d.Stop(q.StopDriving, q.DriverIdle) })
-	if err := q.Drive(d, 0); err != nil {
-		t.Fatal(err)
-	}
-	var r nvmeof.Request
-	if err := ns.PrepareRead(&r, 0, make([]byte, 512<<10)); err != nil {
-		t.Fatal(err)
-	}
-	readDone := make(chan error, 1)
-	if err := q.Submit(&r, func(err error) { readDone <- err }); err != nil {
-		t.Fatal(err)
-	}
-	abandoned := make(chan struct{})
-	var watch func()
-	watch = func() {
-		if !nvmeof.DrivenPlacing(q) {
-			if err := d.Post(watch); err != nil {
-				t.Error(err)
-			}
-			return
+// A driver abandoned while a receive lands in a read command's buffer, or
+// a send takes a write command's data from its buffer: that command is
+// never completed (its owner would reuse the buffer the kernel may still
+// write, or put other data there for the send to take), and Wait returns.
+func TestDriverAbandonedMidTransfer(t *testing.T) {
+	for _, write := range []bool{false, true} {
+		tt := startTarget(t, target.Config{}, 9, 8<<20)
+		c := connect(t, tt, nvmeof.ControllerConfig{})
+		ns, err := c.Namespace(testCtx(t), 1)
+		if err != nil {
+			t.Fatal(err)
 		}
-		d.Forget(d.Fds()[0]) // the ring closes with the receive in flight
-		q.DriverAbandoned()
-		close(abandoned)
-	}
-	if err := d.Post(watch); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case <-abandoned:
-	case <-time.After(hangDeadline):
-		t.Fatal("no receive into the read's buffer")
-	}
-	select {
-	case <-q.Idle():
-	case <-time.After(hangDeadline):
-		t.Fatal("Wait does not return after DriverAbandoned")
-	}
-	select {
-	case err := <-readDone:
-		t.Fatalf("the read whose buffer a receive may still write completed: %v", err)
-	case <-time.After(50 * time.Millisecond):
-	}
-}
-
-// A driver abandoned while a send takes a write command's data from its
-// buffer: that command is never completed (its owner would put other data
-// there for the send to take), and Wait returns.
-func TestDriverAbandonedMidGatheredWrite(t *testing.T) {
-	tt := startTarget(t, target.Config{}, 9, 8<<20)
-	c := connect(t, tt, nvmeof.ControllerConfig{})
-	ns, err := c.Namespace(testCtx(t), 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	q := c.IOQueues()[0].Queue
-	d := nvmeof.NewPollDriver(t)
-	d.SendMax = 100 // the write's data leaves in many sends
-	d.Start(q.DriverCompletion)
-	t.Cleanup(func() { d.Stop(q.StopDriving, q.DriverIdle) })
-	if err := q.Drive(d, 0); err != nil {
-		t.Fatal(err)
-	}
-	var w nvmeof.Request
-	if err := ns.PrepareWrite(&w, 0, make([]byte, 512<<10), false); err != nil {
-		t.Fatal(err)
-	}
-	writeDone := make(chan error, 1)
-	if err := q.Submit(&w, func(err error) { writeDone <- err }); err != nil {
-		t.Fatal(err)
-	}
-	abandoned := make(chan struct{})
-	var watch func()
-	watch = func() {
-		if !nvmeof.DrivenSendingHeld(q) {
-			if err := d.Post(watch); err != nil {
-				t.Error(err)
-			}
-			return
+		q := c.IOQueues()[0].Queue
+		d := nvmeof.NewPollDriver(t)
+		// The data moves in many receives or sends.
+		d.RecvMax, d.SendMax = 100, 100
+		d.Start(q.DriverCompletion)
+		t.Cleanup(func() { d.Stop(q.StopDriving, q.DriverIdle) })
+		if err := q.Drive(d, 0); err != nil {
+			t.Fatal(err)
 		}
-		d.Forget(d.Fds()[0]) // the ring closes with the send in flight
-		q.DriverAbandoned()
-		close(abandoned)
-	}
-	if err := d.Post(watch); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case <-abandoned:
-	case <-time.After(hangDeadline):
-		t.Fatal("no send from the write's buffer")
-	}
-	select {
-	case <-q.Idle():
-	case <-time.After(hangDeadline):
-		t.Fatal("Wait does not return after DriverAbandoned")
-	}
-	select {
-	case err := <-writeDone:
-		t.Fatalf("the write whose buffer a send may still read completed: %v", err)
-	case <-time.After(50 * time.Millisecond):
+		var r nvmeof.Request
+		transferring := nvmeof.DrivenPlacing
+		if write {
+			err, transferring = ns.PrepareWrite(&r, 0, make([]byte, 512<<10), false), nvmeof.DrivenSendingHeld
+		} else {
+			err = ns.PrepareRead(&r, 0, make([]byte, 512<<10))
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		if err := q.Submit(&r, func(err error) { done <- err }); err != nil {
+			t.Fatal(err)
+		}
+		abandoned := make(chan struct{})
+		var watch func()
+		watch = func() {
+			if !transferring(q) {
+				if err := d.Post(watch); err != nil {
+					t.Error(err)
+				}
+				return
+			}
+			d.Forget(d.Fds()[0]) // the ring closes with the operation in flight
+			q.DriverAbandoned()
+			close(abandoned)
+		}
+		if err := d.Post(watch); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-abandoned:
+		case <-time.After(hangDeadline):
+			t.Fatalf("write %v: no operation on the command's buffer", write)
+		}
+		select {
+		case <-q.Idle():
+		case <-time.After(hangDeadline):
+			t.Fatalf("write %v: Wait does not return after DriverAbandoned", write)
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("write %v: the command whose buffer an operation in flight may still use completed: %v", write, err)
+		case <-time.After(50 * time.Millisecond):
+		}
 	}
 }
 
