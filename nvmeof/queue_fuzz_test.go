@@ -21,20 +21,25 @@ import (
 // FuzzQueue submits: a 1024-byte read (command ID 0x1000) answered with
 // two C2HData PDUs and a response, and an 8192-byte write (0x1001)
 // answered with an R2T and a response.
-func controllerStream(o pdu.Options) []byte {
+func controllerStream(o pdu.Options) []byte { return controllerStreamSized(o, smallShape) }
+
+// controllerStreamSized is controllerStream for the commands of shape s:
+// the read answered with two C2HData PDUs of half its length each.
+func controllerStreamSized(o pdu.Options, s fuzzShape) []byte {
 	var b []byte
-	for _, off := range []uint32{0, 512} {
+	half := uint32(s.readLen / 2)
+	for _, off := range []uint32{0, half} {
 		h := pdu.Header{CommonHeader: pdu.CommonHeader{Type: pdu.TypeC2HData}, Data: pdu.DataHeader{CommandID: 0x1000, DataOffset: off}}
-		if off == 512 {
+		if off == half {
 			h.Flags = pdu.NVME_TCP_F_DATA_LAST
 		}
-		b = pdu.Append(b, &h, make([]byte, 512), o)
+		b = pdu.Append(b, &h, make([]byte, half), o)
 	}
 	var cqe nvme.Completion
 	cqe.SetCommandID(0x1000)
 	h := pdu.Header{CommonHeader: pdu.CommonHeader{Type: pdu.TypeCapsuleResp}, Resp: cqe}
 	b = pdu.Append(b, &h, nil, o)
-	r := pdu.Header{CommonHeader: pdu.CommonHeader{Type: pdu.TypeR2T}, R2T: pdu.R2T{CommandID: 0x1001, TTag: 1, Length: 8192}}
+	r := pdu.Header{CommonHeader: pdu.CommonHeader{Type: pdu.TypeR2T}, R2T: pdu.R2T{CommandID: 0x1001, TTag: 1, Length: uint32(s.writeLen)}}
 	b = pdu.Append(b, &r, nil, o)
 	cqe.SetCommandID(0x1001)
 	cqe.SetStatus(nvme.NVME_SC_LBA_RANGE | nvme.NVME_STATUS_DNR)
@@ -50,8 +55,47 @@ func FuzzQueue(f *testing.F) {
 	f.Add(controllerStream(pdu.Options{}), false)
 	f.Add(controllerStream(pdu.Options{HeaderDigest: true, DataDigest: true}), true)
 	f.Fuzz(func(t *testing.T, b []byte, digests bool) {
-		fuzzQueueOnce(t, b, digests, false)
-		fuzzQueueOnce(t, b, digests, true)
+		fuzzQueueOnce(t, b, digests, smallShape)
+		driven := smallShape
+		driven.driven = true
+		fuzzQueueOnce(t, b, digests, driven)
+	})
+}
+
+// fuzzShape is what fuzzQueueOnce sets up: the queue on its goroutines or
+// driven, the commands' lengths, the controller's MAXH2CDATA, and the
+// most one receive of the driver reads (0: no bound).
+type fuzzShape struct {
+	driven            bool
+	readLen, writeLen int
+	maxH2CData        uint32
+	recvMax           int
+}
+
+var (
+	smallShape = fuzzShape{readLen: 1024, writeLen: 8192, maxH2CData: 4096}
+	// largeShape's data is large enough to be received into and sent
+	// from the commands' buffers on a driven queue (placedMin,
+	// gatherMin).
+	largeShape = fuzzShape{driven: true, readLen: 2 * placedMin, writeLen: 2 * gatherMin, maxH2CData: 2 * gatherMin}
+)
+
+// FuzzQueueLarge is FuzzQueue's driven queue with commands whose data is
+// received straight into and sent straight from their buffers, the
+// driver's receives cut short so that PDUs arrive in pieces (the first
+// input byte sets where): whatever arrives, both commands complete once
+// and Close returns.
+func FuzzQueueLarge(f *testing.F) {
+	f.Add(append([]byte{0}, controllerStreamSized(pdu.Options{}, largeShape)...), false)
+	f.Add(append([]byte{3}, controllerStreamSized(pdu.Options{HeaderDigest: true, DataDigest: true}, largeShape)...), true)
+	f.Add(append([]byte{200}, controllerStreamSized(pdu.Options{}, largeShape)...), false)
+	f.Fuzz(func(t *testing.T, b []byte, digests bool) {
+		if len(b) == 0 {
+			return
+		}
+		shape := largeShape
+		shape.recvMax = 64 + int(b[0])*96 // 64 bytes to about 24 KiB
+		fuzzQueueOnce(t, b[1:], digests, shape)
 	})
 }
 
@@ -74,7 +118,8 @@ func socketConns(t *testing.T) (net.Conn, net.Conn) {
 	return conn(fds[0]), conn(fds[1])
 }
 
-func fuzzQueueOnce(t *testing.T, b []byte, digests, driven bool) {
+func fuzzQueueOnce(t *testing.T, b []byte, digests bool, shape fuzzShape) {
+	driven := shape.driven
 	hostSide, ctrlSide := net.Pipe()
 	if driven {
 		hostSide, ctrlSide = socketConns(t)
@@ -87,7 +132,7 @@ func fuzzQueueOnce(t *testing.T, b []byte, digests, driven bool) {
 		if _, err := io.ReadFull(ctrlSide, icreq); err != nil {
 			return
 		}
-		ic := pdu.Header{CommonHeader: pdu.CommonHeader{Type: pdu.TypeICResp}, ICResp: pdu.ICResp{Digest: icreq[11], MaxH2CData: 4096}}
+		ic := pdu.Header{CommonHeader: pdu.CommonHeader{Type: pdu.TypeICResp}, ICResp: pdu.ICResp{Digest: icreq[11], MaxH2CData: shape.maxH2CData}}
 		drained := make(chan struct{})
 		first := make(chan struct{})
 		go func() {
@@ -110,7 +155,7 @@ func fuzzQueueOnce(t *testing.T, b []byte, digests, driven bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	q, err := NewQueue(ctx, hostSide, QueueConfig{QID: 1, Size: 4, HeaderDigest: digests, DataDigest: digests,
-		Timeout: 5 * time.Second, MaxData: 16384, Logger: slog.New(slog.DiscardHandler)})
+		Timeout: 5 * time.Second, MaxData: max(16384, shape.readLen, shape.writeLen), Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		hostSide.Close()
 		<-ctrlDone
@@ -118,6 +163,7 @@ func fuzzQueueOnce(t *testing.T, b []byte, digests, driven bool) {
 	}
 	if driven {
 		d := NewPollDriver(t)
+		d.RecvMax = shape.recvMax
 		d.Start(q.DriverCompletion)
 		defer d.Stop(q.StopDriving, q.DriverIdle)
 		if err := q.Drive(d, 0); err != nil {
@@ -125,9 +171,9 @@ func fuzzQueueOnce(t *testing.T, b []byte, digests, driven bool) {
 		}
 	}
 	done := make(chan error, 2)
-	read := &Request{Data: make([]byte, 1024)}
+	read := &Request{Data: make([]byte, shape.readLen)}
 	read.Cmd.SetOpcode(nvme.NVME_CMD_READ)
-	write := &Request{Data: make([]byte, 8192), Write: true}
+	write := &Request{Data: make([]byte, shape.writeLen), Write: true}
 	write.Cmd.SetOpcode(nvme.NVME_CMD_WRITE)
 	submitted := 0
 	for _, r := range []*Request{read, write} {
@@ -178,7 +224,9 @@ func TestQueueMutations(t *testing.T) {
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
-			fuzzQueueOnce(t, b, dg, i%2 == 1)
+			shape := smallShape
+			shape.driven = i%2 == 1
+			fuzzQueueOnce(t, b, dg, shape)
 		}()
 		select {
 		case <-done:
