@@ -7,6 +7,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/ublk-nvmeof/ublk-nvmeof/e2e/vm/internal/guestproto"
 )
@@ -59,7 +60,7 @@ func RunT(t *testing.T, cfg Config) {
 		t.Fatalf("VM harness: %v", err)
 	}
 	runKernels(t, cfg, kernels, func(t *testing.T, cfg Config) {
-		res, err := Run(context.Background(), cfg)
+		res, err := RunRebooting(context.Background(), cfg)
 		if err != nil {
 			t.Fatalf("VM harness: %v", err)
 		}
@@ -83,9 +84,14 @@ func runKernels(t *testing.T, cfg Config, kernels []*Kernel, run func(*testing.T
 }
 
 // Report turns a Result into subtests of t; a VM that crashed, hung or
-// never reported done fails t with the console log.
+// never reported done fails t with the console log. The guest kernel deaths
+// RunRebooting booted again after are logged with their console, not failed.
 func Report(t *testing.T, res *Result) {
 	t.Helper()
+	for i, r := range res.Reboots {
+		t.Logf("boot %d: the guest kernel died of the TCG int3 flake after %v while running %q; boot %d ran the tests it did not finish.\nconsole (last lines):\n%s",
+			i+1, r.Elapsed.Round(time.Second), r.Running, i+2, r.Console)
+	}
 	if strings.Contains(res.Boot, "setup errors") {
 		t.Errorf("guest setup: %s", res.Boot)
 	}

@@ -8,7 +8,9 @@
 // initramfs, boot QEMU under a deadline, and collect one result per guest
 // test from the VM's second serial port. /init fails a test during which the
 // kernel logged a WARNING, BUG, Oops, hung task or sanitizer report. A VM
-// that crashes or hangs fails the test it was running, with the console log.
+// that crashes or hangs fails the test it was running, with the console log;
+// RunRebooting (what RunT uses) boots again after the one death that is
+// TCG's, not the code's (see tcgFlake).
 //
 // The kernel comes from prepare-vm.sh (apt-get download into a cache outside
 // the repository); Available says why a Run cannot happen on this machine.
@@ -82,6 +84,10 @@ type Config struct {
 	// WorkDir keeps the initramfs, console log and results. Default: a
 	// temporary directory removed when Run returns.
 	WorkDir string
+
+	// skip holds, by package, the tests an earlier boot ran to their end
+	// (RunRebooting): /init does not run them again.
+	skip map[string][]string
 }
 
 // Result is what came back from the guest.
@@ -96,6 +102,9 @@ type Result struct {
 	// Running is the test that was running when the VM stopped without
 	// reporting done ("" if none).
 	Running string
+	// Reboots are the guest kernel deaths RunRebooting booted again after,
+	// in order (empty for Run).
+	Reboots []Reboot
 }
 
 // TestResult is one guest test.
@@ -376,7 +385,7 @@ func writeInitramfs(dst, initBin string, k *Kernel, bins []guestBinary, cfg *Con
 	for _, b := range bins {
 		p := guestproto.BinDir + "/" + filepath.Base(b.path)
 		c.File(p, 0o755, b.path)
-		m.Binaries = append(m.Binaries, guestproto.Binary{Package: b.pkg, Path: p})
+		m.Binaries = append(m.Binaries, guestproto.Binary{Package: b.pkg, Path: p, Skip: cfg.skip[b.pkg]})
 	}
 	extra := make([]string, 0, len(cfg.Files))
 	for g := range cfg.Files {

@@ -92,10 +92,11 @@ func TestHarnessKillsHungVM(t *testing.T) {
 }
 
 // TestHarnessReportsKernelCrash: a kernel panic during a test stops the VM;
-// the test is named and the console has the panic.
+// the test is named and the console has the panic. It is not the TCG int3
+// flake, so RunRebooting does not boot again.
 func TestHarnessReportsKernelCrash(t *testing.T) {
 	Require(t)
-	res, err := Run(t.Context(), Config{
+	res, err := RunRebooting(t.Context(), Config{
 		Packages: []string{selftestPkg},
 		Run:      "^TestGuestCrashesKernel$",
 		Env:      []string{"SELFTEST_CRASH=1"},
@@ -112,6 +113,67 @@ func TestHarnessReportsKernelCrash(t *testing.T) {
 	}
 	if !strings.Contains(res.Console, "Kernel panic") {
 		t.Errorf("console has no kernel panic:\n%s", res.ConsoleTail(30))
+	}
+	if len(res.Reboots) != 0 {
+		t.Errorf("booted again after a panic that is not the TCG flake: %+v", res.Reboots)
+	}
+}
+
+// TestHarnessRebootsAfterTCGFlake: a guest kernel that dies with the TCG
+// int3 flake's console line is booted again; the test it died in runs
+// again and passes there, the test that had passed is not run twice.
+func TestHarnessRebootsAfterTCGFlake(t *testing.T) {
+	Require(t)
+	if acc, _ := accel(); acc != "tcg" {
+		t.Skipf("the flake is only recognised under TCG, not %s", acc)
+	}
+	res, err := RunRebooting(t.Context(), Config{
+		Packages: []string{selftestPkg},
+		Run:      "^TestGuest(Passes|DiesOfTCGFlakeOnce)$",
+		Env:      []string{"SELFTEST_FLAKE=1"},
+		Timeout:  3 * time.Minute,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.Done {
+		t.Fatalf("done=%v timed out=%v after the reboot\n%s", res.Done, res.TimedOut, res.ConsoleTail(30))
+	}
+	const died = "e2e/vm/testdata/selftest.TestGuestDiesOfTCGFlakeOnce"
+	if len(res.Reboots) != 1 || res.Reboots[0].Running != died || !strings.Contains(res.Reboots[0].Console, "Oops: int3") {
+		t.Fatalf("reboots %+v, want one, during %s, with the oops", res.Reboots, died)
+	}
+	var got []string
+	for _, tr := range res.Tests {
+		got = append(got, tr.Name+" "+tr.Status)
+	}
+	want := "TestGuestPasses PASS, TestGuestDiesOfTCGFlakeOnce PASS"
+	if strings.Join(got, ", ") != want {
+		t.Errorf("tests %q, want %q", strings.Join(got, ", "), want)
+	}
+	if !strings.Contains(res.Tests[1].Output, "boot 2, passing") {
+		t.Errorf("the rerun did not see E2E_BOOT=2:\n%s", res.Tests[1].Output)
+	}
+}
+
+func TestEndedTestsAndFlakeMatch(t *testing.T) {
+	got := endedTests([]TestResult{{Package: "a", Name: "TestX"}, {Package: "b/c", Name: "TestY"}, {Package: "a", Name: "TestZ"}})
+	if strings.Join(got["a"], " ") != "TestX TestZ" || strings.Join(got["b/c"], " ") != "TestY" || len(got) != 2 {
+		t.Errorf("endedTests: %v", got)
+	}
+	for console, want := range map[string]bool{
+		"[  812.1] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\n[  812.1] RIP: 0010:kmem_cache_alloc_noprof+0x5/0x2c0": true,
+		"[   12.0] Oops: general protection fault, probably for non-canonical address":                             false,
+		"[   12.0] Kernel panic - not syncing: sysrq triggered crash":                                              false,
+		"[   12.0] Oops: int32_overflow":                                                                           false,
+	} {
+		if tcgFlake.MatchString(console) != want {
+			t.Errorf("tcgFlake on %q: %v, want %v", console, !want, want)
+		}
+	}
+	console := "a\nb [ 1.0] Oops: int3: 0000 [#1]\nc\nd\ne"
+	if got := oopsLines(console, 2); got != "b [ 1.0] Oops: int3: 0000 [#1]\nc" {
+		t.Errorf("oopsLines: %q", got)
 	}
 }
 

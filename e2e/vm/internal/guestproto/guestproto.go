@@ -43,6 +43,9 @@ type Module struct {
 type Binary struct {
 	Package string `json:"package"` // import path relative to the module, e.g. "ublk"
 	Path    string `json:"path"`
+	// Skip names tests an earlier boot ran to their end: listed by
+	// -test.run but not run again.
+	Skip []string `json:"skip,omitempty"`
 }
 
 // Sysctl is a /proc/sys file and its value.

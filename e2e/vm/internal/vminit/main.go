@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -119,6 +120,9 @@ func run() error {
 			continue
 		}
 		for _, name := range tests {
+			if slices.Contains(b.Skip, name) {
+				continue
+			}
 			ev := runTest(res, kl, b, name, timeout, m)
 			res.send(ev)
 			logf("%s %s.%s (%v)", ev.Status, b.Package, name, time.Duration(ev.Elapsed).Round(time.Millisecond))

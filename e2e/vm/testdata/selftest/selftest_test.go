@@ -96,3 +96,24 @@ func TestGuestKernelRelease(t *testing.T) {
 	}
 	t.Logf("selftest: kernel %s", got)
 }
+
+// TestGuestDiesOfTCGFlakeOnce, on the first boot, logs the console line of
+// the TCG int3 flake at emergency level and panics the kernel; on any later
+// boot it passes. The harness must boot again and run it (only it) there.
+func TestGuestDiesOfTCGFlakeOnce(t *testing.T) {
+	guest.Require(t)
+	if os.Getenv("SELFTEST_FLAKE") != "1" {
+		t.Skip("SELFTEST_FLAKE not set")
+	}
+	if boot := os.Getenv("E2E_BOOT"); boot != "1" {
+		t.Logf("selftest: boot %s, passing", boot)
+		return
+	}
+	if err := os.WriteFile("/dev/kmsg", []byte("<0>Oops: int3: 0000 [#1] (written by the harness self-test)\n"), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile("/proc/sysrq-trigger", []byte("c"), 0); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Minute)
+}
