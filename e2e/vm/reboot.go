@@ -27,13 +27,16 @@ const EnvBoot = "E2E_BOOT"
 
 // Reboot is one guest kernel death that RunRebooting booted again after.
 type Reboot struct {
+	Why     string        // what happened, in words
 	Running string        // the test that was running ("" before the first)
 	Elapsed time.Duration // how long that boot ran
-	Console string        // the console from the oops on, at most 40 lines
+	Console string        // the console from the oops on (or its end), at most 40 lines
 }
 
 // RunRebooting is Run, but a guest kernel that died of the TCG text-patching
-// flake (tcgFlake; only under TCG, never a timeout) is booted again, at most
+// flake (tcgFlake; only under TCG, never a timeout), or a guest that hung
+// before /init's first report (Config.BootTimeout: seen once under TCG, a
+// silent console at 196 % CPU for 10 minutes), is booted again, at most
 // flakeReboots times, to run the tests that kernel did not finish: the test
 // it died in runs again from its start, the tests that ended are not run
 // again. Any other death is the Result as Run returns it. The Result joins
@@ -53,13 +56,17 @@ func RunRebooting(ctx context.Context, cfg Config) (*Result, error) {
 		}
 		ended = append(ended, res.Tests...)
 		elapsed += res.Elapsed
-		if !diedOfTCGFlake(res) || boot > flakeReboots || ctx.Err() != nil {
+		if !(diedOfTCGFlake(res) || res.BootHung) || boot > flakeReboots || ctx.Err() != nil {
 			res.Tests, res.Reboots, res.Elapsed = ended, reboots, elapsed
 			return res, nil
 		}
-		reboots = append(reboots, Reboot{Running: res.Running, Elapsed: res.Elapsed, Console: oopsLines(res.Console, 40)})
-		cfg.progressf("the guest kernel died of the TCG int3 flake while running %q; booting again (%d of at most %d) for the tests it did not finish",
-			res.Running, boot, flakeReboots)
+		r := Reboot{Running: res.Running, Elapsed: res.Elapsed, Console: oopsLines(res.Console, 40), Why: "the guest kernel died of the TCG int3 flake"}
+		if res.BootHung {
+			r.Why, r.Console = "the guest hung before /init reported", res.ConsoleTail(40)
+		}
+		reboots = append(reboots, r)
+		cfg.progressf("%s while running %q; booting again (%d of at most %d) for the tests it did not finish",
+			r.Why, res.Running, boot, flakeReboots)
 	}
 }
 

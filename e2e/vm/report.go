@@ -89,8 +89,8 @@ func runKernels(t *testing.T, cfg Config, kernels []*Kernel, run func(*testing.T
 func Report(t *testing.T, res *Result) {
 	t.Helper()
 	for i, r := range res.Reboots {
-		t.Logf("boot %d: the guest kernel died of the TCG int3 flake after %v while running %q; boot %d ran the tests it did not finish.\nconsole (last lines):\n%s",
-			i+1, r.Elapsed.Round(time.Second), r.Running, i+2, r.Console)
+		t.Logf("boot %d: %s after %v while running %q; boot %d ran the tests it did not finish.\nconsole:\n%s",
+			i+1, r.Why, r.Elapsed.Round(time.Second), r.Running, i+2, r.Console)
 	}
 	if strings.Contains(res.Boot, "setup errors") {
 		t.Errorf("guest setup: %s", res.Boot)
@@ -114,6 +114,9 @@ func Report(t *testing.T, res *Result) {
 		what := "the VM stopped before /init reported done"
 		if res.TimedOut {
 			what = "the VM was killed at its timeout"
+		}
+		if res.BootHung {
+			what = "the VM was killed at its boot timeout, /init silent"
 		}
 		if res.Running != "" {
 			what += " while running " + res.Running

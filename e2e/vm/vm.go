@@ -53,6 +53,10 @@ type Config struct {
 	TestTimeout time.Duration
 	// Timeout bounds the whole VM, boot to power-off. Default 20 minutes.
 	Timeout time.Duration
+	// BootTimeout bounds the boot, QEMU's start to /init's first report:
+	// a guest silent that long is killed (Result.BootHung). Default 5
+	// minutes; boots take 5 to 60 seconds under TCG.
+	BootTimeout time.Duration
 	// MemoryMiB and CPUs size the VM. Defaults 2048 and 2.
 	MemoryMiB int
 	CPUs      int
@@ -96,6 +100,7 @@ type Result struct {
 	Tests    []TestResult // in the order they ran
 	Done     bool         // /init ran every test and reported done
 	TimedOut bool         // the VM was killed at Config.Timeout
+	BootHung bool         // the VM was killed at Config.BootTimeout, before /init reported
 	Console  string       // the kernel console (ttyS0), whole
 	QEMU     string       // QEMU's own stderr
 	Elapsed  time.Duration
@@ -165,6 +170,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.Timeout == 0 {
 		c.Timeout = 20 * time.Minute
+	}
+	if c.BootTimeout == 0 {
+		c.BootTimeout = 5 * time.Minute
 	}
 	if c.MemoryMiB == 0 {
 		c.MemoryMiB = 2048
@@ -529,20 +537,26 @@ func boot(ctx context.Context, cfg *Config, k *Kernel, work, initrd string) (*Re
 	}
 
 	res := &Result{}
-	col := &collector{res: res, cfg: cfg}
+	col := &collector{res: res, cfg: cfg, booted: make(chan struct{})}
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
-	wg.Add(1)
+	wg.Add(2)
 	go func() {
 		defer wg.Done()
 		col.follow(resultsLog, stop)
 	}()
+	bootHung := make(chan bool, 1)
+	go func() {
+		defer wg.Done()
+		bootHung <- watchBoot(cmd, col.booted, stop, cfg.BootTimeout)
+	}()
 	waitErr := cmd.Wait()
 	close(stop)
 	wg.Wait()
+	res.BootHung = <-bootHung
 
 	res.Elapsed = time.Since(start)
-	res.TimedOut = errors.Is(ctx.Err(), context.DeadlineExceeded)
+	res.TimedOut = errors.Is(ctx.Err(), context.DeadlineExceeded) && !res.BootHung
 	res.QEMU = qemuErr.String()
 	if b, err := os.ReadFile(consoleLog); err == nil {
 		res.Console = strings.ReplaceAll(string(b), "\r", "")
@@ -550,15 +564,37 @@ func boot(ctx context.Context, cfg *Config, k *Kernel, work, initrd string) (*Re
 	if waitErr != nil && !res.TimedOut && !res.Done {
 		res.QEMU += fmt.Sprintf("\nqemu: %v", waitErr)
 	}
-	cfg.progressf("VM stopped after %v (done=%v timed out=%v, %d tests)", res.Elapsed.Round(time.Millisecond), res.Done, res.TimedOut, len(res.Tests))
+	if res.BootHung {
+		res.QEMU += fmt.Sprintf("\nkilled: no report from /init %v after QEMU started", cfg.BootTimeout)
+	}
+	cfg.progressf("VM stopped after %v (done=%v timed out=%v boot hung=%v, %d tests)", res.Elapsed.Round(time.Millisecond), res.Done, res.TimedOut, res.BootHung, len(res.Tests))
 	return res, nil
+}
+
+// watchBoot kills QEMU if /init has not reported (booted closed) within
+// timeout of its start, and says whether it did; it returns when QEMU
+// stopped (stop closed) or /init reported.
+func watchBoot(cmd *exec.Cmd, booted, stop <-chan struct{}, timeout time.Duration) bool {
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case <-booted:
+		return false
+	case <-stop:
+		return false
+	case <-t.C:
+		cmd.Process.Kill()
+		return true
+	}
 }
 
 // collector turns the results port's lines into a Result.
 type collector struct {
-	res     *Result
-	cfg     *Config
-	partial []byte
+	res      *Result
+	cfg      *Config
+	partial  []byte
+	booted   chan struct{} // closed at /init's first boot report
+	bootSeen bool
 }
 
 // follow tails the results file until stop is closed, then reads the rest.
@@ -602,6 +638,10 @@ func (c *collector) line(b []byte) {
 	switch ev.Kind {
 	case guestproto.EventBoot:
 		c.res.Boot = ev.Text
+		if !c.bootSeen {
+			c.bootSeen = true
+			close(c.booted)
+		}
 		c.cfg.progressf("guest up: %s", ev.Text)
 	case guestproto.EventStart:
 		c.res.Running = ev.Package + "." + ev.Test

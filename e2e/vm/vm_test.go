@@ -156,6 +156,32 @@ func TestHarnessRebootsAfterTCGFlake(t *testing.T) {
 	}
 }
 
+// TestHarnessKillsHungBoot: a guest that does not report within the boot
+// timeout is killed and booted again, at most twice; then the Result says
+// the boot hung (not the whole VM's timeout).
+func TestHarnessKillsHungBoot(t *testing.T) {
+	Require(t)
+	start := time.Now()
+	res, err := RunRebooting(t.Context(), Config{
+		Packages:    []string{selftestPkg},
+		Run:         "^TestGuestPasses$",
+		BootTimeout: 2 * time.Second, // a boot takes 5 s or more under TCG
+		Timeout:     time.Minute,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.BootHung || res.Done || res.TimedOut || len(res.Tests) != 0 {
+		t.Fatalf("boot hung=%v done=%v timed out=%v tests=%d, want a hung boot", res.BootHung, res.Done, res.TimedOut, len(res.Tests))
+	}
+	if len(res.Reboots) != flakeReboots || !strings.Contains(res.Reboots[0].Why, "hung") {
+		t.Errorf("reboots %+v, want %d for a hung boot", res.Reboots, flakeReboots)
+	}
+	if el := time.Since(start); el > 50*time.Second {
+		t.Errorf("three 2 s boots took %v: the boot timeout did not kill them", el)
+	}
+}
+
 func TestEndedTestsAndFlakeMatch(t *testing.T) {
 	got := endedTests([]TestResult{{Package: "a", Name: "TestX"}, {Package: "b/c", Name: "TestY"}, {Package: "a", Name: "TestZ"}})
 	if strings.Join(got["a"], " ") != "TestX TestZ" || strings.Join(got["b/c"], " ") != "TestY" || len(got) != 2 {
