@@ -111,6 +111,11 @@ func (c *Control) addDev(ctx context.Context, o Options) (DeviceInfo, error) {
 			return DeviceInfo{}, missing(FeatureAutoBufReg)
 		}
 		ri.Flags |= uapi.UBLK_F_AUTO_BUF_REG
+		// With it the driver copies nothing; USER_COPY (6.4) lets the
+		// backend copy a few bytes itself where an operation on the
+		// registered pages would cost more (Request.ReadAt, WriteAt).
+		// The driver takes both together (ublk_ctrl_add_dev).
+		ri.Flags |= uapi.UBLK_F_USER_COPY
 	}
 	if c.features != 0 {
 		if want := Features(ri.Flags); !c.features.Has(want) {

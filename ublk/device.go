@@ -205,6 +205,7 @@ func (d *Device) startQueues(ctx context.Context, b Backend) error {
 	for i := range n {
 		q := newQueue(i, d.info.Depth, int(d.params.MaxIOBytes), d.cdev, encode, b, d.log)
 		q.ringBackend, q.zeroCopy = rb, zeroCopy
+		q.userCopy = d.info.Flags.Has(FeatureUserCopy)
 		d.queues[i] = q
 		d.wg.Add(1)
 		go func() {

@@ -44,7 +44,10 @@
 // the driver registers each request's pages in the ring's buffer table at
 // the tag's slot, the RingBackend's fixed-buffer operations move the data
 // to or from them directly, and every such operation must be reaped before
-// the request is completed (docs/design.md, Zero copy).
+// the request is completed (docs/design.md, Zero copy). Such a device also
+// has UBLK_F_USER_COPY (6.4): a few bytes of a request are cheaper to move
+// by a copy than by an operation on the ring, and Request.ReadAt and
+// WriteAt do that copy (pread and pwrite on /dev/ublkcN).
 //
 // # Life cycle
 //

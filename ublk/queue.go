@@ -28,13 +28,16 @@ type completion struct {
 // its OS thread, because the driver binds the queue to the task that issued
 // the first FETCH_REQ (ubq_daemon) and rejects commands from other tasks.
 type queue struct {
-	id      int
-	depth   int
-	maxIO   int
-	cdev    int  // /dev/ublkcN, owned by the Device
-	encode  bool // ioctl-encoded I/O opcodes
-	backend Backend
-	log     *slog.Logger
+	id    int
+	depth int
+	maxIO int
+	cdev  int // /dev/ublkcN, owned by the Device
+	// userCopy: the device has UBLK_F_USER_COPY, a request's data is
+	// read and written with pread and pwrite on cdev (Request.ReadAt).
+	userCopy bool
+	encode   bool // ioctl-encoded I/O opcodes
+	backend  Backend
+	log      *slog.Logger
 
 	reqs []Request // one per tag
 

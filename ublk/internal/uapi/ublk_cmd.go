@@ -99,7 +99,21 @@ const (
 	UBLKSRV_IO_DESC_SIZE = 24
 	UBLK_MAX_NR_QUEUES   = 4096
 	UBLK_IO_BUF_BITS     = 25 // a single I/O buffer is at most 32 MiB
+
+	// USER_COPY's pread/pwrite position: UBLKSRV_IO_BUF_OFFSET +
+	// (qid << UBLK_QID_OFF) + (tag << UBLK_TAG_OFF) + byte offset.
+	UBLK_TAG_OFF  = UBLK_IO_BUF_BITS
+	UBLK_TAG_BITS = 16
+	UBLK_QID_OFF  = UBLK_TAG_OFF + UBLK_TAG_BITS
+	UBLK_QID_BITS = 12
 )
+
+// UserCopyPos is the /dev/ublkcN file position of byte off of the request
+// of queue qid, tag tag, for pread and pwrite with UBLK_F_USER_COPY
+// (ublk_pos_to_hwq, ublk_pos_to_tag, ublk_pos_to_buf_off).
+func UserCopyPos(qid, tag uint16, off uint32) int64 {
+	return UBLKSRV_IO_BUF_OFFSET + int64(qid)<<UBLK_QID_OFF + int64(tag)<<UBLK_TAG_OFF + int64(off)
+}
 
 // Feature flags, UBLK_F_* (include/uapi/linux/ublk_cmd.h). The comment says
 // which kernel release introduced each.
