@@ -33,6 +33,14 @@ import (
 // resumed where a short send stopped. Both buffers are mmap'd: the kernel
 // reads and writes them after the call that queued the operation returned.
 //
+// A command's Fixed data (zero copy: a ublk request's pages, registered in
+// the ring, that this process cannot address) moves the same way with a
+// FixedDriver's operations: a placed C2HData's data by RecvFixed, a large
+// H2CData's by SendFixed, in order with the sends around it; the few
+// bytes that are not worth an operation (small PDUs, in-capsule data, the
+// start of a placed PDU's data that came in with its header) are copied
+// with the Fixed data's ReadAt and WriteAt.
+//
 // Threads: every method with "on the Driver's thread" below runs only
 // there. Submit, Shutdown and the timer may run anywhere: they queue work
 // under q.mu and kick the Driver (Driver.Post). A failure shuts the socket
@@ -57,6 +65,18 @@ type Driver interface {
 	Recv(fd int, buf []byte, userData uint64) error
 	CancelFd(fd int, userData uint64) error
 	Post(f func()) error
+}
+
+// FixedDriver is a Driver that also moves data this process cannot
+// address (Request.Fixed: a ublk request's pages registered in its ring):
+// RecvFixed receives up to n bytes from fd into data from byte off on
+// (READ_FIXED on the socket), SendFixed sends n bytes of data from off on
+// fd (WRITE_FIXED: one copy into the socket). Like Recv and Send, each
+// completes through Queue.DriverCompletion with its userData.
+type FixedDriver interface {
+	Driver
+	RecvFixed(fd int, data FixedData, off, n int, userData uint64) error
+	SendFixed(fd int, data FixedData, off, n int, userData uint64) error
 }
 
 // DriverReleaser is a Driver told when a queue it drives is released
@@ -105,9 +125,10 @@ const pduSlack = 256
 // drivenState is a driven queue's transport state. Fields but fd are
 // touched on the Driver's thread only; fd is guarded by q.mu.
 type drivenState struct {
-	d    Driver
-	base uint64
-	fd   int
+	d     Driver
+	fixed FixedDriver // d, when it moves Fixed data; nil otherwise
+	base  uint64
+	fd    int
 
 	rbuf, sbuf     []byte // mmap'd receive and send buffers
 	rstart, rend   int    // unparsed received bytes: rbuf[rstart:rend]
@@ -120,10 +141,14 @@ type drivenState struct {
 	stopping       bool // cancelling: nothing new is queued on the Driver
 	released       bool // socket closed, buffers freed, usage dropped
 
-	// The C2HData PDU at rbuf[rstart:] whose data is received into
-	// placed (its command's buffer, placedReq's) rather than rbuf:
-	// placedGot bytes of it so far. nil: none.
+	// The C2HData PDU at rbuf[rstart:] whose placedLen data bytes are
+	// received into its command's data (placedReq's, from byte
+	// placedOff on) rather than rbuf: into placed, or, when placed is
+	// nil, into placedReq.Fixed by RecvFixed; placedGot bytes of them so
+	// far. placedLen 0: none.
 	placed    []byte
+	placedLen int
+	placedOff int
 	placedGot int
 	placedReq *Request
 	lastLarge bool // the last PDU parsed was a placed C2HData
@@ -152,8 +177,13 @@ type drivenState struct {
 }
 
 // sliceReader reads one received PDU out of the receive buffer. Its data,
-// when placed, is already where the Reader reads it to.
-type sliceReader struct{ b, placed []byte }
+// when placed, is already where the Reader reads it to; when
+// fixedPlaced, it is already in the command's Fixed data
+// (fixedC2HData takes it).
+type sliceReader struct {
+	b, placed   []byte
+	fixedPlaced bool
+}
 
 func (r *sliceReader) Read(p []byte) (int, error) {
 	if len(r.placed) > 0 && len(p) == len(r.placed) && &p[0] == &r.placed[0] {
@@ -174,9 +204,29 @@ func (r *sliceReader) Read(p []byte) (int, error) {
 type sbufWriter struct {
 	b        []byte
 	n        int
-	runStart int      // sbuf[runStart:n] is not in segs yet
-	segs     [][]byte // what to send, in order, once the run is flushed
-	external int      // segments that are not sbuf's
+	runStart int       // sbuf[runStart:n] is not in segs yet
+	segs     []sendSeg // what to send, in order, once the run is flushed
+	external int       // segments that are not sbuf's
+}
+
+// sendSeg is a piece of a gathered send: bytes in memory (sbuf's or a
+// command's Data), or n bytes of a command's Fixed data from off on.
+type sendSeg struct {
+	b      []byte
+	fixed  FixedData
+	off, n int
+}
+
+func (s *sendSeg) len() int {
+	if s.fixed != nil {
+		return s.n
+	}
+	return len(s.b)
+}
+
+// fixedWriter takes Fixed data: the driven queue's sbufWriter.
+type fixedWriter interface {
+	writeFixed(d FixedData, off, n int) error
 }
 
 // gatherMin is the least data sent from a command's buffer rather than
@@ -187,7 +237,7 @@ const gatherMin = 16 << 10
 func (w *sbufWriter) Write(p []byte) (int, error) {
 	if len(p) >= gatherMin {
 		w.flushRun()
-		w.segs = append(w.segs, p)
+		w.segs = append(w.segs, sendSeg{b: p})
 		w.external++
 		return len(p), nil
 	}
@@ -198,10 +248,30 @@ func (w *sbufWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// writeFixed adds n bytes of d from off on: gatherMin bytes or more as a
+// segment sent by SendFixed, fewer copied into sbuf (d.ReadAt: a system
+// call that copies, cheaper than an operation more on the ring).
+func (w *sbufWriter) writeFixed(d FixedData, off, n int) error {
+	if n >= gatherMin {
+		w.flushRun()
+		w.segs = append(w.segs, sendSeg{fixed: d, off: off, n: n})
+		w.external++
+		return nil
+	}
+	if n > len(w.b)-w.n {
+		return errors.New("nvmeof: send buffer overflow")
+	}
+	if _, err := d.ReadAt(w.b[w.n:w.n+n], int64(off)); err != nil {
+		return fmt.Errorf("nvmeof: copy of zero-copy data to send: %w", err)
+	}
+	w.n += n
+	return nil
+}
+
 // flushRun ends the run of bytes copied into sbuf as a segment.
 func (w *sbufWriter) flushRun() {
 	if w.n > w.runStart {
-		w.segs = append(w.segs, w.b[w.runStart:w.n])
+		w.segs = append(w.segs, sendSeg{b: w.b[w.runStart:w.n]})
 		w.runStart = w.n
 	}
 }
@@ -216,8 +286,8 @@ func (w *sbufWriter) reset() {
 // size is the number of bytes written, copied or not.
 func (w *sbufWriter) size() int {
 	n := w.n - w.runStart
-	for _, s := range w.segs {
-		n += len(s)
+	for i := range w.segs {
+		n += w.segs[i].len()
 	}
 	return n
 }
@@ -341,6 +411,7 @@ func (q *Queue) newDriven(d Driver, base uint64, sc syscall.Conn) (*drivenState,
 	}
 	q.conn.Close()
 	ds := &drivenState{d: d, base: base, fd: fd}
+	ds.fixed, _ = d.(FixedDriver)
 	// One PDU of the largest data, whole, fits each buffer.
 	maxPDU := q.cfg.MaxData + pduSlack
 	sendSize := q.cfg.MaxData + (q.cfg.MaxData/pdu.NVME_TCP_MIN_MAXH2CDATA+2)*pduSlack
@@ -426,8 +497,8 @@ func (q *Queue) pump() {
 		return
 	}
 	if !ds.recvBusy {
-		buf, placed := ds.recvTarget()
-		if err := ds.d.Recv(ds.fd, buf, ds.base+opRecv); err != nil {
+		placed, err := ds.postRecv()
+		if err != nil {
 			q.fail(err)
 			q.stopDriven(ds)
 			return
@@ -443,28 +514,35 @@ func (q *Queue) pump() {
 	}
 }
 
-// recvTarget is where the next receive lands: the rest of a placed PDU's
-// data, or the receive buffer's free space (at most placedPeek bytes of
-// it after a placed PDU).
-func (ds *drivenState) recvTarget() (buf []byte, placed bool) {
-	if ds.placedGot < len(ds.placed) {
-		return ds.placed[ds.placedGot:], true
+// postRecv queues the next receive: of the rest of a placed PDU's data
+// (into placed, or into its command's Fixed data), or into the receive
+// buffer's free space (at most placedPeek bytes of it after a placed
+// PDU).
+func (ds *drivenState) postRecv() (placed bool, err error) {
+	if left := ds.placedLen - ds.placedGot; left > 0 {
+		if ds.placed == nil {
+			return true, ds.fixed.RecvFixed(ds.fd, ds.placedReq.Fixed, ds.placedOff+ds.placedGot, left, ds.base+opRecv)
+		}
+		return true, ds.d.Recv(ds.fd, ds.placed[ds.placedGot:], ds.base+opRecv)
 	}
-	buf = ds.rbuf[ds.rend:]
+	buf := ds.rbuf[ds.rend:]
 	if ds.lastLarge && len(buf) > placedPeek {
 		buf = buf[:placedPeek]
 	}
-	return buf, false
+	return false, ds.d.Recv(ds.fd, buf, ds.base+opRecv)
 }
 
 // sendBuffered queues the send of what is left: sbuf[sendOff:sendN], or
 // of the gathered segments from byte sendOff on.
 func (q *Queue) sendBuffered(ds *drivenState) {
 	var err error
-	if ds.gathered {
-		err = ds.d.Sendmsg(ds.fd, ds.gatherMsg(), ds.base+opSend)
-	} else {
+	switch seg, inner := ds.segAt(ds.sendOff); {
+	case !ds.gathered:
 		err = ds.d.Send(ds.fd, ds.sbuf[ds.sendOff:ds.sendN], ds.base+opSend)
+	case seg.fixed != nil:
+		err = ds.fixed.SendFixed(ds.fd, seg.fixed, seg.off+inner, seg.n-inner, ds.base+opSend)
+	default:
+		err = ds.d.Sendmsg(ds.fd, ds.gatherMsg(), ds.base+opSend)
 	}
 	if err != nil {
 		q.fail(err)
@@ -475,18 +553,37 @@ func (q *Queue) sendBuffered(ds *drivenState) {
 	ds.ops++
 }
 
-// gatherMsg is the msghdr of the gathered segments' bytes from sendOff on.
+// segAt is the gathered segment that byte off of the send is in, and
+// the offset in it; nil past the end.
+func (ds *drivenState) segAt(off int) (*sendSeg, int) {
+	for i := range ds.sw.segs {
+		seg := &ds.sw.segs[i]
+		if off < seg.len() {
+			return seg, off
+		}
+		off -= seg.len()
+	}
+	return nil, 0
+}
+
+// gatherMsg is the msghdr of the gathered segments' bytes from sendOff on,
+// up to the first Fixed segment (SendFixed sends that).
 func (ds *drivenState) gatherMsg() *unix.Msghdr {
 	ds.iovs = ds.iovs[:0]
 	skip := ds.sendOff
-	for _, seg := range ds.sw.segs {
-		if skip >= len(seg) {
-			skip -= len(seg)
+	for i := range ds.sw.segs {
+		seg := &ds.sw.segs[i]
+		if skip >= seg.len() {
+			skip -= seg.len()
 			continue
 		}
-		seg, skip = seg[skip:], 0
-		v := unix.Iovec{Base: &seg[0]}
-		v.SetLen(len(seg))
+		if seg.fixed != nil {
+			break
+		}
+		b := seg.b[skip:]
+		skip = 0
+		v := unix.Iovec{Base: &b[0]}
+		v.SetLen(len(b))
 		ds.iovs = append(ds.iovs, v)
 	}
 	ds.msg = unix.Msghdr{Iov: &ds.iovs[0]}
@@ -501,7 +598,7 @@ func (q *Queue) itemRoom(it sendItem) int {
 		return pduSlack
 	case !it.h2c:
 		if it.req.inCapsule {
-			return pduSlack + len(it.req.Data)
+			return pduSlack + it.req.dataLen
 		}
 		return pduSlack
 	default:
@@ -589,8 +686,8 @@ func (q *Queue) received(ds *drivenState, res int32) {
 	case res < 0:
 		q.fail(os.NewSyscallError("recv", unix.Errno(-res)))
 		return
-	case ds.recvPlaced && int(res) > len(ds.placed)-ds.placedGot:
-		q.fail(fmt.Errorf("nvmeof: receive of %d bytes into %d", res, len(ds.placed)-ds.placedGot))
+	case ds.recvPlaced && int(res) > ds.placedLen-ds.placedGot:
+		q.fail(fmt.Errorf("nvmeof: receive of %d bytes into %d", res, ds.placedLen-ds.placedGot))
 		return
 	case ds.recvPlaced:
 		ds.placedGot += int(res)
@@ -621,11 +718,11 @@ func (q *Queue) parse(ds *drivenState) error {
 		if plen < pdu.CommonHeaderSize || plen > len(ds.rbuf) {
 			return q.protocolError("PDU length %d out of range", plen)
 		}
-		if ds.placed == nil && avail < plen && q.place(ds, ch) {
+		if ds.placedLen == 0 && avail < plen && q.place(ds, ch) {
 			avail = ds.rend - ds.rstart
 		}
-		need := plen - len(ds.placed) // what of it is in rbuf
-		if avail < need || ds.placedGot < len(ds.placed) {
+		need := plen - ds.placedLen // what of it is in rbuf
+		if avail < need || ds.placedGot < ds.placedLen {
 			if ds.rstart+need > len(ds.rbuf) {
 				// The rest will not fit behind it: move it to the
 				// front (each byte moves at most once).
@@ -635,15 +732,16 @@ func (q *Queue) parse(ds *drivenState) error {
 			return nil
 		}
 		ds.src.b, ds.src.placed = ds.rbuf[ds.rstart:ds.rstart+need], ds.placed
-		ds.lastLarge = ds.placed != nil
-		ds.placed, ds.placedGot, ds.placedReq = nil, 0, nil
+		ds.src.fixedPlaced = ds.placedLen > 0 && ds.placed == nil
+		ds.lastLarge = ds.placedLen > 0
+		ds.placed, ds.placedLen, ds.placedOff, ds.placedGot, ds.placedReq = nil, 0, 0, 0, nil
 		if err := ds.rd.ReadHeader(&ds.h); err != nil {
 			return err
 		}
 		if err := q.handlePDU(ds.rd, &ds.h); err != nil {
 			return err
 		}
-		if len(ds.src.b) != 0 || ds.src.placed != nil {
+		if len(ds.src.b) != 0 || ds.src.placed != nil || ds.src.fixedPlaced {
 			return q.protocolError("%v PDU with %d bytes beyond its data", ds.h.Type, len(ds.src.b))
 		}
 		ds.rstart += need
@@ -681,13 +779,63 @@ func (q *Queue) place(ds *drivenState, ch pdu.CommonHeader) bool {
 	if err != nil {
 		return false
 	}
-	dst := r.Data[d.DataOffset : d.DataOffset+d.DataLength]
 	start := ds.rstart + pdo
-	n := copy(dst, ds.rbuf[start:ds.rend])
+	var n int
+	if r.Fixed != nil {
+		// No data digest (Submit): the bytes after the header are
+		// data, at most DataLength of them (the PDU is incomplete).
+		n = ds.rend - start
+		if _, err := r.Fixed.WriteAt(ds.rbuf[start:ds.rend], int64(d.DataOffset)); err != nil {
+			return false // received whole into rbuf; fixedC2HData fails it
+		}
+		ds.placed = nil
+	} else {
+		ds.placed = r.Data[d.DataOffset : d.DataOffset+d.DataLength]
+		n = copy(ds.placed, ds.rbuf[start:ds.rend])
+	}
 	ds.rend = start + copy(ds.rbuf[start:], ds.rbuf[start+n:ds.rend])
-	ds.placed, ds.placedGot, ds.placedReq = dst, n, r
+	ds.placedLen, ds.placedOff, ds.placedGot, ds.placedReq = int(d.DataLength), int(d.DataOffset), n, r
 	ds.placedN++
 	return true
+}
+
+// fixedC2HData takes the data of a C2HData PDU for a command with Fixed
+// data, after its header: already received into the command's pages
+// (placed), or in the receive buffer, copied there by WriteAt (a
+// system call that copies, cheaper for a few bytes than a receive more).
+func (q *Queue) fixedC2HData(rd *pdu.Reader, r *Request, d pdu.DataHeader) error {
+	ds := q.driven.Load()
+	if ds == nil {
+		return ErrFixedNotDriven // Submit let it in only on a driven queue
+	}
+	if err := rd.TakeData(); err != nil {
+		return err
+	}
+	if ds.src.fixedPlaced {
+		ds.src.fixedPlaced = false
+		return nil
+	}
+	n := int(d.DataLength)
+	if len(ds.src.b) < n {
+		return io.ErrUnexpectedEOF // parse hands over whole PDUs
+	}
+	if _, err := r.Fixed.WriteAt(ds.src.b[:n], int64(d.DataOffset)); err != nil {
+		return fmt.Errorf("nvmeof: copy of received data into zero-copy data: %w", err)
+	}
+	ds.src.b = ds.src.b[n:]
+	return nil
+}
+
+// checkFixed tells whether req's Fixed data can go on this queue: driven
+// by a FixedDriver, without data digests.
+func (q *Queue) checkFixed(req *Request) error {
+	if ds := q.driven.Load(); ds == nil || ds.fixed == nil {
+		return ErrFixedNotDriven
+	}
+	if q.sendOpts.DataDigest || q.recvOpts.DataDigest {
+		return ErrFixedDigest
+	}
+	return nil
 }
 
 // driveFailed fails the queue after a receive error. A protocol error is

@@ -41,6 +41,8 @@ type PollDriver struct {
 	// sends are then resumed.
 	RecvMax, SendMax int
 	iovs             []unix.Iovec
+	// FixedRecvs and FixedSends count RecvFixed and SendFixed calls.
+	FixedRecvs, FixedSends atomic.Int64
 }
 
 // doorbell is what Post writes to the wake pipe.
@@ -262,4 +264,42 @@ func (d *PollDriver) deliver() {
 		d.handle(c.ud, c.res)
 	}
 	d.cqes = d.cqes[:0]
+}
+
+// TestFixed is Fixed data in memory for the poll driver, which moves it
+// with RecvFixed and SendFixed as a ring moves a ublk request's pages;
+// Copies counts its ReadAt and WriteAt calls (the user copies).
+type TestFixed struct {
+	B      []byte
+	Copies atomic.Int64
+}
+
+func (f *TestFixed) Len() int { return len(f.B) }
+
+func (f *TestFixed) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 || off > int64(len(f.B)) || int64(len(p)) > int64(len(f.B))-off {
+		return 0, errors.New("TestFixed: ReadAt out of range")
+	}
+	f.Copies.Add(1)
+	return copy(p, f.B[off:]), nil
+}
+
+func (f *TestFixed) WriteAt(p []byte, off int64) (int, error) {
+	if off < 0 || off > int64(len(f.B)) || int64(len(p)) > int64(len(f.B))-off {
+		return 0, errors.New("TestFixed: WriteAt out of range")
+	}
+	f.Copies.Add(1)
+	return copy(f.B[off:], p), nil
+}
+
+// RecvFixed receives into a TestFixed's bytes, as Recv does.
+func (d *PollDriver) RecvFixed(fd int, data FixedData, off, n int, ud uint64) error {
+	d.FixedRecvs.Add(1)
+	return d.Recv(fd, data.(*TestFixed).B[off:off+n], ud)
+}
+
+// SendFixed sends a TestFixed's bytes, as Send does.
+func (d *PollDriver) SendFixed(fd int, data FixedData, off, n int, ud uint64) error {
+	d.FixedSends.Add(1)
+	return d.Send(fd, data.(*TestFixed).B[off:off+n], ud)
 }

@@ -144,6 +144,22 @@ type QueueConfig struct {
 	Logger *slog.Logger
 }
 
+// FixedData is a command's data held outside this process's memory
+// (Request.Fixed). A driven queue moves large pieces of it with its
+// Driver's fixed-buffer operations (FixedDriver) and copies small ones
+// with ReadAt (a write command's data) and WriteAt (a read command's).
+type FixedData interface {
+	io.ReaderAt
+	io.WriterAt
+	Len() int
+}
+
+// Errors of a command with Fixed data on a queue that cannot move it.
+var (
+	ErrFixedNotDriven = errors.New("nvmeof: zero-copy data (Request.Fixed) needs a queue driven by a FixedDriver")
+	ErrFixedDigest    = errors.New("nvmeof: zero-copy data (Request.Fixed) cannot carry data digests")
+)
+
 // Request is one command. The queue owns it from Submit until its done
 // callback returns; only then may the caller reuse Cmd or Data.
 type Request struct {
@@ -154,6 +170,11 @@ type Request struct {
 	// filled from it otherwise. Its length is the transfer length.
 	Data  []byte
 	Write bool
+	// Fixed, instead of Data, is data this process cannot address: a
+	// ublk request's pages in the buffer table of the ring that drives
+	// the queue (zero copy). Only a queue driven by a FixedDriver takes
+	// it, and only without data digests.
+	Fixed FixedData
 	// Timeout overrides the queue's timeout; NoTimeout disables it.
 	Timeout time.Duration
 	// Defer leaves the command queued for the next Push (or whoever
@@ -169,6 +190,7 @@ type Request struct {
 	Status nvme.Status
 
 	done      func(error)
+	dataLen   int // len(Data), or Fixed.Len()
 	cid       uint16
 	seq       uint64
 	deadline  time.Time // zero: none
@@ -481,19 +503,26 @@ func (q *Queue) Submit(req *Request, done func(error)) error {
 	}
 	defer q.put() // the last touch of q by this call is below
 
-	if len(req.Data) > q.cfg.MaxData {
-		return fmt.Errorf("nvmeof: %d bytes exceed the queue's %d byte transfer limit", len(req.Data), q.cfg.MaxData)
+	req.dataLen = len(req.Data)
+	if req.Fixed != nil {
+		if err := q.checkFixed(req); err != nil {
+			return err
+		}
+		req.dataLen = req.Fixed.Len()
+	}
+	if req.dataLen > q.cfg.MaxData {
+		return fmt.Errorf("nvmeof: %d bytes exceed the queue's %d byte transfer limit", req.dataLen, q.cfg.MaxData)
 	}
 	req.done = done
 	req.received, req.ddgstErr, req.r2tNext, req.r2tActive = 0, false, 0, false
 	req.sending, req.responded, req.respErr = 1, false, nil
 	req.Result, req.Status = 0, 0
-	req.inCapsule = req.Write && len(req.Data) > 0 && int64(len(req.Data)) <= q.inCapsuleMax.Load()
+	req.inCapsule = req.Write && req.dataLen > 0 && int64(req.dataLen) <= q.inCapsuleMax.Load()
 	switch {
 	case req.inCapsule:
-		req.Cmd.SetSGL(0, uint32(len(req.Data)), nvme.SGLInCapsule)
+		req.Cmd.SetSGL(0, uint32(req.dataLen), nvme.SGLInCapsule)
 	default:
-		req.Cmd.SetSGL(0, uint32(len(req.Data)), nvme.SGLTransport)
+		req.Cmd.SetSGL(0, uint32(req.dataLen), nvme.SGLTransport)
 	}
 	timeout := req.Timeout
 	if timeout == 0 {
@@ -585,7 +614,7 @@ func (q *Queue) Do(ctx context.Context, req *Request) error {
 			return ctx.Err()
 		}
 	}
-	if len(req.Data) > 0 {
+	if len(req.Data) > 0 || req.Fixed != nil {
 		return <-ch
 	}
 	select {
@@ -829,8 +858,8 @@ func (q *Queue) handlePDU(rd *pdu.Reader, h *pdu.Header) error {
 		if r == nil {
 			return q.protocolError("CapsuleResp for unknown command ID %#x", cid)
 		}
-		if !r.Write && r.received != len(r.Data) && h.Resp.Status().Code() == nvme.NVME_SC_SUCCESS {
-			return q.protocolError("command %#x succeeded after %d of %d data bytes", cid, r.received, len(r.Data))
+		if !r.Write && r.received != r.dataLen && h.Resp.Status().Code() == nvme.NVME_SC_SUCCESS {
+			return q.protocolError("command %#x succeeded after %d of %d data bytes", cid, r.received, r.dataLen)
 		}
 		r.Result = h.Resp.Result()
 		r.Status = h.Resp.Status()
@@ -847,7 +876,11 @@ func (q *Queue) handlePDU(rd *pdu.Reader, h *pdu.Header) error {
 		}
 		// Only the reader touches r.Data of a read command, and r
 		// cannot complete while the reader is here.
-		if err := rd.ReadData(r.Data[d.DataOffset : d.DataOffset+d.DataLength]); err != nil {
+		if r.Fixed != nil {
+			if err := q.fixedC2HData(rd, r, d); err != nil {
+				return err
+			}
+		} else if err := rd.ReadData(r.Data[d.DataOffset : d.DataOffset+d.DataLength]); err != nil {
 			if !errors.Is(err, pdu.ErrDataDigest) {
 				return err
 			}
@@ -860,8 +893,8 @@ func (q *Queue) handlePDU(rd *pdu.Reader, h *pdu.Header) error {
 		}
 		r.received += int(d.DataLength)
 		if h.Flags&pdu.NVME_TCP_F_DATA_SUCCESS != 0 {
-			if r.received != len(r.Data) {
-				return q.protocolError("C2HData SUCCESS for %#x after %d of %d bytes", d.CommandID, r.received, len(r.Data))
+			if r.received != r.dataLen {
+				return q.protocolError("C2HData SUCCESS for %#x after %d of %d bytes", d.CommandID, r.received, r.dataLen)
 			}
 			r.Result, r.Status = 0, nvme.NVME_SC_SUCCESS
 			if r.ddgstErr {
@@ -884,9 +917,9 @@ func (q *Queue) handlePDU(rd *pdu.Reader, h *pdu.Header) error {
 			// ICReq said MAXR2T 0: one R2T outstanding per command
 			// until its data is sent (nvme_tcp_handle_r2t).
 			err = q.protocolError("R2T for %#x at %d+%d while the data of its previous R2T is still being sent (MAXR2T 0)", t.CommandID, t.Offset, t.Length)
-		case t.Length == 0 || t.Offset != r.r2tNext || int64(t.Offset)+int64(t.Length) > int64(len(r.Data)):
+		case t.Length == 0 || t.Offset != r.r2tNext || int64(t.Offset)+int64(t.Length) > int64(r.dataLen):
 			err = &pdu.ProtocolError{FES: pdu.NVME_TCP_FES_DATA_OUT_OF_RANGE, Msg: fmt.Sprintf(
-				"R2T for %#x at %d+%d, expected offset %d of %d", t.CommandID, t.Offset, t.Length, r.r2tNext, len(r.Data))}
+				"R2T for %#x at %d+%d, expected offset %d of %d", t.CommandID, t.Offset, t.Length, r.r2tNext, r.dataLen)}
 		default:
 			r.r2tNext += t.Length
 			r.r2tActive = true
@@ -1095,13 +1128,13 @@ func (q *Queue) send(w io.Writer, hdr []byte, it sendItem) ([]byte, error) {
 		return hdr, err
 
 	case !it.h2c:
-		var data []byte
+		n := 0
 		if r.inCapsule {
-			data = r.Data
+			n = r.dataLen
 		}
 		h := pdu.Header{CommonHeader: pdu.CommonHeader{Type: pdu.TypeCapsuleCmd}, Cmd: r.Cmd}
-		hdr = pdu.AppendHeader(hdr, &h, len(data), o)
-		return hdr, q.writeData(w, hdr, data, o)
+		hdr = pdu.AppendHeader(hdr, &h, n, o)
+		return hdr, q.writeData(w, hdr, r, 0, n, o)
 
 	default:
 		end := it.offset + it.length
@@ -1120,7 +1153,7 @@ func (q *Queue) send(w io.Writer, hdr []byte, it sendItem) ([]byte, error) {
 				q.mu.Unlock()
 			}
 			hdr = pdu.AppendHeader(hdr[:0], &h, int(n), o)
-			if err := q.writeData(w, hdr, r.Data[off:off+n], o); err != nil {
+			if err := q.writeData(w, hdr, r, int(off), int(n), o); err != nil {
 				return hdr, err
 			}
 			off += n
@@ -1129,13 +1162,22 @@ func (q *Queue) send(w io.Writer, hdr []byte, it sendItem) ([]byte, error) {
 	}
 }
 
-func (q *Queue) writeData(w io.Writer, hdr, data []byte, o pdu.Options) error {
+// writeData writes a PDU header and n bytes of r's data from off on.
+func (q *Queue) writeData(w io.Writer, hdr []byte, r *Request, off, n int, o pdu.Options) error {
 	if _, err := w.Write(hdr); err != nil {
 		return err
 	}
-	if len(data) == 0 {
+	if n == 0 {
 		return nil
 	}
+	if r.Fixed != nil {
+		fw, ok := w.(fixedWriter)
+		if !ok {
+			return ErrFixedNotDriven // Submit let it in only on a driven queue
+		}
+		return fw.writeFixed(r.Fixed, off, n)
+	}
+	data := r.Data[off : off+n]
 	if _, err := w.Write(data); err != nil {
 		return err
 	}
@@ -1207,9 +1249,9 @@ func (q *Queue) c2hTarget(d pdu.DataHeader) (*Request, error) {
 		return nil, q.protocolError("C2HData for unknown command ID %#x", d.CommandID)
 	case r.Write:
 		return nil, q.protocolError("C2HData for write command %#x", d.CommandID)
-	case int64(d.DataOffset) != int64(r.received) || int64(d.DataOffset)+int64(d.DataLength) > int64(len(r.Data)):
+	case int64(d.DataOffset) != int64(r.received) || int64(d.DataOffset)+int64(d.DataLength) > int64(r.dataLen):
 		return nil, &pdu.ProtocolError{FES: pdu.NVME_TCP_FES_DATA_OUT_OF_RANGE, Msg: fmt.Sprintf(
-			"C2HData for %#x at %d+%d, expected offset %d of %d", d.CommandID, d.DataOffset, d.DataLength, r.received, len(r.Data))}
+			"C2HData for %#x at %d+%d, expected offset %d of %d", d.CommandID, d.DataOffset, d.DataLength, r.received, r.dataLen)}
 	}
 	return r, nil
 }

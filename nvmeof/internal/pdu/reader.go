@@ -119,6 +119,22 @@ func (r *Reader) ReadData(dst []byte) error {
 	return nil
 }
 
+// TakeData consumes the current PDU's padding and leaves its data to the
+// caller, who takes exactly the header's DataLen bytes out of the
+// underlying stream itself, or has already put them where they belong
+// (a driven queue's zero-copy command: pages this process cannot
+// address). Not with data digests: the caller could not check them.
+func (r *Reader) TakeData() error {
+	if !r.inData {
+		return errors.New("pdu: TakeData with no data pending")
+	}
+	if r.dataDgst {
+		return errors.New("pdu: TakeData with data digests")
+	}
+	r.inData = false
+	return r.skip(r.pad)
+}
+
 // Reset forgets the current PDU: the next call must be ReadHeader. For a
 // Reader used to look at headers only, whose data the caller takes out of
 // the stream some other way.
