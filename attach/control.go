@@ -48,6 +48,13 @@ type Status struct {
 	// UblkDataPath says whether the device's data moves with zero copy
 	// (UBLK_F_AUTO_BUF_REG) or is copied, and why (ublk.DataPath).
 	UblkDataPath string `json:"ublk_data_path"`
+	// ZeroCopyIOs counts the READs and WRITEs whose data moved between
+	// the request's pages and the socket; ZeroCopyBounced those of a
+	// zero-copy device that went through a buffer of their own instead
+	// (the slow path: retried or waiting I/O, an association whose
+	// queues the rings do not drive, data digests).
+	ZeroCopyIOs     int64 `json:"zero_copy_ios,omitempty"`
+	ZeroCopyBounced int64 `json:"zero_copy_bounced,omitempty"`
 	// UblkState is the driver's state of an ORPHANED device (List):
 	// QUIESCED (holding I/O for a recovery), FAIL_IO or DEAD.
 	UblkState string `json:"ublk_state,omitempty"`

@@ -51,6 +51,10 @@ type blockBackend struct {
 	// request's own count is dropped. Wait returns when none is left.
 	wg       sync.WaitGroup
 	inflight atomic.Int64
+	// zeroCopied counts READs and WRITEs of a zero-copy device whose
+	// data moved between the request's pages and the socket; bounced
+	// those that went through a buffer of their own (submitWait).
+	zeroCopied, bounced atomic.Int64
 }
 
 // newBlockBackend returns the backend for a device of queues queues of
@@ -65,9 +69,19 @@ type blockIO struct {
 	r      *ublk.Request
 	ref    lifecycle.Ref
 	req    nvmeof.Request
+	data   requestData // r's pages as the command's Fixed data (zero copy)
 	start  time.Time
 	doneFn func(error) // io.done, bound once
 }
+
+// requestData is a zero-copy ublk request's pages as nvmeof.FixedData:
+// moved by the ring's fixed-buffer operations (boundDriver), and copied
+// in small pieces with the request's user copy.
+type requestData struct{ r *ublk.Request }
+
+func (d *requestData) Len() int                                 { return d.r.Length }
+func (d *requestData) ReadAt(p []byte, off int64) (int, error)  { return d.r.ReadAt(p, off) }
+func (d *requestData) WriteAt(p []byte, off int64) (int, error) { return d.r.WriteAt(p, off) }
 
 // slot returns the state of r's tag, reset for r.
 func (b *blockBackend) slot(r *ublk.Request) *blockIO {
@@ -82,6 +96,7 @@ func (b *blockBackend) slot(r *ublk.Request) *blockIO {
 	}
 	io := &row[r.Tag]
 	io.r, io.ref, io.req, io.start = r, lifecycle.Ref{}, nvmeof.Request{}, time.Now()
+	io.data.r = r
 	return io
 }
 
@@ -98,7 +113,7 @@ func (b *blockBackend) Serve(r *ublk.Request) {
 		return
 	}
 	conn := ref.Conn().(*nvmeofconn.Conn)
-	if err := prepare(conn.NS(), &io.req, r); err != nil {
+	if err := prepare(conn.NS(), &io.req, r, r.Buf, &io.data); err != nil {
 		ref.Exit()
 		io.finish(err)
 		return
@@ -107,6 +122,9 @@ func (b *blockBackend) Serve(r *ublk.Request) {
 	io.req.Defer = true // sent by Commit, with the rest of the batch
 	err := conn.IOQueue(r.Queue).Submit(&io.req, io.doneFn)
 	if err == nil {
+		if io.req.Fixed != nil {
+			b.zeroCopied.Add(1)
+		}
 		return
 	}
 	// Not started: the queue failed under us (a path error: retry on
@@ -116,6 +134,10 @@ func (b *blockBackend) Serve(r *ublk.Request) {
 		b.slow(io, err)
 		return
 	}
+	// ErrQueueFull, or Fixed data the queue cannot move
+	// (ErrFixedNotDriven: an association whose queues the rings do not
+	// drive; ErrFixedDigest: a recovered zero-copy device, data digests
+	// on): the slow path copies.
 	b.slow(io, nil)
 }
 
@@ -157,7 +179,7 @@ func (b *blockBackend) slow(io *blockIO, pathErr error) {
 		// No deadline of our own: each command has the queue's command
 		// timeout, and held I/O ends with the controller
 		// (fast_io_fail_tmo, ctrl_loss_tmo, delete).
-		fn := func(c lifecycle.Conn) error { return submitWait(c.(*nvmeofconn.Conn), io.r) }
+		fn := func(c lifecycle.Conn) error { return b.submitWait(c.(*nvmeofconn.Conn), io.r) }
 		var err error
 		if pathErr != nil {
 			err = b.lc.Retry(context.Background(), io.ref, pathErr, fn)
@@ -168,13 +190,34 @@ func (b *blockBackend) slow(io *blockIO, pathErr error) {
 	}()
 }
 
-// submitWait runs the request on conn and waits for it.
-func submitWait(conn *nvmeofconn.Conn, r *ublk.Request) error {
+// submitWait runs the request on conn and waits for it. A zero-copy
+// request's data goes through a buffer of its own here, copied with the
+// request's user copy: any queue can then carry it, driven or not,
+// digests or not.
+func (b *blockBackend) submitWait(conn *nvmeofconn.Conn, r *ublk.Request) error {
+	buf := r.Buf
+	if r.ZeroCopy() {
+		b.bounced.Add(1)
+		buf = make([]byte, r.Length)
+		if r.Op == ublk.OpWrite {
+			if _, err := r.ReadAt(buf, 0); err != nil {
+				return err
+			}
+		}
+	}
 	var req nvmeof.Request
-	if err := prepare(conn.NS(), &req, r); err != nil {
+	if err := prepare(conn.NS(), &req, r, buf, nil); err != nil {
 		return err
 	}
-	return conn.IOQueue(r.Queue).Do(context.Background(), &req)
+	if err := conn.IOQueue(r.Queue).Do(context.Background(), &req); err != nil {
+		return err
+	}
+	if r.ZeroCopy() && r.Op == ublk.OpRead {
+		if _, err := r.WriteAt(buf, 0); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // finish completes the ublk request: its last step.
@@ -188,8 +231,9 @@ func (io *blockIO) finish(err error) {
 	b.wg.Done()
 }
 
-// prepare builds the NVMe command for a ublk request.
-func prepare(ns *nvmeof.Namespace, req *nvmeof.Request, r *ublk.Request) error {
+// prepare builds the NVMe command for a ublk request: its data in buf,
+// or, for a zero-copy request when fixed is set, in its pages.
+func prepare(ns *nvmeof.Namespace, req *nvmeof.Request, r *ublk.Request, buf []byte, fixed nvmeof.FixedData) error {
 	shift := ns.BlockShift
 	if r.Offset&(int64(ns.BlockSize())-1) != 0 || r.Length&(ns.BlockSize()-1) != 0 {
 		return syscall.EINVAL // the kernel honours the logical block size we set
@@ -197,9 +241,15 @@ func prepare(ns *nvmeof.Namespace, req *nvmeof.Request, r *ublk.Request) error {
 	lba := uint64(r.Offset) >> shift
 	switch r.Op {
 	case ublk.OpRead:
-		return ns.PrepareRead(req, lba, r.Buf)
+		if fixed != nil && r.ZeroCopy() {
+			return ns.PrepareReadFixed(req, lba, fixed)
+		}
+		return ns.PrepareRead(req, lba, buf)
 	case ublk.OpWrite:
-		return ns.PrepareWrite(req, lba, r.Buf, r.FUA())
+		if fixed != nil && r.ZeroCopy() {
+			return ns.PrepareWriteFixed(req, lba, fixed, r.FUA())
+		}
+		return ns.PrepareWrite(req, lba, buf, r.FUA())
 	case ublk.OpFlush:
 		ns.PrepareFlush(req)
 		return nil

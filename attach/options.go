@@ -30,6 +30,11 @@ type Options struct {
 	FastIOFailTmo  time.Duration // default off (negative)
 	HdrDigest      bool
 	DataDigest     bool
+	// ZeroCopy moves each request's data between its own pages and the
+	// socket (ublk UBLK_F_AUTO_BUF_REG, Linux 6.16): no copy through a
+	// daemon buffer for large transfers. Not with DataDigest: the daemon
+	// never sees the bytes it would have to digest.
+	ZeroCopy bool
 
 	NSID     uint32 // namespace, default 1
 	DevID    int    // ublk device id; negative: the kernel picks
@@ -134,6 +139,9 @@ func (o *Options) Validate() error {
 	}
 	if o.RecoveryFailIO && !o.Recovery {
 		return invalid("--recovery-fail-io needs --recovery")
+	}
+	if o.ZeroCopy && o.DataDigest {
+		return invalid("--zero-copy with --data-digest: the daemon never sees the data it would digest")
 	}
 	if o.CtrlLossTmo > MaxTimeout {
 		return invalid("--ctrl-loss-tmo %v: at most %v (negative: forever)", o.CtrlLossTmo, MaxTimeout)

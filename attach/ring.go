@@ -1,6 +1,7 @@
 package attach
 
 import (
+	"errors"
 	"log/slog"
 	"sync"
 
@@ -142,6 +143,42 @@ type boundDriver struct {
 	d *ringDrivers
 	i int
 }
+
+// fixedRing is the ring's side of zero copy (*ublk.QueueRing): fixed-buffer
+// operations on a request's registered pages.
+type fixedRing interface {
+	ReadInto(req *ublk.Request, off, n int, fd int, fileOff int64, userData uint64) error
+	WriteFrom(req *ublk.Request, off, n int, fd int, fileOff int64, userData uint64) error
+}
+
+var errNoFixedRing = errors.New("attach: zero-copy data on a ring without fixed-buffer operations")
+
+// RecvFixed is nvmeof.FixedDriver's: READ_FIXED from the socket into the
+// request's registered pages.
+func (b *boundDriver) RecvFixed(fd int, data nvmeof.FixedData, off, n int, userData uint64) error {
+	fr, ok := b.queueRing.(fixedRing)
+	d, isReq := data.(*requestData)
+	if !ok || !isReq {
+		return errNoFixedRing
+	}
+	return fr.ReadInto(d.r, off, n, fd, 0, userData)
+}
+
+// SendFixed is nvmeof.FixedDriver's: WRITE_FIXED from the request's
+// registered pages to the socket (one copy, into the socket).
+func (b *boundDriver) SendFixed(fd int, data nvmeof.FixedData, off, n int, userData uint64) error {
+	fr, ok := b.queueRing.(fixedRing)
+	d, isReq := data.(*requestData)
+	if !ok || !isReq {
+		return errNoFixedRing
+	}
+	return fr.WriteFrom(d.r, off, n, fd, 0, userData)
+}
+
+// ServesZeroCopy is ublk.ZeroCopyBackend's: a zero-copy request's data
+// moves by the rings that drive the NVMe queues, or through a buffer of
+// its own on the slow path (submitWait).
+func (b *blockBackend) ServesZeroCopy() bool { return true }
 
 // DriverReleased is nvmeof.DriverReleaser's; on the ring's goroutine.
 func (b *boundDriver) DriverReleased(q *nvmeof.Queue) { b.d.unbind(b.i, q) }

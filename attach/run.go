@@ -335,7 +335,7 @@ func (r *run) createDevice(ctx context.Context) error {
 
 	dev, err := openDevice(ctx, r.ctl, r.o, ns, ublk.Options{
 		ID: devID(r.o), Queues: queues, Depth: r.depth,
-		Params: r.params, Recovery: r.recovery,
+		Params: r.params, Recovery: r.recovery, ZeroCopy: r.o.ZeroCopy,
 	}, r.backend, r.log)
 	if err != nil {
 		return err
@@ -682,6 +682,7 @@ func (s *statusTracker) snapshot(lc *lifecycle.Controller, b *blockBackend) Stat
 	st := s.st
 	st.InFlight = int(b.inflight.Load())
 	st.Held = lc.Held()
+	st.ZeroCopyIOs, st.ZeroCopyBounced = b.zeroCopied.Load(), b.bounced.Load()
 	return st
 }
 

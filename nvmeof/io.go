@@ -159,11 +159,20 @@ func (ns *Namespace) checkRange(lba uint64, n int) (nlb uint32, err error) {
 }
 
 func (ns *Namespace) rw(req *Request, op uint8, lba uint64, buf []byte, fua bool) error {
-	nlb, err := ns.checkRange(lba, len(buf))
+	if err := ns.rwCmd(req, op, lba, len(buf), fua); err != nil {
+		return err
+	}
+	req.Data = buf
+	return nil
+}
+
+// rwCmd fills req with a read or write of n bytes at lba, no data yet.
+func (ns *Namespace) rwCmd(req *Request, op uint8, lba uint64, n int, fua bool) error {
+	nlb, err := ns.checkRange(lba, n)
 	if err != nil {
 		return err
 	}
-	*req = Request{Data: buf, Write: op == nvme.NVME_CMD_WRITE, Timeout: req.Timeout}
+	*req = Request{Write: op == nvme.NVME_CMD_WRITE, Timeout: req.Timeout}
 	req.Cmd.SetOpcode(op)
 	req.Cmd.SetNSID(ns.NSID)
 	req.Cmd.SetCDW(10, uint32(lba))
@@ -184,6 +193,26 @@ func (ns *Namespace) PrepareRead(req *Request, lba uint64, buf []byte) error {
 // PrepareWrite fills req to write buf at lba; fua forces it to media.
 func (ns *Namespace) PrepareWrite(req *Request, lba uint64, buf []byte, fua bool) error {
 	return ns.rw(req, nvme.NVME_CMD_WRITE, lba, buf, fua)
+}
+
+// PrepareReadFixed fills req to read data.Len() bytes at lba into data
+// (zero copy, Request.Fixed).
+func (ns *Namespace) PrepareReadFixed(req *Request, lba uint64, data FixedData) error {
+	if err := ns.rwCmd(req, nvme.NVME_CMD_READ, lba, data.Len(), false); err != nil {
+		return err
+	}
+	req.Fixed = data
+	return nil
+}
+
+// PrepareWriteFixed fills req to write data at lba (zero copy,
+// Request.Fixed); fua forces it to media.
+func (ns *Namespace) PrepareWriteFixed(req *Request, lba uint64, data FixedData, fua bool) error {
+	if err := ns.rwCmd(req, nvme.NVME_CMD_WRITE, lba, data.Len(), fua); err != nil {
+		return err
+	}
+	req.Fixed = data
+	return nil
 }
 
 // PrepareFlush fills req with a Flush of the namespace.
