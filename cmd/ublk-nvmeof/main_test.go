@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -470,13 +471,34 @@ func TestGuestAttachErrors(t *testing.T) {
 // no error and every acknowledged write reads back.
 func TestGuestRecoverAfterKill(t *testing.T) {
 	guest.Require(t)
+	recoverAfterKill(t, 4096)
+}
+
+// TestGuestRecoverAfterKillZeroCopy is TestGuestRecoverAfterKill with
+// --zero-copy and 64 KiB writes, whose data the ring sends from the
+// requests' registered pages: the SIGKILL leaves those in flight on the
+// dead daemon's rings; the recovered device keeps zero copy and the
+// writer neither errs nor loses a write. Skips on a kernel without
+// UBLK_F_AUTO_BUF_REG (TestGuestFioVerifyZeroCopy checks the refusal).
+func TestGuestRecoverAfterKillZeroCopy(t *testing.T) {
+	guest.Require(t)
+	if !kernelHasAutoBufReg(t) {
+		t.Skip("zero copy needs UBLK_F_AUTO_BUF_REG (Linux 6.16)")
+	}
+	recoverAfterKill(t, 64<<10, "--zero-copy")
+}
+
+// recoverAfterKill kills the daemon under a writer of block-byte blocks
+// and recovers the device with attach --recover; extra are more attach
+// flags for both daemons.
+func recoverAfterKill(t *testing.T, block int, extra ...string) {
 	t.Setenv("UBLK_NVMEOF_RUN_DIR", t.TempDir())
 	tg := guest.NewTarget(t, guest.TargetOptions{NQN: "nqn.2026-11.io.ublk-nvmeof:recover", Device: "/dev/ram1", Port: 4433, PortID: 4})
-	args := []string{"-a", "127.0.0.1", "-s", "4433", "-n", tg.Opts.NQN, "-i", "2"}
+	args := append([]string{"-a", "127.0.0.1", "-s", "4433", "-n", tg.Opts.NQN, "-i", "2"}, extra...)
 	first := startAttach(t, args...)
 
-	// The writer: 4 KiB blocks, each stamped with its number, O_DIRECT.
-	const block, blocks = 4096, 2048 // 8 MiB
+	// The writer: blocks each stamped with its number, O_DIRECT, 8 MiB.
+	blocks := 8 << 20 / block
 	f, err := os.OpenFile(first.device, os.O_RDWR|unix.O_DIRECT, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -495,7 +517,7 @@ func TestGuestRecoverAfterKill(t *testing.T) {
 		buf := guest.AlignedBuf(t, block)
 		for i := 0; i < blocks; i++ {
 			stamp(buf, i)
-			if _, err := f.WriteAt(buf, int64(i)*block); err != nil {
+			if _, err := f.WriteAt(buf, int64(i)*int64(block)); err != nil {
 				writerErr <- fmt.Errorf("block %d: %w", i, err)
 				return
 			}
@@ -534,10 +556,17 @@ func TestGuestRecoverAfterKill(t *testing.T) {
 	if err := f.Sync(); err != nil {
 		t.Fatal(err)
 	}
+	if slices.Contains(extra, "--zero-copy") {
+		st := deviceStatus(t, second.device)
+		if !slices.Contains(st.UblkFlags, "AUTO_BUF_REG") || st.ZeroCopyIOs == 0 {
+			t.Errorf("recovered daemon: flags %v, %d zero-copy I/Os (%d through a buffer); want zero copy kept", st.UblkFlags, st.ZeroCopyIOs, st.ZeroCopyBounced)
+		}
+		t.Logf("recovered daemon: %d zero-copy I/Os, %d through a buffer", st.ZeroCopyIOs, st.ZeroCopyBounced)
+	}
 	buf := guest.AlignedBuf(t, block)
 	want := guest.AlignedBuf(t, block)
 	for i := 0; i < blocks; i++ {
-		if _, err := f.ReadAt(buf, int64(i)*block); err != nil {
+		if _, err := f.ReadAt(buf, int64(i)*int64(block)); err != nil {
 			t.Fatalf("read block %d: %v", i, err)
 		}
 		stamp(want, i)
