@@ -124,7 +124,7 @@ type writers struct {
 	errs  chan error
 }
 
-func startWriters(t *testing.T, dev string, n int) *writers {
+func startWriters(t *testing.T, dev string, n, block int) *writers {
 	t.Helper()
 	f, err := os.OpenFile(dev, os.O_RDWR|unix.O_DIRECT, 0)
 	if err != nil {
@@ -133,12 +133,12 @@ func startWriters(t *testing.T, dev string, n int) *writers {
 	w := &writers{errs: make(chan error, n)}
 	var wg sync.WaitGroup
 	for i := 0; i < n; i++ {
-		buf := guest.AlignedBuf(t, 4096)
+		buf := guest.AlignedBuf(t, block)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for j := 0; ; j++ {
-				off := int64((i*256 + j%256) * 4096) // 1 MiB per writer
+				off := int64(i)<<20 + int64(j%(1<<20/block)*block) // 1 MiB per writer
 				if _, err := f.WriteAt(buf, off); err != nil {
 					w.errs <- err
 					return
@@ -196,6 +196,24 @@ func deviceStatus(t *testing.T, dev string) attach.Status {
 // command checks with goleak before it exits, else status exitLeak).
 func TestGuestImmediateDetach(t *testing.T) {
 	guest.Require(t)
+	immediateDetach(t, 4096)
+}
+
+// TestGuestImmediateDetachZeroCopy is TestGuestImmediateDetach with
+// --zero-copy and 64 KiB writes: the immediate teardown finds data sends
+// from the requests' registered pages in flight on the rings. Skips on a
+// kernel without UBLK_F_AUTO_BUF_REG.
+func TestGuestImmediateDetachZeroCopy(t *testing.T) {
+	guest.Require(t)
+	if !kernelHasAutoBufReg(t) {
+		t.Skip("zero copy needs UBLK_F_AUTO_BUF_REG (Linux 6.16)")
+	}
+	immediateDetach(t, 64<<10, "--zero-copy")
+}
+
+// immediateDetach runs TestGuestImmediateDetach's cases with writers of
+// block-byte writes and extra attach flags.
+func immediateDetach(t *testing.T, block int, extra ...string) {
 	t.Setenv("UBLK_NVMEOF_RUN_DIR", t.TempDir())
 	const writersN = 4
 
@@ -206,8 +224,8 @@ func TestGuestImmediateDetach(t *testing.T) {
 	t.Run("target hung", func(t *testing.T) {
 		tg := guest.NewTarget(t, guest.TargetOptions{NQN: "nqn.2026-11.io.ublk-nvmeof:hurry-hung", Device: "/dev/ram1", Port: 4434, PortID: 5})
 		proxy := newFreezingProxy(t, "127.0.0.1:4435", "127.0.0.1:4434")
-		d := startAttach(t, "-a", "127.0.0.1", "-s", "4435", "-n", tg.Opts.NQN, "-i", "2", "-k", "120")
-		w := startWriters(t, d.device, writersN)
+		d := startAttach(t, append([]string{"-a", "127.0.0.1", "-s", "4435", "-n", tg.Opts.NQN, "-i", "2", "-k", "120"}, extra...)...)
+		w := startWriters(t, d.device, writersN, block)
 		for w.acked.Load() < 100 {
 			time.Sleep(10 * time.Millisecond)
 		}
@@ -277,8 +295,8 @@ func TestGuestImmediateDetach(t *testing.T) {
 	// and nothing is left.
 	t.Run("port removed", func(t *testing.T) {
 		tg := guest.NewTarget(t, guest.TargetOptions{NQN: "nqn.2026-11.io.ublk-nvmeof:hurry-held", Device: "/dev/ram1", Port: 4436, PortID: 6})
-		d := startAttach(t, "-a", "127.0.0.1", "-s", "4436", "-n", tg.Opts.NQN, "-i", "2", "-c", "1")
-		w := startWriters(t, d.device, writersN)
+		d := startAttach(t, append([]string{"-a", "127.0.0.1", "-s", "4436", "-n", tg.Opts.NQN, "-i", "2", "-c", "1"}, extra...)...)
+		w := startWriters(t, d.device, writersN, block)
 		for w.acked.Load() < 100 {
 			time.Sleep(10 * time.Millisecond)
 		}
