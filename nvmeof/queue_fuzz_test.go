@@ -70,6 +70,7 @@ type fuzzShape struct {
 	readLen, writeLen int
 	maxH2CData        uint32
 	recvMax           int
+	fixed             bool // the commands' data is Fixed (zero copy)
 }
 
 var (
@@ -96,6 +97,24 @@ func FuzzQueueLarge(f *testing.F) {
 		shape := largeShape
 		shape.recvMax = 64 + int(b[0])*96 // 64 bytes to about 24 KiB
 		fuzzQueueOnce(t, b[1:], digests, shape)
+	})
+}
+
+// FuzzQueueFixed is FuzzQueueLarge with the commands' data Fixed (zero
+// copy: moved by the driver's RecvFixed and SendFixed, small pieces by
+// ReadAt and WriteAt), without digests (refused with them).
+func FuzzQueueFixed(f *testing.F) {
+	f.Add(append([]byte{0}, controllerStreamSized(pdu.Options{}, largeShape)...))
+	f.Add(append([]byte{3}, controllerStreamSized(pdu.Options{HeaderDigest: true}, largeShape)...))
+	f.Add(append([]byte{200}, controllerStreamSized(pdu.Options{}, largeShape)...))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		if len(b) == 0 {
+			return
+		}
+		shape := largeShape
+		shape.fixed = true
+		shape.recvMax = 64 + int(b[0])*96
+		fuzzQueueOnce(t, b[1:], false, shape)
 	})
 }
 
@@ -175,6 +194,10 @@ func fuzzQueueOnce(t *testing.T, b []byte, digests bool, shape fuzzShape) {
 	read.Cmd.SetOpcode(nvme.NVME_CMD_READ)
 	write := &Request{Data: make([]byte, shape.writeLen), Write: true}
 	write.Cmd.SetOpcode(nvme.NVME_CMD_WRITE)
+	if shape.fixed {
+		read.Fixed, read.Data = &TestFixed{B: read.Data}, nil
+		write.Fixed, write.Data = &TestFixed{B: write.Data}, nil
+	}
 	submitted := 0
 	for _, r := range []*Request{read, write} {
 		if q.Submit(r, func(err error) { done <- err }) == nil {
