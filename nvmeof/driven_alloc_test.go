@@ -56,3 +56,54 @@ func TestDrivenAllocsPerIO(t *testing.T) {
 		}
 	}
 }
+
+// So does the zero-copy path: 4 KiB and 128 KiB reads and writes whose
+// data is Fixed, moved by the driver's fixed-buffer operations and the
+// Fixed data's ReadAt and WriteAt.
+func TestDrivenFixedAllocsPerIO(t *testing.T) {
+	tt := &testTarget{addr: targetproc.Start(t, testNQN, 8<<20)}
+	_, ns, q, d := drivenQueue(t, tt, nvmeof.ControllerConfig{HeaderDigest: true})
+	for _, size := range []int{4096, 128 << 10} {
+		for _, write := range []bool{false, true} {
+			var r nvmeof.Request
+			data := &nvmeof.TestFixed{B: make([]byte, size)}
+			done := make(chan error, 1)
+			complete := func(err error) { done <- err }
+			submit := func() {
+				if err := q.Submit(&r, complete); err != nil {
+					done <- err
+					return
+				}
+				q.Push()
+			}
+			var prepErr error
+			one := func() {
+				if write {
+					prepErr = ns.PrepareWriteFixed(&r, 8, data, false)
+				} else {
+					prepErr = ns.PrepareReadFixed(&r, 8, data)
+				}
+				r.Defer = true
+				if err := d.Post(submit); err != nil {
+					t.Fatal(err)
+				}
+				if err := <-done; err != nil {
+					t.Fatalf("size %d, write %v: %v", size, write, err)
+				}
+			}
+			for range 100 {
+				one()
+			}
+			allocs := testing.AllocsPerRun(300, one)
+			if prepErr != nil {
+				t.Fatal(prepErr)
+			}
+			if allocs != 0 {
+				t.Errorf("size %d, write %v: %v allocations per I/O, want 0", size, write, allocs)
+			}
+		}
+	}
+	if d.FixedRecvs.Load() == 0 || d.FixedSends.Load() == 0 {
+		t.Errorf("%d fixed receives, %d fixed sends: the 128 KiB I/O did not use them", d.FixedRecvs.Load(), d.FixedSends.Load())
+	}
+}
