@@ -156,23 +156,31 @@ var errNoFixedRing = errors.New("attach: zero-copy data on a ring without fixed-
 // RecvFixed is nvmeof.FixedDriver's: READ_FIXED from the socket into the
 // request's registered pages.
 func (b *boundDriver) RecvFixed(fd int, data nvmeof.FixedData, off, n int, userData uint64) error {
-	fr, ok := b.queueRing.(fixedRing)
-	d, isReq := data.(*requestData)
-	if !ok || !isReq {
-		return errNoFixedRing
+	fr, r, err := b.fixed(data)
+	if err != nil {
+		return err
 	}
-	return fr.ReadInto(d.r, off, n, fd, 0, userData)
+	return fr.ReadInto(r, off, n, fd, 0, userData)
 }
 
 // SendFixed is nvmeof.FixedDriver's: WRITE_FIXED from the request's
 // registered pages to the socket (one copy, into the socket).
 func (b *boundDriver) SendFixed(fd int, data nvmeof.FixedData, off, n int, userData uint64) error {
+	fr, r, err := b.fixed(data)
+	if err != nil {
+		return err
+	}
+	return fr.WriteFrom(r, off, n, fd, 0, userData)
+}
+
+// fixed is the ring's fixed-buffer side and the ublk request data names.
+func (b *boundDriver) fixed(data nvmeof.FixedData) (fixedRing, *ublk.Request, error) {
 	fr, ok := b.queueRing.(fixedRing)
 	d, isReq := data.(*requestData)
 	if !ok || !isReq {
-		return errNoFixedRing
+		return nil, nil, errNoFixedRing
 	}
-	return fr.WriteFrom(d.r, off, n, fd, 0, userData)
+	return fr, d.r, nil
 }
 
 // ServesZeroCopy is ublk.ZeroCopyBackend's: a zero-copy request's data

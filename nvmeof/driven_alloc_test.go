@@ -17,39 +17,13 @@ func TestDrivenAllocsPerIO(t *testing.T) {
 	for _, dg := range []bool{false, true} {
 		_, ns, q, d := drivenQueue(t, tt, nvmeof.ControllerConfig{HeaderDigest: dg, DataDigest: dg})
 		for _, write := range []bool{false, true} {
-			var r nvmeof.Request
 			buf := make([]byte, 4096)
-			done := make(chan error, 1)
-			complete := func(err error) { done <- err }
-			submit := func() {
-				if err := q.Submit(&r, complete); err != nil {
-					done <- err
-					return
-				}
-				q.Push()
-			}
-			var prepErr error
-			one := func() {
+			allocs := allocsPerIO(t, q, d, 1000, func(r *nvmeof.Request) error {
 				if write {
-					prepErr = ns.PrepareWrite(&r, 8, buf, false)
-				} else {
-					prepErr = ns.PrepareRead(&r, 8, buf)
+					return ns.PrepareWrite(r, 8, buf, false)
 				}
-				r.Defer = true
-				if err := d.Post(submit); err != nil {
-					t.Fatal(err)
-				}
-				if err := <-done; err != nil {
-					t.Fatalf("digests %v, write %v: %v", dg, write, err)
-				}
-			}
-			for range 100 { // steady state: buffers grown, pools filled
-				one()
-			}
-			allocs := testing.AllocsPerRun(1000, one)
-			if prepErr != nil {
-				t.Fatal(prepErr)
-			}
+				return ns.PrepareRead(r, 8, buf)
+			})
 			if allocs != 0 {
 				t.Errorf("digests %v, write %v: %v allocations per 4 KiB I/O, want 0", dg, write, allocs)
 			}
@@ -65,39 +39,13 @@ func TestDrivenFixedAllocsPerIO(t *testing.T) {
 	_, ns, q, d := drivenQueue(t, tt, nvmeof.ControllerConfig{HeaderDigest: true})
 	for _, size := range []int{4096, 128 << 10} {
 		for _, write := range []bool{false, true} {
-			var r nvmeof.Request
 			data := &nvmeof.TestFixed{B: make([]byte, size)}
-			done := make(chan error, 1)
-			complete := func(err error) { done <- err }
-			submit := func() {
-				if err := q.Submit(&r, complete); err != nil {
-					done <- err
-					return
-				}
-				q.Push()
-			}
-			var prepErr error
-			one := func() {
+			allocs := allocsPerIO(t, q, d, 300, func(r *nvmeof.Request) error {
 				if write {
-					prepErr = ns.PrepareWriteFixed(&r, 8, data, false)
-				} else {
-					prepErr = ns.PrepareReadFixed(&r, 8, data)
+					return ns.PrepareWriteFixed(r, 8, data, false)
 				}
-				r.Defer = true
-				if err := d.Post(submit); err != nil {
-					t.Fatal(err)
-				}
-				if err := <-done; err != nil {
-					t.Fatalf("size %d, write %v: %v", size, write, err)
-				}
-			}
-			for range 100 {
-				one()
-			}
-			allocs := testing.AllocsPerRun(300, one)
-			if prepErr != nil {
-				t.Fatal(prepErr)
-			}
+				return ns.PrepareReadFixed(r, 8, data)
+			})
 			if allocs != 0 {
 				t.Errorf("size %d, write %v: %v allocations per I/O, want 0", size, write, allocs)
 			}
@@ -106,4 +54,43 @@ func TestDrivenFixedAllocsPerIO(t *testing.T) {
 	if d.FixedRecvs.Load() == 0 || d.FixedSends.Load() == 0 {
 		t.Errorf("%d fixed receives, %d fixed sends: the 128 KiB I/O did not use them", d.FixedRecvs.Load(), d.FixedSends.Load())
 	}
+}
+
+// allocsPerIO is the allocations per I/O, in steady state, of a command
+// prepare fills, deferred and pushed on the driver's thread (as ublk's
+// Serve does), waited for on this goroutine.
+func allocsPerIO(t *testing.T, q *nvmeof.Queue, d *nvmeof.PollDriver, runs int, prepare func(r *nvmeof.Request) error) float64 {
+	t.Helper()
+	var r nvmeof.Request
+	done := make(chan error, 1)
+	complete := func(err error) { done <- err }
+	submit := func() {
+		if err := q.Submit(&r, complete); err != nil {
+			done <- err
+			return
+		}
+		q.Push()
+	}
+	var prepErr, ioErr error
+	one := func() {
+		if prepErr = prepare(&r); prepErr != nil {
+			return
+		}
+		r.Defer = true
+		if err := d.Post(submit); err != nil {
+			ioErr = err
+			return
+		}
+		if err := <-done; err != nil && ioErr == nil {
+			ioErr = err
+		}
+	}
+	for range 100 { // steady state: buffers grown, pools filled
+		one()
+	}
+	allocs := testing.AllocsPerRun(runs, one)
+	if prepErr != nil || ioErr != nil {
+		t.Fatalf("prepare: %v, I/O: %v", prepErr, ioErr)
+	}
+	return allocs
 }
