@@ -484,8 +484,11 @@ func TestDriverAbandonedReleases(t *testing.T) {
 // a send takes a write command's data from its buffer: that command is
 // never completed (its owner would reuse the buffer the kernel may still
 // write, or put other data there for the send to take), and Wait returns.
+// The same with Fixed data (zero copy: RecvFixed into, or SendFixed from,
+// a request's pages).
 func TestDriverAbandonedMidTransfer(t *testing.T) {
-	for _, write := range []bool{false, true} {
+	for _, tc := range []struct{ write, fixed bool }{{false, false}, {true, false}, {false, true}, {true, true}} {
+		write := tc.write
 		tt := startTarget(t, target.Config{}, 9, 8<<20)
 		c := connect(t, tt, nvmeof.ControllerConfig{})
 		ns, err := c.Namespace(testCtx(t), 1)
@@ -503,10 +506,16 @@ func TestDriverAbandonedMidTransfer(t *testing.T) {
 		}
 		var r nvmeof.Request
 		transferring := nvmeof.DrivenPlacing
-		if write {
-			err, transferring = ns.PrepareWrite(&r, 0, make([]byte, 512<<10), false), nvmeof.DrivenSendingHeld
-		} else {
-			err = ns.PrepareRead(&r, 0, make([]byte, 512<<10))
+		data := make([]byte, 512<<10)
+		switch {
+		case write && tc.fixed:
+			err, transferring = ns.PrepareWriteFixed(&r, 0, &nvmeof.TestFixed{B: data}, false), nvmeof.DrivenSendingHeld
+		case write:
+			err, transferring = ns.PrepareWrite(&r, 0, data, false), nvmeof.DrivenSendingHeld
+		case tc.fixed:
+			err = ns.PrepareReadFixed(&r, 0, &nvmeof.TestFixed{B: data})
+		default:
+			err = ns.PrepareRead(&r, 0, data)
 		}
 		if err != nil {
 			t.Fatal(err)
