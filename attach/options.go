@@ -30,11 +30,14 @@ type Options struct {
 	FastIOFailTmo  time.Duration // default off (negative)
 	HdrDigest      bool
 	DataDigest     bool
-	// ZeroCopy moves each request's data between its own pages and the
-	// socket (ublk UBLK_F_AUTO_BUF_REG, Linux 6.16): no copy through a
-	// daemon buffer for large transfers. Not with DataDigest: the daemon
-	// never sees the bytes it would have to digest.
-	ZeroCopy bool
+	// ZeroCopy chooses whether each request's data moves between its
+	// own pages and the socket (ublk UBLK_F_AUTO_BUF_REG, Linux 6.16)
+	// rather than through the daemon's buffers: ZeroCopyAuto (the
+	// default, "" too) where the kernel has it and there are no data
+	// digests (the daemon never sees the bytes it would digest),
+	// ZeroCopyOn always (refused on an older kernel, and with
+	// DataDigest), ZeroCopyOff never.
+	ZeroCopy ZeroCopyMode
 
 	NSID     uint32 // namespace, default 1
 	DevID    int    // ublk device id; negative: the kernel picks
@@ -101,8 +104,19 @@ func DefaultOptions() Options {
 		NSID:           DefaultNSID,
 		DevID:          -1,
 		Recovery:       true,
+		ZeroCopy:       ZeroCopyAuto,
 	}
 }
+
+// ZeroCopyMode is Options.ZeroCopy.
+type ZeroCopyMode string
+
+// The zero-copy modes (--zero-copy).
+const (
+	ZeroCopyAuto ZeroCopyMode = "auto"
+	ZeroCopyOn   ZeroCopyMode = "on"
+	ZeroCopyOff  ZeroCopyMode = "off"
+)
 
 // ErrInvalidOptions is wrapped by every validation error.
 var ErrInvalidOptions = errors.New("invalid options")
@@ -140,8 +154,14 @@ func (o *Options) Validate() error {
 	if o.RecoveryFailIO && !o.Recovery {
 		return invalid("--recovery-fail-io needs --recovery")
 	}
-	if o.ZeroCopy && o.DataDigest {
-		return invalid("--zero-copy with --data-digest: the daemon never sees the data it would digest")
+	switch o.ZeroCopy {
+	case "", ZeroCopyAuto, ZeroCopyOff:
+	case ZeroCopyOn:
+		if o.DataDigest {
+			return invalid("--zero-copy on with --data-digest: the daemon never sees the data it would digest")
+		}
+	default:
+		return invalid("--zero-copy %q: auto, on or off", o.ZeroCopy)
 	}
 	if o.CtrlLossTmo > MaxTimeout {
 		return invalid("--ctrl-loss-tmo %v: at most %v (negative: forever)", o.CtrlLossTmo, MaxTimeout)

@@ -58,6 +58,8 @@ func TestValidateRejects(t *testing.T) {
 		{"huge reconnect", func(o *Options) { o.ReconnectDelay = MaxTimeout + time.Second }, "--reconnect-delay"},
 		{"huge loss", func(o *Options) { o.CtrlLossTmo = MaxTimeout + time.Second }, "--ctrl-loss-tmo"},
 		{"huge fast fail", func(o *Options) { o.FastIOFailTmo = MaxTimeout + time.Second }, "--fast-io-fail-tmo"},
+		{"zero copy mode", func(o *Options) { o.ZeroCopy = "yes" }, "--zero-copy \"yes\": auto, on or off"},
+		{"zero copy with data digest", func(o *Options) { o.ZeroCopy, o.DataDigest = ZeroCopyOn, true }, "--zero-copy on with --data-digest"},
 		{"dev-id -2", func(o *Options) { o.DevID = -2 }, "--dev-id -2"},
 		{"dev-id past UBLK_MAX_UBLKS", func(o *Options) { o.DevID = 1 << 20 }, "--dev-id 1048576"},
 		{"zero reconnect", func(o *Options) { o.ReconnectDelay = 0 }, "--reconnect-delay"},
@@ -125,5 +127,31 @@ func TestRecoveryMode(t *testing.T) {
 	o.Recovery, o.RecoveryFailIO = false, true
 	if err := o.Validate(); !errors.Is(err, ErrInvalidOptions) {
 		t.Errorf("--recovery-fail-io without --recovery: %v, want ErrInvalidOptions", err)
+	}
+}
+
+// zeroCopy: by default where the kernel has AUTO_BUF_REG and no data
+// digest needs the bytes; on and off as asked.
+func TestZeroCopyChoice(t *testing.T) {
+	v73 := ublk.FeatureAutoBufReg | ublk.FeatureUserRecovery
+	v612 := ublk.FeatureUserRecovery
+	for _, c := range []struct {
+		mode   ZeroCopyMode
+		digest bool
+		feats  ublk.Features
+		want   bool
+	}{
+		{ZeroCopyAuto, false, v73, true},
+		{"", false, v73, true},
+		{ZeroCopyAuto, true, v73, false},
+		{ZeroCopyAuto, false, v612, false},
+		{ZeroCopyOff, false, v73, false},
+		{ZeroCopyOn, false, v612, true}, // ublk's Create refuses it, naming the feature
+	} {
+		o := valid()
+		o.ZeroCopy, o.DataDigest = c.mode, c.digest
+		if got := zeroCopy(o, c.feats); got != c.want {
+			t.Errorf("mode %q, data digest %v, features %v: zero copy %v, want %v", c.mode, c.digest, c.feats, got, c.want)
+		}
 	}
 }

@@ -335,7 +335,7 @@ func (r *run) createDevice(ctx context.Context) error {
 
 	dev, err := openDevice(ctx, r.ctl, r.o, ns, ublk.Options{
 		ID: devID(r.o), Queues: queues, Depth: r.depth,
-		Params: r.params, Recovery: r.recovery, ZeroCopy: r.o.ZeroCopy,
+		Params: r.params, Recovery: r.recovery, ZeroCopy: zeroCopy(r.o, r.feats),
 	}, r.backend, r.log)
 	if err != nil {
 		return err
@@ -604,6 +604,20 @@ func classifyConnectError(o Options, err error) error {
 		return fmt.Errorf("%w: %s at %s: %w", ErrRejected, o.NQN, o.Addr(), err)
 	}
 	return fmt.Errorf("connect to %s: %w", o.Addr(), err)
+}
+
+// zeroCopy chooses the device's data path (Options.ZeroCopy): on where
+// asked (ublk refuses it on a kernel without AUTO_BUF_REG, naming it), and
+// by default where the kernel has AUTO_BUF_REG and no data digest needs
+// the bytes in the daemon.
+func zeroCopy(o Options, feats ublk.Features) bool {
+	switch o.ZeroCopy {
+	case ZeroCopyOn:
+		return true
+	case ZeroCopyOff:
+		return false
+	}
+	return feats.Has(ublk.FeatureAutoBufReg) && !o.DataDigest
 }
 
 // recoveryMode chooses the device's ublk recovery from the options and the

@@ -73,7 +73,7 @@ func DataPath(offered, inUse Features) string {
 	case inUse.Has(FeatureAutoBufReg):
 		return "zero copy (AUTO_BUF_REG)"
 	case offered.Has(FeatureAutoBufReg):
-		return "copy (the kernel offers AUTO_BUF_REG: attach --zero-copy)"
+		return "copy (the kernel offers AUTO_BUF_REG, not in use)"
 	}
 	return "copy (zero copy needs UBLK_F_AUTO_BUF_REG, Linux " + FeatureAutoBufReg.since() + ")"
 }

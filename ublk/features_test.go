@@ -48,7 +48,7 @@ func TestDataPath(t *testing.T) {
 		want           string
 	}{
 		{v612, FeatureUserRecovery, "copy (zero copy needs UBLK_F_AUTO_BUF_REG, Linux 6.16)"},
-		{v73, FeatureUserRecovery, "copy (the kernel offers AUTO_BUF_REG: attach --zero-copy)"},
+		{v73, FeatureUserRecovery, "copy (the kernel offers AUTO_BUF_REG, not in use)"},
 		{v73, FeatureAutoBufReg | FeatureCmdIoctlEncode, "zero copy (AUTO_BUF_REG)"},
 	}
 	for _, c := range cases {

@@ -391,9 +391,13 @@ func checkUblkFeatures(t *testing.T, st attach.Status, text string) {
 			t.Errorf("status output lacks the line %q: %v:\n%s", label, names, text)
 		}
 	}
-	// attach's backend does not use zero copy (yet): status says the data
-	// is copied, and why.
-	if want := ublk.DataPath(feats, flags); st.UblkDataPath != want || !strings.HasPrefix(want, "copy (") ||
+	// attach uses zero copy by default where the kernel has it, and says
+	// so; elsewhere status says the data is copied, and why.
+	wantPath := "copy ("
+	if feats.Has(ublk.FeatureAutoBufReg) {
+		wantPath = "zero copy ("
+	}
+	if want := ublk.DataPath(feats, flags); st.UblkDataPath != want || !strings.HasPrefix(want, wantPath) ||
 		!regexp.MustCompile(`(?m)^ublk data path:\s+`+regexp.QuoteMeta(want)+`$`).MatchString(text) {
 		t.Errorf("status: ublk data path %q (JSON), want %q on a line of:\n%s", st.UblkDataPath, want, text)
 	}
@@ -466,12 +470,13 @@ func TestGuestAttachErrors(t *testing.T) {
 	}
 }
 
-// TestGuestRecoverAfterKill: the daemon is SIGKILLed while a writer is
+// TestGuestRecoverAfterKill (the copy path: --zero-copy off, since 7.3
+// would use zero copy by default): the daemon is SIGKILLed while a writer is
 // writing; `attach --recover` takes the same device over. The writer sees
 // no error and every acknowledged write reads back.
 func TestGuestRecoverAfterKill(t *testing.T) {
 	guest.Require(t)
-	recoverAfterKill(t, 4096)
+	recoverAfterKill(t, 4096, "--zero-copy", "off")
 }
 
 // TestGuestRecoverAfterKillZeroCopy is TestGuestRecoverAfterKill with
@@ -485,7 +490,7 @@ func TestGuestRecoverAfterKillZeroCopy(t *testing.T) {
 	if !kernelHasAutoBufReg(t) {
 		t.Skip("zero copy needs UBLK_F_AUTO_BUF_REG (Linux 6.16)")
 	}
-	recoverAfterKill(t, 64<<10, "--zero-copy")
+	recoverAfterKill(t, 64<<10, "--zero-copy", "on")
 }
 
 // recoverAfterKill kills the daemon under a writer of block-byte blocks
@@ -556,7 +561,7 @@ func recoverAfterKill(t *testing.T, block int, extra ...string) {
 	if err := f.Sync(); err != nil {
 		t.Fatal(err)
 	}
-	if slices.Contains(extra, "--zero-copy") {
+	if slices.Contains(extra, string(attach.ZeroCopyOn)) {
 		st := deviceStatus(t, second.device)
 		if !slices.Contains(st.UblkFlags, "AUTO_BUF_REG") || st.ZeroCopyIOs == 0 {
 			t.Errorf("recovered daemon: flags %v, %d zero-copy I/Os (%d through a buffer); want zero copy kept", st.UblkFlags, st.ZeroCopyIOs, st.ZeroCopyBounced)

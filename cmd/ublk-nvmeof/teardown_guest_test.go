@@ -190,13 +190,14 @@ func deviceStatus(t *testing.T, dev string) attach.Status {
 	return st
 }
 
-// TestGuestImmediateDetach: the second SIGTERM makes the detach immediate.
+// TestGuestImmediateDetach (the copy path: --zero-copy off): the second
+// SIGTERM makes the detach immediate.
 // The daemon exits with exitImmediate, the I/O it did not wait for fails
 // with EIO, and nothing is left: no /dev/ublk*, and no goroutine (the
 // command checks with goleak before it exits, else status exitLeak).
 func TestGuestImmediateDetach(t *testing.T) {
 	guest.Require(t)
-	immediateDetach(t, 4096)
+	immediateDetach(t, 4096, "--zero-copy", "off")
 }
 
 // TestGuestImmediateDetachZeroCopy is TestGuestImmediateDetach with
@@ -208,7 +209,7 @@ func TestGuestImmediateDetachZeroCopy(t *testing.T) {
 	if !kernelHasAutoBufReg(t) {
 		t.Skip("zero copy needs UBLK_F_AUTO_BUF_REG (Linux 6.16)")
 	}
-	immediateDetach(t, 64<<10, "--zero-copy")
+	immediateDetach(t, 64<<10, "--zero-copy", "on")
 }
 
 // immediateDetach runs TestGuestImmediateDetach's cases with writers of
@@ -338,7 +339,8 @@ func immediateDetach(t *testing.T, block int, extra ...string) {
 	})
 }
 
-// TestGuestFioVerify: attach, fio writes with crc32c verification (4 KiB
+// TestGuestFioVerify (the copy path: --zero-copy off, which 7.3 would
+// otherwise use by default): attach, fio writes with crc32c verification (4 KiB
 // random writes and 128 KiB random writes, several jobs each on its own
 // region, libaio at depth 8), then `detach`. fio must report no error and
 // no verify failure; the daemon exits 0 and leaves nothing.
@@ -346,7 +348,7 @@ func TestGuestFioVerify(t *testing.T) {
 	guest.Require(t)
 	t.Setenv("UBLK_NVMEOF_RUN_DIR", t.TempDir())
 	tg := guest.NewTarget(t, guest.TargetOptions{NQN: "nqn.2026-11.io.ublk-nvmeof:fio", Device: "/dev/ram1", Port: 4437, PortID: 7})
-	d := startAttach(t, "-a", "127.0.0.1", "-s", "4437", "-n", tg.Opts.NQN, "-i", "2", "-Q", "64")
+	d := startAttach(t, "-a", "127.0.0.1", "-s", "4437", "-n", tg.Opts.NQN, "-i", "2", "-Q", "64", "--zero-copy", "off")
 	fioVerify(t, d.device)
 	detachAndCheck(t, d)
 }
@@ -443,7 +445,7 @@ func TestGuestFioVerifyZeroCopy(t *testing.T) {
 	guest.Require(t)
 	t.Setenv("UBLK_NVMEOF_RUN_DIR", t.TempDir())
 	tg := guest.NewTarget(t, guest.TargetOptions{NQN: "nqn.2026-11.io.ublk-nvmeof:zc", Device: "/dev/ram1", Port: 4438, PortID: 8})
-	args := []string{"-a", "127.0.0.1", "-s", "4438", "-n", tg.Opts.NQN, "-i", "2", "-Q", "64", "--zero-copy"}
+	args := []string{"-a", "127.0.0.1", "-s", "4438", "-n", tg.Opts.NQN, "-i", "2", "-Q", "64", "--zero-copy", "on"}
 	if !kernelHasAutoBufReg(t) {
 		_, stderr, code := runCLI(t, append([]string{"attach"}, args...)...)
 		lines := strings.Split(strings.TrimSpace(stderr), "\n")
