@@ -783,9 +783,9 @@ func (q *Queue) place(ds *drivenState, ch pdu.CommonHeader) bool {
 	var n int
 	if r.Fixed != nil {
 		// No data digest (Submit): the bytes after the header are
-		// data, at most DataLength of them (the PDU is incomplete).
-		n = ds.rend - start
-		if _, err := r.Fixed.WriteAt(ds.rbuf[start:ds.rend], int64(d.DataOffset)); err != nil {
+		// data (the PDU is incomplete, so fewer than DataLength).
+		n = min(ds.rend-start, int(d.DataLength))
+		if _, err := r.Fixed.WriteAt(ds.rbuf[start:start+n], int64(d.DataOffset)); err != nil {
 			return false // received whole into rbuf; fixedC2HData fails it
 		}
 		ds.placed = nil
