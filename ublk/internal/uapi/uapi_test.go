@@ -122,3 +122,26 @@ func TestZeroCopyABI(t *testing.T) {
 		t.Errorf("SQEAddr = %#x, want %#x", got, want)
 	}
 }
+
+// Provided buffer rings: struct io_uring_buf_reg and struct io_uring_buf
+// as the kernel lays them out, the tail overlaying the first entry's resv.
+func TestBufRingABI(t *testing.T) {
+	var reg IoUringBufReg
+	var buf IoUringBuf
+	for _, c := range []struct {
+		what      string
+		got, want uintptr
+	}{
+		{"sizeof(io_uring_buf_reg)", unsafe.Sizeof(reg), 40},
+		{"offsetof(io_uring_buf_reg, ring_entries)", unsafe.Offsetof(reg.RingEntries), 8},
+		{"offsetof(io_uring_buf_reg, bgid)", unsafe.Offsetof(reg.Bgid), 12},
+		{"offsetof(io_uring_buf_reg, flags)", unsafe.Offsetof(reg.Flags), 14},
+		{"sizeof(io_uring_buf)", unsafe.Sizeof(buf), 16},
+		{"offsetof(io_uring_buf, bid)", unsafe.Offsetof(buf.Bid), 12},
+		{"offsetof(io_uring_buf_ring, tail)", unsafe.Offsetof(buf.Resv), IoUringBufRingTailOffset},
+	} {
+		if c.got != c.want {
+			t.Errorf("%s = %d, want %d", c.what, c.got, c.want)
+		}
+	}
+}
