@@ -117,6 +117,12 @@ func (c *Control) addDev(ctx context.Context, o Options) (DeviceInfo, error) {
 		// The driver takes both together (ublk_ctrl_add_dev).
 		ri.Flags |= uapi.UBLK_F_USER_COPY
 	}
+	if o.BatchIO {
+		if !c.features.Has(FeatureBatchIO) {
+			return DeviceInfo{}, missing(FeatureBatchIO)
+		}
+		ri.Flags |= uapi.UBLK_F_BATCH_IO
+	}
 	if c.features != 0 {
 		if want := Features(ri.Flags); !c.features.Has(want) {
 			return DeviceInfo{}, missing(want &^ c.features)

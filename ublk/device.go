@@ -206,6 +206,7 @@ func (d *Device) startQueues(ctx context.Context, b Backend) error {
 		q := newQueue(i, d.info.Depth, int(d.params.MaxIOBytes), d.cdev, encode, b, d.log)
 		q.ringBackend, q.zeroCopy = rb, zeroCopy
 		q.userCopy = d.info.Flags.Has(FeatureUserCopy)
+		q.batch = d.info.Flags.Has(FeatureBatchIO)
 		d.queues[i] = q
 		d.wg.Add(1)
 		go func() {
@@ -334,9 +335,17 @@ func (d *Device) stop(ctx context.Context) error {
 	d.noMoreResize()
 	var errs []error
 	err := d.ctrl.stopDev(ctx, d.info.ID)
-	if err != nil && !errors.Is(err, unix.ENODEV) {
+	switch {
+	case err != nil && !errors.Is(err, unix.ENODEV):
 		errs = append(errs, err)
-	} else {
+	case d.info.Flags.Has(FeatureBatchIO):
+		// STOP_DEV returned once every request was committed
+		// (del_gendisk waits for them), so the loops can be ended
+		// here; they may not end by themselves: the driver ends a
+		// batch queue's fetch with -ENODEV unless the fetch is
+		// dispatching at that moment (ublk_batch_cancel_queue), and
+		// then leaves it armed until the ring closes.
+	default:
 		// After STOP_DEV every fetch ends with -ENODEV and the loops
 		// return on their own.
 		select {

@@ -96,6 +96,13 @@ type Options struct {
 	// on that ring; Request.Buf is nil. Create fails, naming the feature
 	// and the release, on a kernel without it.
 	ZeroCopy bool
+	// BatchIO hands requests over and commits them in batches
+	// (UBLK_F_BATCH_IO, Linux 7.0): one multishot fetch per queue names
+	// the tags of new requests, and one commit per loop iteration
+	// completes every request finished since the last, instead of a
+	// command per request. Nothing changes for the Backend. Create fails,
+	// naming the feature and the release, on a kernel without it.
+	BatchIO bool
 }
 
 func isPow2(x uint32) bool { return x != 0 && x&(x-1) == 0 }

@@ -41,7 +41,8 @@ type queue struct {
 
 	reqs []Request // one per tag
 
-	ringState // RingBackend and zero copy (ringbackend.go)
+	ringState  // RingBackend and zero copy (ringbackend.go)
+	batchState // UBLK_F_BATCH_IO (batch.go)
 
 	// Owned by the loop goroutine (bufs: see teardown).
 	ring       *uring.Ring
@@ -120,6 +121,11 @@ func (q *queue) setup() error {
 	if err := q.setupRingBackend(); err != nil {
 		return err
 	}
+	if q.batch {
+		if err := q.setupBatch(); err != nil {
+			return err
+		}
+	}
 	off := int64(uapi.UBLKSRV_CMD_BUF_OFFSET + q.id*descStride())
 	if q.descs, err = unix.Mmap(q.cdev, off, descArraySize(q.depth), unix.PROT_READ, unix.MAP_SHARED|unix.MAP_POPULATE); err != nil {
 		return fmt.Errorf("queue %d: mmap I/O descriptors: %w", q.id, err)
@@ -151,10 +157,12 @@ func (q *queue) setup() error {
 // Complete unmaps them (and if it never completes them, they stay mapped
 // rather than risking a fault). teardown itself never waits for the Backend.
 func (q *queue) teardown() {
+	q.closeFetchRing()
 	if q.ring != nil {
 		q.ring.Close()
 		q.ring = nil
 	}
+	q.teardownBatch()
 	for _, m := range []*[]byte{&q.descs, &q.wake} {
 		if *m != nil {
 			unix.Munmap(*m)
@@ -315,17 +323,22 @@ func (q *queue) run(ready chan<- error, cpus *unix.CPUSet) (err error) {
 		ready <- err
 		return err
 	}
+	if q.batch {
+		// Before anything else is on the ring: it waits for its answer.
+		if err := q.prepBatch(); err != nil {
+			ready <- err
+			return err
+		}
+	}
 	if rl := q.ringLifecycle(); rl != nil {
 		// Runs before teardown (deferred calls run last first): the
 		// backend's operations end while the ring is still open.
 		defer q.stopRing(rl)
 		rl.StartRing(&q.qr)
 	}
-	for tag := range q.depth {
-		if err := q.prepIOCmd(uapi.UBLK_U_IO_FETCH_REQ, tag, 0); err != nil {
-			ready <- err
-			return err
-		}
+	if err := q.armFetches(); err != nil {
+		ready <- err
+		return err
 	}
 	if err := q.prepWake(); err != nil {
 		ready <- err
@@ -338,6 +351,20 @@ func (q *queue) run(ready chan<- error, cpus *unix.CPUSet) (err error) {
 	}
 	ready <- nil
 	return q.loop()
+}
+
+// armFetches puts the first fetches on the ring: the multishot
+// FETCH_IO_CMDS of a batch queue, else a FETCH_REQ per tag.
+func (q *queue) armFetches() error {
+	if q.batch {
+		return q.armFetch()
+	}
+	for tag := range q.depth {
+		if err := q.prepIOCmd(uapi.UBLK_U_IO_FETCH_REQ, tag, 0); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func (q *queue) loop() error {
@@ -373,6 +400,13 @@ func (q *queue) loop() error {
 				q.ringCompletion(cqe)
 				continue
 			}
+			if q.batch {
+				var err error
+				if fetched, err = q.batchCompletion(cqe, fetched); err != nil {
+					return err
+				}
+				continue
+			}
 			tag := int(cqe.UserData)
 			switch {
 			case cqe.Res == uapi.UBLK_IO_RES_OK:
@@ -390,12 +424,15 @@ func (q *queue) loop() error {
 				live--
 			}
 		}
-		q.dispatch(fetched)
-		done, stop := q.drain()
-		for _, c := range done {
-			if err := q.prepIOCmd(uapi.UBLK_U_IO_COMMIT_AND_FETCH_REQ, c.tag, c.res); err != nil {
+		if q.batch {
+			if err := q.endReap(); err != nil {
 				return fmt.Errorf("queue %d: %w", q.id, err)
 			}
+		}
+		q.dispatch(fetched)
+		done, stop := q.drain()
+		if err := q.commit(done); err != nil {
+			return err
 		}
 		q.spare = done
 		if stop {
@@ -405,10 +442,27 @@ func (q *queue) loop() error {
 			q.ring.Submit(0)
 			return errForced
 		}
-		if live == 0 {
+		if q.batch && q.batchDone() {
+			return q.batchErr
+		}
+		if !q.batch && live == 0 {
 			return tagErr
 		}
 	}
+}
+
+// commit queues the commits of the finished requests: one
+// COMMIT_IO_CMDS for a batch queue, else a COMMIT_AND_FETCH_REQ each.
+func (q *queue) commit(done []completion) error {
+	if q.batch {
+		return q.commitBatch(done)
+	}
+	for _, c := range done {
+		if err := q.prepIOCmd(uapi.UBLK_U_IO_COMMIT_AND_FETCH_REQ, c.tag, c.res); err != nil {
+			return fmt.Errorf("queue %d: %w", q.id, err)
+		}
+	}
+	return nil
 }
 
 var errForced = errors.New("queue stopped without the driver")

@@ -54,6 +54,7 @@ const IoUringBufRingTailOffset = 14
 
 // IORING_URING_CMD_MULTISHOT, in sqe->uring_cmd_flags: the driver may
 // post several completions for one IORING_OP_URING_CMD, each with
-// IORING_CQE_F_MORE but the last; it needs IOSQE_BUFFER_SELECT (6.19,
-// "io_uring: uring_cmd: add multishot support").
+// IORING_CQE_F_MORE but the last; it needs IOSQE_BUFFER_SELECT
+// ("io_uring: uring_cmd: add multishot support", part of what
+// UBLK_F_BATCH_IO builds on: every kernel with that feature has it).
 const IORING_URING_CMD_MULTISHOT = 1 << 1

@@ -145,3 +145,27 @@ func TestBufRingABI(t *testing.T) {
 		}
 	}
 }
+
+// The batch ABI: ublk_batch_io and ublk_elem_header as the kernel lays
+// them out, the three commands' encodings, and the element sizes
+// ublk_check_batch_cmd_flags requires.
+func TestBatchABI(t *testing.T) {
+	var b UblkBatchIO
+	var e UblkElemHeader
+	if unsafe.Sizeof(b) != ublkBatchIOSize || unsafe.Offsetof(b.NrElem) != 4 || unsafe.Offsetof(b.ElemBytes) != 6 || unsafe.Offsetof(b.Reserved2) != 8 {
+		t.Errorf("ublk_batch_io: size %d, nr_elem at %d, elem_bytes at %d, reserved2 at %d; want 16, 4, 6, 8",
+			unsafe.Sizeof(b), unsafe.Offsetof(b.NrElem), unsafe.Offsetof(b.ElemBytes), unsafe.Offsetof(b.Reserved2))
+	}
+	if unsafe.Sizeof(e) != 8 || unsafe.Offsetof(e.BufIndex) != 2 || unsafe.Offsetof(e.Result) != 4 {
+		t.Errorf("ublk_elem_header: size %d, buf_index at %d, result at %d; want 8, 2, 4",
+			unsafe.Sizeof(e), unsafe.Offsetof(e.BufIndex), unsafe.Offsetof(e.Result))
+	}
+	if UBLK_U_IO_PREP_IO_CMDS != 0xc0107525 || UBLK_U_IO_COMMIT_IO_CMDS != 0xc0107526 || UBLK_U_IO_FETCH_IO_CMDS != 0xc0107527 {
+		t.Errorf("batch opcodes %#x %#x %#x", UBLK_U_IO_PREP_IO_CMDS, UBLK_U_IO_COMMIT_IO_CMDS, UBLK_U_IO_FETCH_IO_CMDS)
+	}
+	for flags, want := range map[uint16]int{0: 8, UBLK_BATCH_F_HAS_BUF_ADDR: 16, UBLK_BATCH_F_HAS_BUF_ADDR | UBLK_BATCH_F_HAS_ZONE_LBA: 24, UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK: 8} {
+		if got := UblkBatchElemBytes(flags); got != want {
+			t.Errorf("UblkBatchElemBytes(%#x) = %d, want %d", flags, got, want)
+		}
+	}
+}
