@@ -34,6 +34,8 @@ const (
 	// envZeroCopy=1: create with ZeroCopy, and serve (also at recover)
 	// with the ring file backend on the backing file.
 	envZeroCopy = "UBLK_TEST_ZEROCOPY"
+	// envBatch=1: create with BatchIO (a recovered device keeps it).
+	envBatch = "UBLK_TEST_BATCH"
 )
 
 // delayedBackend completes each request after a delay, on its own
@@ -118,7 +120,8 @@ func TestHelperDaemon(t *testing.T) {
 	case "create":
 		rec, _ := strconv.Atoi(os.Getenv(envRecovery))
 		d, err = c.Create(ctx, Options{ID: AutoID, Queues: 2, Depth: 64, Recovery: RecoveryMode(rec), ZeroCopy: zeroCopy,
-			Params: Params{Size: uint64(fi.Size()), VolatileCache: true}}, backend)
+			BatchIO: os.Getenv(envBatch) == "1",
+			Params:  Params{Size: uint64(fi.Size()), VolatileCache: true}}, backend)
 	case "recover":
 		id, _ := strconv.Atoi(os.Getenv(envID))
 		d, err = c.Recover(ctx, id, backend)

@@ -7,6 +7,14 @@ import (
 	"time"
 )
 
+// errBatchQuiesce refuses Handoff on a UBLK_F_BATCH_IO device: QUIESCE_DEV
+// ends such a queue's fetch through ublk_batch_cancel_queue, which also
+// sets the queue's force_abort, and from then on the driver fails every
+// new request with EIO until the next daemon's PREP_IO_CMDS (seen on 7.3:
+// TestGuestBatchIOHandoff's writers got EIO while no daemon served). A
+// daemon that exits instead leaves the requests queued for the next one.
+var errBatchQuiesce = fmt.Errorf("%w: QUIESCE_DEV of a UBLK_F_BATCH_IO device fails new I/O with EIO until the next daemon is ready", ErrNotSupported)
+
 // ErrStopping: Handoff was refused because Stop or Close had begun (a
 // delete is under way, which removes the device).
 var ErrStopping = errors.New("the device is being stopped")
@@ -51,14 +59,18 @@ func (d *Device) beginEnd() (handedOver bool) {
 // requests (0 after a clean hand-over). ctx bounds the wait (default
 // DefaultCommandTimeout).
 //
-// Without QUIESCE (6.12) the way to hand over is to exit: the driver
-// quiesces the device once the daemon is gone and the next one recovers it
-// (see TestGuestRecoveryAfterSIGKILL).
+// Without QUIESCE (6.12), and on a BATCH_IO device (errBatchQuiesce), the
+// way to hand over is to exit: the driver quiesces the device once the
+// daemon is gone and the next one recovers it (see
+// TestGuestRecoveryAfterSIGKILL).
 func (d *Device) Handoff(ctx context.Context) (abandoned int, err error) {
 	for _, f := range []Features{FeatureUserRecovery, FeatureQuiesce} {
 		if !d.info.Flags.Has(f) {
 			return 0, fmt.Errorf("ublk: device %d cannot be handed over: %w", d.info.ID, missing(f))
 		}
+	}
+	if d.info.Flags.Has(FeatureBatchIO) {
+		return 0, fmt.Errorf("ublk: device %d cannot be handed over: %w", d.info.ID, errBatchQuiesce)
 	}
 	d.endMu.Lock()
 	if d.stopBegun || d.handoff != nil {

@@ -203,6 +203,9 @@ func recoverAfterSIGKILL(t *testing.T, c *Control, env ...string) {
 	if slices.Contains(env, envZeroCopy+"=1") && !info.Flags.Has(FeatureAutoBufReg) {
 		t.Errorf("zero-copy device after recovery: flags %v lack AUTO_BUF_REG", info.Flags)
 	}
+	if slices.Contains(env, envBatch+"=1") && !info.Flags.Has(FeatureBatchIO) {
+		t.Errorf("batch device after recovery: flags %v lack BATCH_IO", info.Flags)
+	}
 	for _, w := range ws {
 		w.verify(t, bdev)
 	}
@@ -384,7 +387,7 @@ func TestGuestHandoff(t *testing.T) {
 	guest.Require(t)
 	c := openControl(t)
 	if feats, _ := c.Features(); !feats.Has(FeatureQuiesce) {
-		err := handoffRefused(t, c)
+		err := handoffRefused(t, c, false)
 		t.Skipf("this kernel lacks UBLK_F_QUIESCE (Linux 6.16): Handoff refuses (%v); a daemon hands over by exiting, see TestGuestRecoveryAfterSIGKILL", err)
 	}
 	a, file, bdev := startFileDaemon(t, RecoveryReissue, envHandoff+"=1", envDelay+"=2ms")
@@ -445,9 +448,10 @@ func TestGuestHandoff(t *testing.T) {
 
 // handoffRefused: on a kernel without QUIESCE, Handoff fails naming the
 // feature and leaves the device serving.
-func handoffRefused(t *testing.T, c *Control) error {
+// With batch, on a BATCH_IO device, it fails naming that.
+func handoffRefused(t *testing.T, c *Control, batch bool) error {
 	t.Helper()
-	d, err := c.Create(t.Context(), Options{ID: AutoID, Depth: 4, Recovery: RecoveryReissue, Params: Params{Size: mib}}, NullBackend{})
+	d, err := c.Create(t.Context(), Options{ID: AutoID, Depth: 4, Recovery: RecoveryReissue, BatchIO: batch, Params: Params{Size: mib}}, NullBackend{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -458,7 +462,12 @@ func handoffRefused(t *testing.T, c *Control) error {
 	}()
 	n, err := d.Handoff(t.Context())
 	var fe *FeatureError
-	if !errors.Is(err, ErrNotSupported) || !errors.As(err, &fe) || fe.Feature != "UBLK_F_QUIESCE" || n != 0 {
+	switch {
+	case batch:
+		if !errors.Is(err, ErrNotSupported) || !strings.Contains(err.Error(), "UBLK_F_BATCH_IO") || n != 0 {
+			t.Errorf("Handoff of a BATCH_IO device: %d, %v; want ErrNotSupported naming UBLK_F_BATCH_IO", n, err)
+		}
+	case !errors.Is(err, ErrNotSupported) || !errors.As(err, &fe) || fe.Feature != "UBLK_F_QUIESCE" || n != 0:
 		t.Errorf("Handoff without QUIESCE: %d, %v; want ErrNotSupported naming UBLK_F_QUIESCE", n, err)
 	}
 	f := openBlock(t, d.BlockDevice(), os.O_RDONLY|unix.O_DIRECT)
