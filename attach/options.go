@@ -32,12 +32,18 @@ type Options struct {
 	DataDigest     bool
 	// ZeroCopy chooses whether each request's data moves between its
 	// own pages and the socket (ublk UBLK_F_AUTO_BUF_REG, Linux 6.16)
-	// rather than through the daemon's buffers: ZeroCopyAuto (the
+	// rather than through the daemon's buffers: UseAuto (the
 	// default, "" too) where the kernel has it and there are no data
 	// digests (the daemon never sees the bytes it would digest),
-	// ZeroCopyOn always (refused on an older kernel, and with
-	// DataDigest), ZeroCopyOff never.
-	ZeroCopy ZeroCopyMode
+	// UseOn always (refused on an older kernel, and with
+	// DataDigest), UseOff never.
+	ZeroCopy FeatureUse
+	// BatchIO chooses whether ublk hands requests over and takes their
+	// completions in batches (UBLK_F_BATCH_IO, Linux 7.0: one multishot
+	// fetch and one commit per loop iteration instead of a command per
+	// request): UseAuto (the default, "" too) where the kernel has it,
+	// UseOn always (refused on an older kernel), UseOff never.
+	BatchIO FeatureUse
 
 	NSID     uint32 // namespace, default 1
 	DevID    int    // ublk device id; negative: the kernel picks
@@ -104,18 +110,20 @@ func DefaultOptions() Options {
 		NSID:           DefaultNSID,
 		DevID:          -1,
 		Recovery:       true,
-		ZeroCopy:       ZeroCopyAuto,
+		ZeroCopy:       UseAuto,
+		BatchIO:        UseAuto,
 	}
 }
 
-// ZeroCopyMode is Options.ZeroCopy.
-type ZeroCopyMode string
+// FeatureUse is whether a kernel feature is used (Options.ZeroCopy,
+// BatchIO).
+type FeatureUse string
 
-// The zero-copy modes (--zero-copy).
+// The choices of --zero-copy and --batch-io.
 const (
-	ZeroCopyAuto ZeroCopyMode = "auto"
-	ZeroCopyOn   ZeroCopyMode = "on"
-	ZeroCopyOff  ZeroCopyMode = "off"
+	UseAuto FeatureUse = "auto"
+	UseOn   FeatureUse = "on"
+	UseOff  FeatureUse = "off"
 )
 
 // ErrInvalidOptions is wrapped by every validation error.
@@ -155,13 +163,18 @@ func (o *Options) Validate() error {
 		return invalid("--recovery-fail-io needs --recovery")
 	}
 	switch o.ZeroCopy {
-	case "", ZeroCopyAuto, ZeroCopyOff:
-	case ZeroCopyOn:
+	case "", UseAuto, UseOff:
+	case UseOn:
 		if o.DataDigest {
 			return invalid("--zero-copy on with --data-digest: the daemon never sees the data it would digest")
 		}
 	default:
 		return invalid("--zero-copy %q: auto, on or off", o.ZeroCopy)
+	}
+	switch o.BatchIO {
+	case "", UseAuto, UseOn, UseOff:
+	default:
+		return invalid("--batch-io %q: auto, on or off", o.BatchIO)
 	}
 	if o.CtrlLossTmo > MaxTimeout {
 		return invalid("--ctrl-loss-tmo %v: at most %v (negative: forever)", o.CtrlLossTmo, MaxTimeout)

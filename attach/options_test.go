@@ -59,7 +59,7 @@ func TestValidateRejects(t *testing.T) {
 		{"huge loss", func(o *Options) { o.CtrlLossTmo = MaxTimeout + time.Second }, "--ctrl-loss-tmo"},
 		{"huge fast fail", func(o *Options) { o.FastIOFailTmo = MaxTimeout + time.Second }, "--fast-io-fail-tmo"},
 		{"zero copy mode", func(o *Options) { o.ZeroCopy = "yes" }, "--zero-copy \"yes\": auto, on or off"},
-		{"zero copy with data digest", func(o *Options) { o.ZeroCopy, o.DataDigest = ZeroCopyOn, true }, "--zero-copy on with --data-digest"},
+		{"zero copy with data digest", func(o *Options) { o.ZeroCopy, o.DataDigest = UseOn, true }, "--zero-copy on with --data-digest"},
 		{"dev-id -2", func(o *Options) { o.DevID = -2 }, "--dev-id -2"},
 		{"dev-id past UBLK_MAX_UBLKS", func(o *Options) { o.DevID = 1 << 20 }, "--dev-id 1048576"},
 		{"zero reconnect", func(o *Options) { o.ReconnectDelay = 0 }, "--reconnect-delay"},
@@ -136,22 +136,51 @@ func TestZeroCopyChoice(t *testing.T) {
 	v73 := ublk.FeatureAutoBufReg | ublk.FeatureUserRecovery
 	v612 := ublk.FeatureUserRecovery
 	for _, c := range []struct {
-		mode   ZeroCopyMode
+		mode   FeatureUse
 		digest bool
 		feats  ublk.Features
 		want   bool
 	}{
-		{ZeroCopyAuto, false, v73, true},
+		{UseAuto, false, v73, true},
 		{"", false, v73, true},
-		{ZeroCopyAuto, true, v73, false},
-		{ZeroCopyAuto, false, v612, false},
-		{ZeroCopyOff, false, v73, false},
-		{ZeroCopyOn, false, v612, true}, // ublk's Create refuses it, naming the feature
+		{UseAuto, true, v73, false},
+		{UseAuto, false, v612, false},
+		{UseOff, false, v73, false},
+		{UseOn, false, v612, true}, // ublk's Create refuses it, naming the feature
 	} {
 		o := valid()
 		o.ZeroCopy, o.DataDigest = c.mode, c.digest
 		if got := zeroCopy(o, c.feats); got != c.want {
 			t.Errorf("mode %q, data digest %v, features %v: zero copy %v, want %v", c.mode, c.digest, c.feats, got, c.want)
 		}
+	}
+}
+
+// batchIO: by default where the kernel has BATCH_IO; on and off as
+// asked; any other word is refused before anything is touched.
+func TestBatchIOChoice(t *testing.T) {
+	k73 := ublk.FeatureBatchIO | ublk.FeatureAutoBufReg
+	k612 := ublk.FeatureUserRecovery
+	for _, c := range []struct {
+		mode  FeatureUse
+		feats ublk.Features
+		want  bool
+	}{
+		{UseAuto, k73, true},
+		{"", k73, true},
+		{UseAuto, k612, false},
+		{UseOff, k73, false},
+		{UseOn, k612, true}, // ublk's Create refuses it, naming the feature
+	} {
+		o := valid()
+		o.BatchIO = c.mode
+		if got := batchIO(o, c.feats); got != c.want {
+			t.Errorf("mode %q, features %v: batch %v, want %v", c.mode, c.feats, got, c.want)
+		}
+	}
+	o := valid()
+	o.BatchIO = "yes"
+	if err := o.Validate(); !errors.Is(err, ErrInvalidOptions) || !strings.Contains(err.Error(), "--batch-io") {
+		t.Errorf("--batch-io yes: %v, want ErrInvalidOptions naming --batch-io", err)
 	}
 }

@@ -336,6 +336,7 @@ func (r *run) createDevice(ctx context.Context) error {
 	dev, err := openDevice(ctx, r.ctl, r.o, ns, ublk.Options{
 		ID: devID(r.o), Queues: queues, Depth: r.depth,
 		Params: r.params, Recovery: r.recovery, ZeroCopy: zeroCopy(r.o, r.feats),
+		BatchIO: batchIO(r.o, r.feats),
 	}, r.backend, r.log)
 	if err != nil {
 		return err
@@ -612,12 +613,25 @@ func classifyConnectError(o Options, err error) error {
 // the bytes in the daemon.
 func zeroCopy(o Options, feats ublk.Features) bool {
 	switch o.ZeroCopy {
-	case ZeroCopyOn:
+	case UseOn:
 		return true
-	case ZeroCopyOff:
+	case UseOff:
 		return false
 	}
 	return feats.Has(ublk.FeatureAutoBufReg) && !o.DataDigest
+}
+
+// batchIO chooses whether ublk batches its commands (Options.BatchIO): on
+// where asked (ublk refuses it on a kernel without BATCH_IO, naming it),
+// and by default where the kernel has it.
+func batchIO(o Options, feats ublk.Features) bool {
+	switch o.BatchIO {
+	case UseOn:
+		return true
+	case UseOff:
+		return false
+	}
+	return feats.Has(ublk.FeatureBatchIO)
 }
 
 // recoveryMode chooses the device's ublk recovery from the options and the
@@ -718,7 +732,8 @@ const ExitHandedOver = 12
 // the device is left QUIESCED; Run's teardown then disconnects from the
 // target, its ublk steps doing nothing (the device is no longer ours).
 //
-// Without QUIESCE (6.12) there is no clean way: the process exits at once,
+// Without QUIESCE (6.12), or on a BATCH_IO device (where QUIESCE_DEV
+// would fail the I/O that comes before the next daemon), the process exits at once,
 // as after a crash, with the device's rings still open, so that the driver
 // keeps the device for user recovery once this process is gone and
 // reissues the requests that were in flight to the next daemon
@@ -730,7 +745,7 @@ func handOff(dev *ublk.Device, log *slog.Logger) error {
 	defer cancel()
 	abandoned, err := dev.Handoff(ctx)
 	if errors.Is(err, ublk.ErrNotSupported) {
-		log.Warn("handing over by exiting: this kernel's ublk lacks QUIESCE (Linux 6.16); the next daemon recovers the device and the driver reissues the I/O in flight", "err", err)
+		log.Warn("handing over by exiting: the device cannot be quiesced for the next daemon; it recovers the device and the driver reissues the I/O in flight", "err", err)
 		exitProcess(ExitHandedOver)
 	}
 	if errors.Is(err, ublk.ErrStopping) {

@@ -17,22 +17,48 @@ import (
 // and hands the device over instead of deleting it, the new one takes it
 // over (attach --recover); the load sees no error and everything it wrote
 // reads back. With ublk QUIESCE (7.3) the old daemon serves the I/O in
-// flight to the end and leaves the device QUIESCED; without it (6.12) it
-// exits at once and the driver reissues that I/O to the new daemon. Either
-// way: a pause, not an error.
+// flight to the end and leaves the device QUIESCED; without it (6.12), and
+// on a BATCH_IO device (attach's default on 7.3), it exits at once and the
+// driver reissues that I/O to the new daemon. Either way: a pause, not an
+// error.
 func TestGuestSystemdRestartHandoff(t *testing.T) {
 	guest.Require(t)
+	feats := kernelFeatures(t)
+	quiesced := feats.Has(ublk.FeatureQuiesce) && !feats.Has(ublk.FeatureBatchIO)
+	restartHandoff(t, nil, quiesced)
+}
+
+// TestGuestSystemdRestartHandoffQuiesced: the same with --batch-io off
+// where the kernel has BATCH_IO, so that the hand-over by QUIESCE_DEV is
+// proven on the kernel whose default no longer takes it.
+func TestGuestSystemdRestartHandoffQuiesced(t *testing.T) {
+	guest.Require(t)
+	if feats := kernelFeatures(t); !feats.Has(ublk.FeatureQuiesce) || !feats.Has(ublk.FeatureBatchIO) {
+		t.Skipf("kernel features %v: without BATCH_IO TestGuestSystemdRestartHandoff hands over by QUIESCE where there is QUIESCE", feats)
+	}
+	restartHandoff(t, map[string]string{
+		"batch.conf": "[Service]\nEnvironment=UBLK_NVMEOF_BATCH_IO=off\n",
+	}, true)
+}
+
+func kernelFeatures(t *testing.T) ublk.Features {
 	ctl, err := ublk.OpenControl()
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer ctl.Close()
 	feats, err := ctl.Features()
-	ctl.Close()
 	if err != nil {
 		t.Fatal(err)
 	}
+	return feats
+}
+
+// restartHandoff restarts the unit (with dropIns) under load; quiesced:
+// the old daemon must have handed over by QUIESCE_DEV, else by exiting.
+func restartHandoff(t *testing.T, dropIns map[string]string, quiesced bool) {
 	tg := guest.NewTarget(t, guest.TargetOptions{NQN: "nqn.2026-11.io.ublk-nvmeof:restart", Device: "/dev/ram1", Port: 4439, PortID: 9})
-	r := newUnitRig(t, tg, nil)
+	r := newUnitRig(t, tg, dropIns)
 	device, firstPID := r.start()
 
 	const blocks = 4096 // 16 MiB
@@ -75,12 +101,12 @@ func TestGuestSystemdRestartHandoff(t *testing.T) {
 	t.Logf("verify: %v", rep)
 
 	b, _ := os.ReadFile(r.daemonLog)
-	want := "handing over by exiting" // 6.12
-	if feats.Has(ublk.FeatureQuiesce) {
+	want := "handing over by exiting"
+	if quiesced {
 		want = "handed over: device quiesced for the next daemon"
 	}
 	if !strings.Contains(string(b), want) || !strings.Contains(string(b), "recovering the device a dead daemon left") {
-		t.Fatalf("daemon log lacks %q or the recovery (kernel QUIESCE: %v)\n%s", want, feats.Has(ublk.FeatureQuiesce), r.logs())
+		t.Fatalf("daemon log lacks %q or the recovery\n%s", want, r.logs())
 	}
 	r.stop(device)
 }

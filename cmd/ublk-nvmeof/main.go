@@ -269,9 +269,12 @@ func connectCommand(stdout io.Writer, name, usage string, mustRecover bool) *cli
 			Action: inRange[int]("fast-io-fail-tmo", -1, maxTmo), EnvVars: env("FAST_IO_FAIL_TMO")},
 		&cli.BoolFlag{Name: "hdr-digest", Aliases: []string{"g"}, Usage: "NVMe/TCP header digest", EnvVars: env("HDR_DIGEST")},
 		&cli.BoolFlag{Name: "data-digest", Aliases: []string{"G"}, Usage: "NVMe/TCP data digest", EnvVars: env("DATA_DIGEST")},
-		&cli.StringFlag{Name: "zero-copy", Value: string(attach.ZeroCopyAuto), EnvVars: env("ZERO_COPY"),
+		&cli.StringFlag{Name: "zero-copy", Value: string(attach.UseAuto), EnvVars: env("ZERO_COPY"),
 			Usage: "move data between the request's pages and the socket, not through the daemon's buffers (ublk AUTO_BUF_REG, Linux 6.16): " +
 				"auto (where the kernel has it, without --data-digest), on (refused on older kernels and with --data-digest) or off"},
+		&cli.StringFlag{Name: "batch-io", Value: string(attach.UseAuto), EnvVars: env("BATCH_IO"),
+			Usage: "hand requests over and commit them in batches (ublk BATCH_IO, Linux 7.0): " +
+				"auto (where the kernel has it), on (refused on older kernels) or off"},
 		&cli.UintFlag{Name: "nsid", Value: uint(d.NSID),
 			Usage:  fmt.Sprintf("namespace ID, %d-%d", attach.MinNSID, uint(attach.MaxNSID)),
 			Action: inRange[uint]("nsid", attach.MinNSID, attach.MaxNSID), EnvVars: env("NSID")},
@@ -314,8 +317,9 @@ func connectCommand(stdout io.Writer, name, usage string, mustRecover bool) *cli
 				ReconnectDelay: seconds(c.Int("reconnect-delay")),
 				CtrlLossTmo:    seconds(c.Int("ctrl-loss-tmo")),
 				FastIOFailTmo:  seconds(c.Int("fast-io-fail-tmo")),
-				HdrDigest:      c.Bool("hdr-digest"), DataDigest: c.Bool("data-digest"), ZeroCopy: attach.ZeroCopyMode(c.String("zero-copy")),
-				NSID: uint32(c.Uint("nsid")), DevID: c.Int("dev-id"), Recovery: c.Bool("recovery"),
+				HdrDigest:      c.Bool("hdr-digest"), DataDigest: c.Bool("data-digest"), ZeroCopy: attach.FeatureUse(c.String("zero-copy")),
+				BatchIO: attach.FeatureUse(c.String("batch-io")),
+				NSID:    uint32(c.Uint("nsid")), DevID: c.Int("dev-id"), Recovery: c.Bool("recovery"),
 				RecoveryFailIO: c.Bool("recovery-fail-io"),
 				Recover:        c.Bool("recover"), MustRecover: mustRecover, LinkWatch: c.Bool("link-watch"),
 				AuthOptions: attach.AuthOptions{

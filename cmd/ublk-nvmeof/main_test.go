@@ -561,7 +561,7 @@ func recoverAfterKill(t *testing.T, block int, extra ...string) {
 	if err := f.Sync(); err != nil {
 		t.Fatal(err)
 	}
-	if slices.Contains(extra, string(attach.ZeroCopyOn)) {
+	if slices.Contains(extra, string(attach.UseOn)) {
 		st := deviceStatus(t, second.device)
 		if !slices.Contains(st.UblkFlags, "AUTO_BUF_REG") || st.ZeroCopyIOs == 0 {
 			t.Errorf("recovered daemon: flags %v, %d zero-copy I/Os (%d through a buffer); want zero copy kept", st.UblkFlags, st.ZeroCopyIOs, st.ZeroCopyBounced)
