@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"os"
+	"sync/atomic"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -17,11 +18,14 @@ import (
 //
 //   - PREP_IO_CMDS readies every tag of the queue once, before the loop
 //     starts (and before START_DEV or END_USER_RECOVERY can return);
-//   - one multishot FETCH_IO_CMDS stays armed: each of its completions
-//     names the tags of new requests (a __u16 each) in a buffer the queue
-//     provided (a provided buffer ring of fetchBufCount buffers); it is
-//     armed again when it ends for want of a buffer (-ENOBUFS), and its
-//     end with -ENODEV means the queue is going away;
+//   - two multishot FETCH_IO_CMDS stay armed: each completion names the
+//     tags of new requests (a __u16 each) in a buffer the queue provided
+//     (a provided buffer ring of fetchBufCount buffers). The driver
+//     serves one and keeps the other waiting; when the device stops it
+//     ends every fetch but the one dispatching at that moment
+//     (ublk_batch_cancel_queue), so with two, one end with -ENODEV always
+//     reaches the loop: the queue is going away. A fetch that ends for
+//     another reason (-ENOBUFS: no buffer was left) is armed again;
 //   - one COMMIT_IO_CMDS per loop iteration completes every request the
 //     backend finished since the last one and readies their tags again.
 //
@@ -47,15 +51,21 @@ const (
 	// fetchBufSize holds the most tags one fetch completion carries
 	// (the driver's MAX_NR_TAG, 128).
 	fetchBufSize = 128 * 2
-	// fetchBufCount buffers, one per fetch completion until the loop
-	// hands it back: a burst of more completions than that between two
-	// loop iterations ends the fetch with -ENOBUFS, and the loop arms
-	// it again (the requests wait in the driver meanwhile).
-	fetchBufCount = 16
+	// fetchSlots fetches are kept armed (see above).
+	fetchSlots = 2
 	// commitArrays element arrays: one COMMIT per iteration, reaped by
 	// the next; more only guard against a completion reaped late.
 	commitArrays = 4
+	// maxStarved bounds the fetch ends in a row that handed no tag over
+	// (each is armed again): past it the queue fails instead of spinning.
+	maxStarved = 64
 )
+
+// fetchBufCount buffers, one per fetch completion until the loop hands it
+// back: a burst of more completions than that between two loop iterations
+// ends a fetch with -ENOBUFS, and the loop arms it again (the requests
+// wait in the driver meanwhile). A power of two; a variable for tests.
+var fetchBufCount = 16
 
 // batchState is what a queue keeps for UBLK_F_BATCH_IO; all of it is
 // owned by the loop's goroutine.
@@ -65,18 +75,43 @@ type batchState struct {
 	elemBytes int
 
 	fetchRing *uring.BufRing
-	fetchBufs []byte // fetchBufCount buffers of fetchBufSize bytes (mmap)
-	fetching  bool   // a FETCH_IO_CMDS is armed
-	// fetchEnded: the driver ended the fetch with -ENODEV (STOP_DEV,
-	// the device going away); the loop ends once every request the
-	// backend holds was committed.
+	fetchBufN int    // fetchBufCount when the queue was set up
+	fetchBufs []byte // fetchBufN buffers of fetchBufSize bytes (mmap)
+	fetching  int    // FETCH_IO_CMDS armed
+	// fetchEnded: the driver ended a fetch with -ENODEV (STOP_DEV, the
+	// device going away); the loop ends once every request the backend
+	// holds was committed, and arms no fetch again.
 	fetchEnded bool
+	// starved counts the fetch ends since one last handed a tag over:
+	// every buffer is back in the ring before a fetch is armed again, so
+	// more than a few in a row (maxStarved) mean the ring lost them, or
+	// the driver refuses the fetch.
+	starved int
+	rearmed atomic.Int64 // fetches armed again, for tests
 
 	elems      []byte       // commitArrays arrays of depth elements (mmap)
 	elemNr     []int        // elements submitted in each array
 	commitFree []int        // arrays not in flight
 	unsent     []completion // finished requests waiting for an array
 	batchErr   error        // first request the driver refused to commit
+}
+
+// checkBatchFlags refuses a BATCH_IO device whose requests this package
+// cannot commit in batches: one with USER_COPY or SUPPORT_ZERO_COPY but
+// not AUTO_BUF_REG (its elements would name no buffer, and the driver
+// refuses a buffer address), or a zoned one (zone append needs
+// UBLK_BATCH_F_HAS_ZONE_LBA). Create makes neither; a device another
+// daemon created and this one recovers may be one.
+func checkBatchFlags(f Features) error {
+	switch {
+	case !f.Has(FeatureBatchIO), f.Has(FeatureAutoBufReg) && !f.Has(FeatureZoned):
+		return nil
+	case f.Has(FeatureZoned):
+		return fmt.Errorf("%w: BATCH_IO with ZONED is not served", ErrNotSupported)
+	case f&(FeatureUserCopy|FeatureSupportZeroCopy) != 0:
+		return fmt.Errorf("%w: BATCH_IO with %v but without AUTO_BUF_REG is not served", ErrNotSupported, f&(FeatureUserCopy|FeatureSupportZeroCopy))
+	}
+	return nil
 }
 
 // setupBatch maps the fetch buffers and element arrays and registers the
@@ -90,7 +125,8 @@ func (q *queue) setupBatch() error {
 	}
 	q.elemBytes = uapi.UblkBatchElemBytes(q.elemFlags)
 	var err error
-	if q.fetchBufs, err = unix.Mmap(-1, 0, fetchBufCount*fetchBufSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE); err != nil {
+	q.fetchBufN = fetchBufCount
+	if q.fetchBufs, err = unix.Mmap(-1, 0, roundUp(q.fetchBufN*fetchBufSize, os.Getpagesize()), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE); err != nil {
 		return fmt.Errorf("queue %d: mmap fetch buffers: %w", q.id, err)
 	}
 	arrays := roundUp(commitArrays*q.depth*q.elemBytes, os.Getpagesize())
@@ -103,10 +139,10 @@ func (q *queue) setupBatch() error {
 		q.commitFree = append(q.commitFree, i)
 	}
 	q.unsent = make([]completion, 0, q.depth)
-	if q.fetchRing, err = q.ring.RegisterBufRing(fetchBufCount, 0); err != nil {
+	if q.fetchRing, err = q.ring.RegisterBufRing(q.fetchBufN, 0); err != nil {
 		return fmt.Errorf("queue %d: provided buffer ring for UBLK_F_BATCH_IO: %w", q.id, err)
 	}
-	for bid := range fetchBufCount {
+	for bid := range q.fetchBufN {
 		q.fetchRing.Add(q.fetchBuf(uint16(bid)), uint16(bid))
 	}
 	q.fetchRing.Advance()
@@ -206,7 +242,17 @@ func (q *queue) prepBatch() error {
 	return nil
 }
 
-// armFetch puts the multishot FETCH_IO_CMDS on the ring.
+// armFetches puts fetchSlots multishot FETCH_IO_CMDS on the ring.
+func (q *queue) armBatchFetches() error {
+	for q.fetching < fetchSlots {
+		if err := q.armFetch(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// armFetch puts a multishot FETCH_IO_CMDS on the ring.
 func (q *queue) armFetch() error {
 	sqe, err := q.ring.GetSQE()
 	if err != nil {
@@ -216,7 +262,7 @@ func (q *queue) armFetch() error {
 	cmd := (*uapi.UblkBatchIO)(unsafe.Pointer(&sqe.Cmd()[0]))
 	cmd.QID = uint16(q.id)
 	cmd.ElemBytes = 2
-	q.fetching = true
+	q.fetching++
 	return nil
 }
 
@@ -233,46 +279,55 @@ func (q *queue) batchCompletion(c uring.CQE, fetched []int) ([]int, error) {
 }
 
 // fetchCompletion takes the tags out of the fetch's buffer, bounding what
-// the driver wrote, and gives the buffer back (published by endReap).
+// the driver wrote, and gives the buffer back (published by endReap). A
+// tag handed over is marked owned at once, so that the same tag twice
+// before dispatch is refused too.
 func (q *queue) fetchCompletion(c uring.CQE, fetched []int) ([]int, error) {
 	if bid, ok := uring.CQEBuffer(c); ok {
-		if int(bid) >= fetchBufCount || c.Res < 0 || c.Res > fetchBufSize || c.Res%2 != 0 {
+		if int(bid) >= q.fetchBufN || c.Res < 0 || c.Res > fetchBufSize || c.Res%2 != 0 {
 			return fetched, fmt.Errorf("queue %d: fetch completion with %d bytes in buffer %d", q.id, c.Res, bid)
 		}
 		buf := q.fetchBuf(bid)
 		for i := 0; i < int(c.Res); i += 2 {
 			tag := int(binary.NativeEndian.Uint16(buf[i:]))
-			if tag >= q.depth || q.reqs[tag].owned.Load() {
+			if tag >= q.depth || !q.reqs[tag].owned.CompareAndSwap(false, true) {
 				return fetched, fmt.Errorf("queue %d: fetch handed over tag %d (depth %d), not the driver's to hand", q.id, tag, q.depth)
 			}
 			fetched = append(fetched, tag)
 		}
 		q.fetchRing.Add(buf, bid)
+		if c.Res > 0 {
+			q.starved = 0
+		}
 	}
 	if c.Flags&uapi.IORING_CQE_F_MORE != 0 {
 		return fetched, nil
 	}
-	q.fetching = false
-	switch {
-	case c.Res >= 0 || c.Res == -int32(unix.ENOBUFS):
-		// Out of buffers (or ended for no reason given): endReap
-		// arms it again once the buffers are back.
-	case c.Res == uapi.UBLK_IO_RES_ABORT:
+	q.fetching--
+	if c.Res == uapi.UBLK_IO_RES_ABORT {
 		q.fetchEnded = true
-	default:
-		return fetched, fmt.Errorf("queue %d: FETCH_IO_CMDS: %w", q.id, unix.Errno(-c.Res))
+		return fetched, nil
+	}
+	// Out of buffers (-ENOBUFS), or refused for the moment (-ENOMEM):
+	// endReap arms it again once the buffers are back.
+	if c.Res < 0 && c.Res != -int32(unix.ENOBUFS) {
+		q.log.Warn("ublk: fetch ended; arming it again", "queue", q.id, "err", unix.Errno(-c.Res))
+	}
+	if q.starved++; q.starved > maxStarved {
+		return fetched, fmt.Errorf("queue %d: FETCH_IO_CMDS ended %d times in a row with no tag handed over, every buffer given back (last: %v)", q.id, q.starved, unix.Errno(-min(c.Res, 0)))
 	}
 	return fetched, nil
 }
 
 // endReap publishes the fetch buffers handed back while reaping and arms
-// the fetch again if it ended for want of them.
+// again the fetches that ended for want of them.
 func (q *queue) endReap() error {
 	q.fetchRing.Advance()
-	if q.fetching || q.fetchEnded {
+	if q.fetchEnded || q.fetching == fetchSlots {
 		return nil
 	}
-	return q.armFetch()
+	q.rearmed.Add(int64(fetchSlots - q.fetching))
+	return q.armBatchFetches()
 }
 
 // commitBatch puts the finished requests on the ring as COMMIT_IO_CMDS,

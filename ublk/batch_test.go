@@ -2,6 +2,7 @@ package ublk
 
 import (
 	"encoding/binary"
+	"errors"
 	"strings"
 	"testing"
 	"unsafe"
@@ -155,28 +156,39 @@ func TestBatchCommitShort(t *testing.T) {
 // index.
 func TestBatchFetchBounded(t *testing.T) {
 	q := newBatchQueue(t, 8, false)
-	q.fetching = true
+	q.fetching = fetchSlots
 	res := putTags(q, 3, 7, 0, 5)
 	fetched, err := q.fetchCompletion(fetchCQE(3, res, true), nil)
 	if err != nil || len(fetched) != 3 || fetched[0] != 7 || fetched[1] != 0 || fetched[2] != 5 {
 		t.Fatalf("fetched %v, %v; want [7 0 5]", fetched, err)
 	}
-	if !q.fetching {
+	if q.fetching != fetchSlots {
 		t.Fatal("a completion with IORING_CQE_F_MORE ended the fetch")
+	}
+	// Handed over: marked owned at once, before dispatch.
+	for _, tag := range fetched {
+		if !q.reqs[tag].owned.Load() {
+			t.Fatalf("tag %d handed over but not marked owned", tag)
+		}
 	}
 	q.reqs[2].owned.Store(true)
 	for _, c := range []struct {
 		what string
-		cqe  uring.CQE
+		bid  uint16
+		res  int32
+		tags []int // written into the buffer first
 	}{
-		{"buffer id past the ring", fetchCQE(fetchBufCount, 2, true)},
-		{"odd byte count", fetchCQE(1, 3, true)},
-		{"more bytes than a buffer", fetchCQE(1, fetchBufSize+2, true)},
-		{"negative byte count with a buffer", fetchCQE(1, -2, true)},
-		{"tag past the depth", fetchCQE(1, putTags(q, 1, 8), true)},
-		{"tag the backend holds", fetchCQE(1, putTags(q, 1, 2), true)},
+		{"buffer id past the ring", uint16(fetchBufCount), 2, nil},
+		{"odd byte count", 1, 3, nil},
+		{"more bytes than a buffer", 1, fetchBufSize + 2, nil},
+		{"negative byte count with a buffer", 1, -2, nil},
+		{"tag past the depth", 1, 2, []int{8}},
+		{"tag the backend holds", 1, 2, []int{2}},
+		{"tag handed over before, not yet dispatched", 1, 2, []int{7}},
+		{"same tag twice in one completion", 1, 4, []int{4, 4}},
 	} {
-		if got, err := q.fetchCompletion(c.cqe, nil); err == nil {
+		putTags(q, 1, c.tags...)
+		if got, err := q.fetchCompletion(fetchCQE(c.bid, c.res, true), nil); err == nil {
 			t.Errorf("%s: accepted, tags %v", c.what, got)
 		}
 	}
@@ -187,31 +199,33 @@ func TestBatchFetchBounded(t *testing.T) {
 // away; anything else is an error.
 func TestBatchFetchEnds(t *testing.T) {
 	q := newBatchQueue(t, 8, false)
-	q.fetching = true
-	if _, err := q.fetchCompletion(uring.CQE{UserData: batchFetchData, Res: -int32(unix.ENOBUFS)}, nil); err != nil {
-		t.Fatal(err)
-	}
-	if q.fetching || q.fetchEnded {
-		t.Fatalf("after -ENOBUFS: fetching %v, ended %v", q.fetching, q.fetchEnded)
-	}
-	before := q.ring.Pending()
-	if err := q.endReap(); err != nil {
-		t.Fatal(err)
-	}
-	if !q.fetching || q.ring.Pending() != before+1 {
-		t.Fatal("the fetch was not armed again after -ENOBUFS")
+	q.fetching = fetchSlots
+	for _, res := range []int32{-int32(unix.ENOBUFS), -int32(unix.ENOMEM)} {
+		if _, err := q.fetchCompletion(uring.CQE{UserData: batchFetchData, Res: res}, nil); err != nil {
+			t.Fatal(err)
+		}
+		if q.fetching != fetchSlots-1 || q.fetchEnded {
+			t.Fatalf("after %v: %d fetches armed, ended %v", unix.Errno(-res), q.fetching, q.fetchEnded)
+		}
+		before := q.ring.Pending()
+		if err := q.endReap(); err != nil {
+			t.Fatal(err)
+		}
+		if q.fetching != fetchSlots || q.ring.Pending() != before+1 {
+			t.Fatalf("the fetch was not armed again after %v", unix.Errno(-res))
+		}
 	}
 	// The last completion may carry tags too.
 	res := putTags(q, 0, 4)
 	fetched, err := q.fetchCompletion(fetchCQE(0, res, false), nil)
-	if err != nil || len(fetched) != 1 || q.fetching {
-		t.Fatalf("final completion with a tag: %v, %v, fetching %v", fetched, err, q.fetching)
+	if err != nil || len(fetched) != 1 || q.fetching != fetchSlots-1 {
+		t.Fatalf("final completion with a tag: %v, %v, %d armed", fetched, err, q.fetching)
 	}
-	q.fetching = true
+	q.reqs[4].owned.Store(false)
 	if _, err := q.fetchCompletion(uring.CQE{UserData: batchFetchData, Res: uapi.UBLK_IO_RES_ABORT}, nil); err != nil || !q.fetchEnded {
 		t.Fatalf("-ENODEV: %v, ended %v", err, q.fetchEnded)
 	}
-	before = q.ring.Pending()
+	before := q.ring.Pending()
 	if err := q.endReap(); err != nil || q.ring.Pending() != before {
 		t.Fatal("the fetch was armed again after -ENODEV")
 	}
@@ -222,9 +236,33 @@ func TestBatchFetchEnds(t *testing.T) {
 	if q.batchDone() {
 		t.Fatal("the loop would end while the backend holds a request")
 	}
-	q.fetchEnded, q.fetching = false, true
-	if _, err := q.fetchCompletion(uring.CQE{UserData: batchFetchData, Res: -int32(unix.EINVAL)}, nil); err == nil {
-		t.Fatal("-EINVAL ended the fetch without an error")
+}
+
+// A fetch that keeps ending for want of a buffer although every buffer
+// was given back fails the queue instead of spinning; one that hands a
+// tag over in between is fine.
+func TestBatchFetchStarved(t *testing.T) {
+	q := newBatchQueue(t, 8, false)
+	enobufs := uring.CQE{UserData: batchFetchData, Res: -int32(unix.ENOBUFS)}
+	for i := range 3 * maxStarved {
+		q.fetching = fetchSlots
+		if _, err := q.fetchCompletion(enobufs, nil); err != nil {
+			t.Fatalf("end %d for want of a buffer, with tags between: %v", i, err)
+		}
+		if i%maxStarved == maxStarved-1 {
+			if _, err := q.fetchCompletion(fetchCQE(0, putTags(q, 0, 1), true), nil); err != nil {
+				t.Fatal(err)
+			}
+			q.reqs[1].owned.Store(false) // served and committed
+		}
+	}
+	var err error
+	for i := 0; i <= maxStarved && err == nil; i++ {
+		q.fetching = fetchSlots
+		_, err = q.fetchCompletion(enobufs, nil)
+	}
+	if err == nil || !strings.Contains(err.Error(), "no tag handed over") {
+		t.Fatalf("after %d ends in a row for want of a buffer: %v", maxStarved+1, err)
 	}
 }
 
@@ -237,17 +275,44 @@ func FuzzBatchFetch(f *testing.F) {
 	f.Add([]byte{}, int32(-105), uint16(0), false)
 	f.Fuzz(func(t *testing.T, data []byte, res int32, bid uint16, more bool) {
 		q := newBatchQueue(t, 8, false)
-		copy(q.fetchBuf(bid%fetchBufCount), data)
+		copy(q.fetchBuf(bid%uint16(fetchBufCount)), data)
 		q.reqs[3].owned.Store(true)
-		q.fetching = true
+		q.fetching = fetchSlots
 		fetched, err := q.fetchCompletion(fetchCQE(bid, res, more), nil)
+		seen := map[int]bool{}
 		for _, tag := range fetched {
-			if tag < 0 || tag >= q.depth || tag == 3 {
-				t.Fatalf("handed on tag %d (err %v)", tag, err)
+			if tag < 0 || tag >= q.depth || tag == 3 || seen[tag] {
+				t.Fatalf("handed on tag %d (err %v), fetched %v", tag, err, fetched)
 			}
+			seen[tag] = true
+		}
+		if err == nil && !more && q.fetching != fetchSlots-1 {
+			t.Fatalf("a final completion left %d fetches armed", q.fetching)
 		}
 		if err == nil && int(res) > fetchBufSize {
 			t.Fatalf("%d bytes accepted", res)
 		}
 	})
+}
+
+// A recovered BATCH_IO device whose requests the queue cannot commit in
+// batches is refused before any queue starts, naming why.
+func TestCheckBatchFlags(t *testing.T) {
+	for _, c := range []struct {
+		f    Features
+		want string // "" for accepted
+	}{
+		{FeatureUserRecovery, ""},
+		{FeatureBatchIO, ""},
+		{FeatureBatchIO | FeatureAutoBufReg | FeatureUserCopy, ""},
+		{FeatureBatchIO | FeatureUserCopy, "USER_COPY"},
+		{FeatureBatchIO | FeatureSupportZeroCopy, "SUPPORT_ZERO_COPY"},
+		{FeatureBatchIO | FeatureZoned | FeatureUserCopy, "ZONED"},
+		{FeatureUserCopy | FeatureZoned, ""}, // not batch: the per-tag path's business
+	} {
+		err := checkBatchFlags(c.f)
+		if (err == nil) != (c.want == "") || (err != nil && (!strings.Contains(err.Error(), c.want) || !errors.Is(err, ErrNotSupported))) {
+			t.Errorf("flags %v: %v, want an error naming %q", c.f, err, c.want)
+		}
+	}
 }

@@ -188,6 +188,9 @@ func (d *Device) startQueues(ctx context.Context, b Backend) error {
 	if err != nil {
 		return err
 	}
+	if err := checkBatchFlags(d.info.Flags); err != nil {
+		return fmt.Errorf("ublk: device %d: %w", d.info.ID, err)
+	}
 	n := d.info.Queues
 	d.queues = make([]*queue, n)
 	d.errs = make([]error, n)
@@ -212,6 +215,15 @@ func (d *Device) startQueues(ctx context.Context, b Backend) error {
 		go func() {
 			defer d.wg.Done()
 			d.errs[i] = q.run(ready, cpus[i])
+			if err := d.errs[i]; err != nil && !errors.Is(err, errForced) {
+				// This queue's requests can no longer be served:
+				// end the others too, so that Done and Err tell
+				// the device's owner, rather than serve some
+				// requests and leave the rest waiting.
+				for _, other := range d.queues {
+					other.forceStop()
+				}
+			}
 		}()
 	}
 	go func() {
@@ -335,19 +347,12 @@ func (d *Device) stop(ctx context.Context) error {
 	d.noMoreResize()
 	var errs []error
 	err := d.ctrl.stopDev(ctx, d.info.ID)
-	switch {
-	case err != nil && !errors.Is(err, unix.ENODEV):
+	if err != nil && !errors.Is(err, unix.ENODEV) {
 		errs = append(errs, err)
-	case d.info.Flags.Has(FeatureBatchIO):
-		// STOP_DEV returned once every request was committed
-		// (del_gendisk waits for them), so the loops can be ended
-		// here; they may not end by themselves: the driver ends a
-		// batch queue's fetch with -ENODEV unless the fetch is
-		// dispatching at that moment (ublk_batch_cancel_queue), and
-		// then leaves it armed until the ring closes.
-	default:
-		// After STOP_DEV every fetch ends with -ENODEV and the loops
-		// return on their own.
+	} else {
+		// After STOP_DEV every fetch ends with -ENODEV (a batch
+		// queue's: all but the one dispatching, batch.go) and the
+		// loops return on their own.
 		select {
 		case <-d.done:
 		case <-ctx.Done():

@@ -12,7 +12,10 @@ import (
 // sets the queue's force_abort, and from then on the driver fails every
 // new request with EIO until the next daemon's PREP_IO_CMDS (seen on 7.3:
 // TestGuestBatchIOHandoff's writers got EIO while no daemon served). A
-// daemon that exits instead leaves the requests queued for the next one.
+// daemon that exits instead leaves the requests to the next one: with
+// USER_RECOVERY_REISSUE requeued (attach's choice where the kernel has
+// BATCH_IO); without it the driver fails those it had queued for a batch
+// fetch (ublk_abort_batch_queue), unlike a per-tag queue's.
 var errBatchQuiesce = fmt.Errorf("%w: QUIESCE_DEV of a UBLK_F_BATCH_IO device fails new I/O with EIO until the next daemon is ready", ErrNotSupported)
 
 // ErrStopping: Handoff was refused because Stop or Close had begun (a

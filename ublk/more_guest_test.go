@@ -87,6 +87,14 @@ func TestGuestStoppedElsewhere(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	stoppedElsewhere(t, c, d)
+}
+
+// stoppedElsewhere sends STOP_DEV for d through another Control and
+// checks that d's queues end by themselves, without an error, and that d
+// then closes and is gone.
+func stoppedElsewhere(t *testing.T, c *Control, d *Device) {
+	t.Helper()
 	other := openControl(t)
 	if err := other.stopDev(t.Context(), d.ID()); err != nil {
 		t.Fatal(err)
@@ -95,6 +103,9 @@ func TestGuestStoppedElsewhere(t *testing.T) {
 	case <-d.Done():
 	case <-time.After(time.Minute):
 		t.Fatal("queues still serving a minute after STOP_DEV")
+	}
+	if err := d.Err(); err != nil {
+		t.Errorf("queues ended with %v", err)
 	}
 	if err := d.Close(t.Context()); err != nil {
 		t.Errorf("Close after an external stop: %v", err)

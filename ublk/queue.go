@@ -144,9 +144,13 @@ func (q *queue) setup() error {
 	// Blocking eventfd on purpose: io_uring completes reads of O_NONBLOCK
 	// files with -EAGAIN instead of waiting. Writers never block: the
 	// counter cannot get near its limit.
-	if q.efd, err = unix.Eventfd(0, unix.EFD_CLOEXEC); err != nil {
+	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+	if err != nil {
 		return fmt.Errorf("queue %d: eventfd: %w", q.id, err)
 	}
+	q.mu.Lock() // forceStop reads it from other goroutines
+	q.efd = efd
+	q.mu.Unlock()
 	return nil
 }
 
@@ -266,7 +270,9 @@ func (q *queue) forceStop() {
 		return
 	}
 	q.stop = true
-	q.doorbell()
+	if q.efd >= 0 { // else the loop has not started: it sees stop
+		q.doorbell()
+	}
 }
 
 func (q *queue) ioOp(op uint32) uint32 {
@@ -357,7 +363,7 @@ func (q *queue) run(ready chan<- error, cpus *unix.CPUSet) (err error) {
 // FETCH_IO_CMDS of a batch queue, else a FETCH_REQ per tag.
 func (q *queue) armFetches() error {
 	if q.batch {
-		return q.armFetch()
+		return q.armBatchFetches()
 	}
 	for tag := range q.depth {
 		if err := q.prepIOCmd(uapi.UBLK_U_IO_FETCH_REQ, tag, 0); err != nil {

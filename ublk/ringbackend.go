@@ -128,6 +128,11 @@ func ringBackendOf(b Backend, flags Features) (RingBackend, bool, error) {
 // them (its CQ, twice that, then also holds a SEND_ZC's notification).
 func (q *queue) ringEntries() uint32 {
 	n := q.depth + 1
+	if q.batch {
+		// A loop iteration may queue every fetch and every commit
+		// beside the eventfd read.
+		n += fetchSlots + commitArrays
+	}
 	if q.ringBackend != nil {
 		n += q.depth
 	}

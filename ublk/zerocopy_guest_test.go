@@ -272,28 +272,35 @@ func TestGuestRingBackendCopy(t *testing.T) {
 // then skips with that reason. On a kernel with it, it returns.
 func requireZeroCopy(t *testing.T, c *Control) {
 	t.Helper()
-	f, err := c.Features()
+	requireFeature(t, c, FeatureAutoBufReg, ringOptions(true))
+}
+
+// requireFeature checks that a kernel without f refuses Create with o
+// (which asks for f), naming the feature and its release, and leaves no
+// device; then skips with that reason. On a kernel with it, it returns.
+func requireFeature(t *testing.T, c *Control, f Features, o Options) {
+	t.Helper()
+	have, err := c.Features()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if f.Has(FeatureAutoBufReg) {
+	if have.Has(f) {
 		return
 	}
 	before, _ := c.List(t.Context())
-	o := ringOptions(true)
 	d, err := c.Create(t.Context(), o, newRingFileBackend(t, int64(o.Size), o.Queues, o.Depth))
 	if err == nil {
 		d.Close(t.Context())
-		t.Fatalf("Create with ZeroCopy succeeded on a kernel without AUTO_BUF_REG (features %v)", f)
+		t.Fatalf("Create with %v succeeded on a kernel without it (features %v)", f, have)
 	}
 	var fe *FeatureError
-	if !errors.As(err, &fe) || !strings.Contains(err.Error(), "UBLK_F_AUTO_BUF_REG") || !strings.Contains(err.Error(), "6.16") {
-		t.Fatalf("Create with ZeroCopy: %v; want a FeatureError naming UBLK_F_AUTO_BUF_REG and 6.16", err)
+	if !errors.As(err, &fe) || !strings.Contains(err.Error(), "UBLK_F_"+f.String()) || !strings.Contains(err.Error(), f.since()) {
+		t.Fatalf("Create with %v: %v; want a FeatureError naming UBLK_F_%v and %s", f, err, f, f.since())
 	}
 	if after, _ := c.List(t.Context()); len(after) != len(before) {
 		t.Errorf("devices before %v, after the refused Create %v", before, after)
 	}
-	t.Skipf("zero copy: %v (Create refused it as it should)", err)
+	t.Skipf("%v: %v (Create refused it as it should)", f, err)
 }
 
 // TestGuestZeroCopy: with UBLK_F_AUTO_BUF_REG (6.16) each READ and WRITE
