@@ -40,7 +40,7 @@ func benchKernel(ctx context.Context, k *vm.Kernel, o options, command string) e
 	host := &perf.Host{
 		KernelName: k.Name(), KernelRole: k.Role,
 		Date:   time.Now().UTC().Format(time.RFC3339),
-		Commit: gitCommit(), Command: command, Accel: accel(), CPUs: runtime.NumCPU(),
+		Commit: o.commit, Command: command, Accel: accel(), CPUs: runtime.NumCPU(),
 		LoadBefore: loadAverage(), LoadWait: loadWait,
 	}
 	fmt.Fprintf(os.Stderr, "bench: kernel %s, host load average %s\n", k.Name(), host.LoadBefore)

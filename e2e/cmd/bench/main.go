@@ -44,6 +44,9 @@ type options struct {
 	render   bool
 	maxLoad  float64       // wait for the host's 1-min load to fall to it (0: no wait)
 	loadWait time.Duration // for at most this long
+	// commit names the tree, taken before the first kernel ran: the
+	// results a kernel writes make the tree dirty for the next one.
+	commit string
 }
 
 func main() {
@@ -81,6 +84,7 @@ func run(o options) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	o.commit = gitCommit()
 	var errs []error
 	for _, k := range kernels {
 		// One kernel failing still leaves the other's results.
