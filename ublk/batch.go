@@ -93,6 +93,9 @@ type batchState struct {
 	elemNr     []int        // elements submitted in each array
 	commitFree []int        // arrays not in flight
 	unsent     []completion // finished requests waiting for an array
+	// commitsToSubmit: COMMIT_IO_CMDS queued since the last submission,
+	// which the loop's wait does not count (queue.go).
+	commitsToSubmit int
 	batchErr   error        // first request the driver refused to commit
 }
 
@@ -347,6 +350,7 @@ func (q *queue) commitBatch(done []completion) error {
 		}
 		q.commitFree = q.commitFree[:len(q.commitFree)-1]
 		q.elemNr[i] = n
+		q.commitsToSubmit++
 		q.unsent = q.unsent[:copy(q.unsent, q.unsent[n:])]
 	}
 	return nil

@@ -378,7 +378,14 @@ func (q *queue) loop() error {
 	var fetched []int
 	var tagErr error // first command the driver refused
 	for {
-		if _, err := q.ring.Submit(1); err != nil {
+		// Wait for one completion besides those of the commits this
+		// submits: a COMMIT_IO_CMDS completes inside the submission,
+		// and waking for it alone would cost another io_uring_enter
+		// to wait (a COMMIT_AND_FETCH_REQ posts nothing until the
+		// tag's next request).
+		wait := uint32(1 + q.commitsToSubmit)
+		q.commitsToSubmit = 0
+		if _, err := q.ring.Submit(wait); err != nil {
 			return fmt.Errorf("queue %d: %w", q.id, err)
 		}
 		fetched = fetched[:0]
