@@ -437,7 +437,12 @@ func (r *run) serve(ctx context.Context) error {
 			r.lost = true
 			return nil
 		}
-		r.log.Warn("the ublk device was stopped from outside")
+		if err := r.dev.Err(); err != nil {
+			// A queue that failed ends the device's others (ublk).
+			r.log.Error("the ublk device's queues failed; detaching", "err", err)
+		} else {
+			r.log.Warn("the ublk device was stopped from outside")
+		}
 	}
 	if r.rc.Notifier != nil {
 		_ = r.rc.Notifier.Stopping()
