@@ -617,26 +617,26 @@ func classifyConnectError(o Options, err error) error {
 // by default where the kernel has AUTO_BUF_REG and no data digest needs
 // the bytes in the daemon.
 func zeroCopy(o Options, feats ublk.Features) bool {
-	switch o.ZeroCopy {
-	case UseOn:
-		return true
-	case UseOff:
-		return false
-	}
-	return feats.Has(ublk.FeatureAutoBufReg) && !o.DataDigest
+	return o.ZeroCopy.choose(feats.Has(ublk.FeatureAutoBufReg) && !o.DataDigest)
 }
 
 // batchIO chooses whether ublk batches its commands (Options.BatchIO): on
 // where asked (ublk refuses it on a kernel without BATCH_IO, naming it),
 // and by default where the kernel has it.
 func batchIO(o Options, feats ublk.Features) bool {
-	switch o.BatchIO {
+	return o.BatchIO.choose(feats.Has(ublk.FeatureBatchIO))
+}
+
+// choose is on and off as asked, and for auto (or "") whether the
+// feature is usable here.
+func (u FeatureUse) choose(usable bool) bool {
+	switch u {
 	case UseOn:
 		return true
 	case UseOff:
 		return false
 	}
-	return feats.Has(ublk.FeatureBatchIO)
+	return usable
 }
 
 // recoveryMode chooses the device's ublk recovery from the options and the
