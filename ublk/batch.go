@@ -96,7 +96,7 @@ type batchState struct {
 	// commitsToSubmit: COMMIT_IO_CMDS queued since the last submission,
 	// which the loop's wait does not count (queue.go).
 	commitsToSubmit int
-	batchErr   error        // first request the driver refused to commit
+	batchErr        error // first request the driver refused to commit
 }
 
 // checkBatchFlags refuses a BATCH_IO device whose requests this package
