@@ -55,7 +55,7 @@ type seedRing struct {
 	released    bool // nq told the Driver it is released
 }
 
-func (s *seedRing) Serve(r *Request)  { r.Complete(unix.EOPNOTSUPP) }
+func (s *seedRing) Serve(r *Request) { r.Complete(unix.EOPNOTSUPP) }
 func (s *seedRing) RingEntries() int { return 4 }
 
 func (s *seedRing) StartRing(qr *QueueRing) {
