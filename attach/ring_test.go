@@ -46,6 +46,10 @@ func (r *fakeRing) Sendmsg(fd int, msg *unix.Msghdr, ud uint64) error {
 	return nil
 }
 func (r *fakeRing) Recv(fd int, buf []byte, ud uint64) error { r.ops = append(r.ops, ud); return nil }
+func (r *fakeRing) RecvFull(fd int, buf []byte, ud uint64) error {
+	r.ops = append(r.ops, ud)
+	return nil
+}
 
 func (r *fakeRing) CancelFd(fd int, ud uint64) error {
 	for _, op := range r.ops {

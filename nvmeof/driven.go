@@ -63,6 +63,12 @@ type Driver interface {
 	Send(fd int, buf []byte, userData uint64) error
 	Sendmsg(fd int, msg *unix.Msghdr, userData uint64) error
 	Recv(fd int, buf []byte, userData uint64) error
+	// RecvFull is Recv that completes only once buf is full, or with
+	// fewer bytes at the end of the stream, on an error or when
+	// cancelled (recv(2) with MSG_WAITALL): a PDU's data of known
+	// length then costs one completion, not one per segment that
+	// arrives.
+	RecvFull(fd int, buf []byte, userData uint64) error
 	CancelFd(fd int, userData uint64) error
 	Post(f func()) error
 }
@@ -523,7 +529,7 @@ func (ds *drivenState) postRecv() (placed bool, err error) {
 		if ds.placed == nil {
 			return true, ds.fixed.RecvFixed(ds.fd, ds.placedReq.Fixed, ds.placedOff+ds.placedGot, left, ds.base+opRecv)
 		}
-		return true, ds.d.Recv(ds.fd, ds.placed[ds.placedGot:], ds.base+opRecv)
+		return true, ds.d.RecvFull(ds.fd, ds.placed[ds.placedGot:], ds.base+opRecv)
 	}
 	buf := ds.rbuf[ds.rend:]
 	if ds.lastLarge && len(buf) > placedPeek {

@@ -66,6 +66,11 @@ func (h *holdDriver) Recv(fd int, buf []byte, ud uint64) error {
 	return h.PollDriver.Recv(fd, buf, ud)
 }
 
+func (h *holdDriver) RecvFull(fd int, buf []byte, ud uint64) error {
+	h.outstanding++
+	return h.PollDriver.RecvFull(fd, buf, ud)
+}
+
 func (h *holdDriver) CancelFd(fd int, ud uint64) error {
 	h.outstanding++
 	return h.PollDriver.CancelFd(fd, ud)

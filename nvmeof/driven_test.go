@@ -118,7 +118,7 @@ func TestDrivenPlacedReads(t *testing.T) {
 		for _, dg := range []bool{false, true} {
 			for _, chunk := range []int{0, 20 << 10} {
 				tt := startTarget(t, target.Config{C2HChunk: chunk}, 9, 8<<20)
-				_, ns, q, _ := drivenQueueRecvMax(t, tt, nvmeof.ControllerConfig{HeaderDigest: dg, DataDigest: dg}, recvMax)
+				_, ns, q, d := drivenQueueRecvMax(t, tt, nvmeof.ControllerConfig{HeaderDigest: dg, DataDigest: dg}, recvMax)
 				rng := rand.New(rand.NewPCG(uint64(recvMax), 5))
 				for i, size := range []int{4096, 512 << 10, 512, 128 << 10, 16 << 10, 300 << 10} {
 					data := make([]byte, size)
@@ -145,10 +145,16 @@ func TestDrivenPlacedReads(t *testing.T) {
 						t.Fatalf("recvMax %d digests %v chunk %d: %d bytes read back differ", recvMax, dg, chunk, size)
 					}
 				}
-				if n := nvmeof.DrivenPlaced(q); recvMax != 0 && n == 0 {
+				n := nvmeof.DrivenPlaced(q)
+				if recvMax != 0 && n == 0 {
 					t.Errorf("recvMax %d digests %v chunk %d: no C2HData PDU was received in place", recvMax, dg, chunk)
 				} else {
 					t.Logf("recvMax %d digests %v chunk %d: %d PDUs placed", recvMax, dg, chunk, n)
+				}
+				// The rest of a placed PDU's data comes with one
+				// waiting receive, however many pieces it arrives in.
+				if full := d.FullRecvs.Load(); full != int64(n) {
+					t.Errorf("recvMax %d digests %v chunk %d: %d receives of the whole rest for %d placed PDUs, want one each", recvMax, dg, chunk, full, n)
 				}
 			}
 		}

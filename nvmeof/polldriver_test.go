@@ -41,8 +41,9 @@ type PollDriver struct {
 	// sends are then resumed.
 	RecvMax, SendMax int
 	iovs             []unix.Iovec
-	// FixedRecvs and FixedSends count RecvFixed and SendFixed calls.
-	FixedRecvs, FixedSends atomic.Int64
+	// FixedRecvs and FixedSends count RecvFixed and SendFixed calls,
+	// FullRecvs RecvFull calls.
+	FixedRecvs, FixedSends, FullRecvs atomic.Int64
 }
 
 // doorbell is what Post writes to the wake pipe.
@@ -50,6 +51,8 @@ var doorbell = []byte{1}
 
 type pollOp struct {
 	recv bool
+	all  bool // RecvFull: completes once buf is full, EOF or an error
+	got  int  // RecvFull: bytes received so far
 	fd   int
 	buf  []byte
 	msg  *unix.Msghdr // a sendmsg's
@@ -107,6 +110,16 @@ func (d *PollDriver) sendmsg(fd int, msg *unix.Msghdr) (int, error) {
 
 func (d *PollDriver) Recv(fd int, buf []byte, ud uint64) error {
 	d.ops = append(d.ops, pollOp{recv: true, fd: fd, buf: buf, ud: ud})
+	return nil
+}
+
+// RecvFull receives until buf is full, as a ring's MSG_WAITALL receive
+// does: each read takes what is there (at most RecvMax), and the
+// completion comes once, with every byte, or with those received so far
+// at EOF or on an error.
+func (d *PollDriver) RecvFull(fd int, buf []byte, ud uint64) error {
+	d.ops = append(d.ops, pollOp{recv: true, all: true, fd: fd, buf: buf, ud: ud})
+	d.FullRecvs.Add(1)
 	return nil
 }
 
@@ -226,11 +239,21 @@ func (d *PollDriver) loop() {
 			var n int
 			var err error
 			if op.recv {
-				buf := op.buf
+				buf := op.buf[op.got:]
 				if d.RecvMax > 0 && len(buf) > d.RecvMax {
 					buf = buf[:d.RecvMax]
 				}
 				n, err = unix.Read(op.fd, buf)
+				if op.all && err == nil && n > 0 && op.got+n < len(op.buf) {
+					op.got += n
+					kept = append(kept, op)
+					continue
+				}
+				if op.all && op.got > 0 && (err != nil || n == 0) && err != unix.EAGAIN {
+					n, err = op.got, nil
+				} else if op.all && err == nil {
+					n += op.got
+				}
 			} else if op.msg != nil {
 				n, err = d.sendmsg(op.fd, op.msg)
 			} else {

@@ -69,21 +69,30 @@ func (q *queue) ringLifecycle() RingLifecycle {
 // pinned, and left alone until the completion was handed to the backend.
 // They may be used on the queue's goroutine only.
 
-// Send puts on the ring a send(2) of buf on the socket fd (MSG_NOSIGNAL).
-// The result is the number of bytes sent, possibly fewer than len(buf).
+// sendFlags are the send(2) flags of Send and Sendmsg: MSG_WAITALL makes
+// io_uring send the rest of a partial send itself once the socket has
+// room again (Linux 5.18), so a send completes once, when all of it is
+// in the socket or it failed, not once per piece the socket took; the
+// result is then short only on an error.
+const sendFlags = unix.MSG_NOSIGNAL | unix.MSG_WAITALL
+
+// Send puts on the ring a send(2) of buf on the socket fd. The result is
+// the number of bytes sent, fewer than len(buf) only if sending failed
+// after some were.
 func (qr *QueueRing) Send(fd int, buf []byte, userData uint64) error {
 	s, err := qr.slot(userData)
 	if err == nil {
-		uring.PrepSend(s, fd, buf, unix.MSG_NOSIGNAL, userData|ringBackendData)
+		uring.PrepSend(s, fd, buf, sendFlags, userData|ringBackendData)
 	}
 	return err
 }
 
-// Sendmsg puts on the ring a sendmsg(2) of msg's iovecs on the socket fd.
+// Sendmsg puts on the ring a sendmsg(2) of msg's iovecs on the socket fd,
+// with Send's flags.
 func (qr *QueueRing) Sendmsg(fd int, msg *unix.Msghdr, userData uint64) error {
 	s, err := qr.slot(userData)
 	if err == nil {
-		uring.PrepSendmsg(s, fd, msg, unix.MSG_NOSIGNAL, userData|ringBackendData)
+		uring.PrepSendmsg(s, fd, msg, sendFlags, userData|ringBackendData)
 	}
 	return err
 }
@@ -95,6 +104,18 @@ func (qr *QueueRing) Recv(fd int, buf []byte, userData uint64) error {
 	s, err := qr.slot(userData)
 	if err == nil {
 		uring.PrepRecv(s, fd, buf, 0, userData|ringBackendData)
+	}
+	return err
+}
+
+// RecvFull puts on the ring a recv(2) of MSG_WAITALL into buf from the
+// socket fd: io_uring receives again by itself until buf is full (Linux
+// 5.18), so the completion comes once, with len(buf) bytes, or with
+// fewer at the end of the stream, on an error or a cancel.
+func (qr *QueueRing) RecvFull(fd int, buf []byte, userData uint64) error {
+	s, err := qr.slot(userData)
+	if err == nil {
+		uring.PrepRecv(s, fd, buf, unix.MSG_WAITALL, userData|ringBackendData)
 	}
 	return err
 }

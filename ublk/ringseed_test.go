@@ -134,6 +134,10 @@ func (s *seedRing) Recv(fd int, buf []byte, ud uint64) error {
 	return s.counted(s.qr.Recv(fd, buf, ud))
 }
 
+func (s *seedRing) RecvFull(fd int, buf []byte, ud uint64) error {
+	return s.counted(s.qr.RecvFull(fd, buf, ud))
+}
+
 func (s *seedRing) CancelFd(fd int, ud uint64) error {
 	return s.counted(s.qr.CancelFd(fd, ud))
 }

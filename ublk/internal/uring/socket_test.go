@@ -304,3 +304,49 @@ func TestCancelByUserData(t *testing.T) {
 		}
 	})
 }
+
+// With MSG_WAITALL on a stream socket io_uring finishes a partial send or
+// receive by itself (Linux 5.18): a 4 MiB send, more than the socket
+// buffers hold, completes once with every byte while the peer reads it in
+// pieces, and a receive of 1 MiB completes once, full, although the data
+// arrives in many segments. What the NVMe/TCP queues rely on to take a
+// large PDU's data with one completion (ublk.QueueRing's Send, Sendmsg and
+// RecvFull).
+func TestWaitAllSendRecv(t *testing.T) {
+	a, b := nonblockingTCPPair(t)
+	const total = 4 << 20
+	out, in := mmapBuf(t, total), mmapBuf(t, 1<<20)
+	for i := range out {
+		out[i] = byte(i * 13)
+	}
+	onRingThread(t, taskRunFlags, func(r *Ring) {
+		PrepSend(getSQE(t, r), a, out, unix.MSG_NOSIGNAL|unix.MSG_WAITALL, 1)
+		recvd, recvs := 0, 0
+		sendRes := int32(-1)
+		for recvd < total || sendRes < 0 {
+			if recvd < total && recvs*len(in) == recvd {
+				PrepRecv(getSQE(t, r), b, in, unix.MSG_WAITALL, 2)
+				recvs++
+			}
+			c := waitOne(t, r)
+			switch c.UserData {
+			case 1:
+				if sendRes >= 0 {
+					t.Fatalf("second send completion %+v", c)
+				}
+				sendRes = c.Res
+				if sendRes != total {
+					t.Fatalf("send completed with %d, want all %d bytes", sendRes, total)
+				}
+			case 2:
+				if c.Res != int32(len(in)) {
+					t.Fatalf("receive %d completed with %d bytes, want the full %d", recvs, c.Res, len(in))
+				}
+				if !bytes.Equal(in, out[recvd:recvd+len(in)]) {
+					t.Fatalf("receive %d: bytes differ from those sent", recvs)
+				}
+				recvd += int(c.Res)
+			}
+		}
+	})
+}
