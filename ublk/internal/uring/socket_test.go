@@ -191,10 +191,7 @@ func TestSendmsgGathers(t *testing.T) {
 func TestSendPartialResumes(t *testing.T) {
 	a, b := nonblockingTCPPair(t)
 	const total = 4 << 20
-	out, in := mmapBuf(t, total), mmapBuf(t, 64<<10)
-	for i := range out {
-		out[i] = byte(i * 7)
-	}
+	out, in := patternBuf(t, total, 7), mmapBuf(t, 64<<10)
 	onRingThread(t, taskRunFlags, func(r *Ring) {
 		sent, recvd, sends := 0, 0, 0
 		var sum []byte
@@ -315,10 +312,7 @@ func TestCancelByUserData(t *testing.T) {
 func TestWaitAllSendRecv(t *testing.T) {
 	a, b := nonblockingTCPPair(t)
 	const total = 4 << 20
-	out, in := mmapBuf(t, total), mmapBuf(t, 1<<20)
-	for i := range out {
-		out[i] = byte(i * 13)
-	}
+	out, in := patternBuf(t, total, 13), mmapBuf(t, 1<<20)
 	onRingThread(t, taskRunFlags, func(r *Ring) {
 		PrepSend(getSQE(t, r), a, out, unix.MSG_NOSIGNAL|unix.MSG_WAITALL, 1)
 		recvd, recvs := 0, 0
@@ -349,4 +343,15 @@ func TestWaitAllSendRecv(t *testing.T) {
 			}
 		}
 	})
+}
+
+// patternBuf is a mapped buffer of n bytes, byte i being i*k: data whose
+// every misplaced or lost byte shows.
+func patternBuf(t *testing.T, n int, k byte) []byte {
+	t.Helper()
+	b := mmapBuf(t, n)
+	for i := range b {
+		b[i] = byte(i) * k
+	}
+	return b
 }
