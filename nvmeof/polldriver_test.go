@@ -239,20 +239,10 @@ func (d *PollDriver) loop() {
 			var n int
 			var err error
 			if op.recv {
-				buf := op.buf[op.got:]
-				if d.RecvMax > 0 && len(buf) > d.RecvMax {
-					buf = buf[:d.RecvMax]
-				}
-				n, err = unix.Read(op.fd, buf)
-				if op.all && err == nil && n > 0 && op.got+n < len(op.buf) {
-					op.got += n
+				var done bool
+				if n, done, err = d.recv(&op); !done {
 					kept = append(kept, op)
 					continue
-				}
-				if op.all && op.got > 0 && (err != nil || n == 0) && err != unix.EAGAIN {
-					n, err = op.got, nil
-				} else if op.all && err == nil {
-					n += op.got
 				}
 			} else if op.msg != nil {
 				n, err = d.sendmsg(op.fd, op.msg)
@@ -276,6 +266,30 @@ func (d *PollDriver) loop() {
 		d.ops = kept
 		d.deliver()
 	}
+}
+
+// recv reads once for a receive. A Recv is done unless the socket had
+// nothing (EAGAIN); a RecvFull only once its buffer is full, at EOF or on
+// an error, with every byte it received (as a ring's MSG_WAITALL
+// receive reports them).
+func (d *PollDriver) recv(op *pollOp) (n int, done bool, err error) {
+	buf := op.buf[op.got:]
+	if d.RecvMax > 0 && len(buf) > d.RecvMax {
+		buf = buf[:d.RecvMax]
+	}
+	n, err = unix.Read(op.fd, buf)
+	switch {
+	case err == unix.EAGAIN:
+		return 0, false, err
+	case !op.all:
+		return n, true, err
+	case err == nil && n > 0:
+		op.got += n
+		return op.got, op.got == len(op.buf), nil
+	case op.got > 0:
+		return op.got, true, nil // EOF or an error after some bytes
+	}
+	return n, true, err
 }
 
 func (d *PollDriver) deliver() {
